@@ -1,0 +1,57 @@
+"""Alembic environment: URL from the settings module, timeouts so a migration never blocks traffic."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import create_engine, pool, text
+
+from webhook_service.db import sqlalchemy_url
+from webhook_service.models import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def _url() -> str:
+    url = config.get_main_option("sqlalchemy.url")
+    if url:
+        return url
+    from webhook_service.migrate import database_url_from_env
+
+    return database_url_from_env()
+
+
+def _configure(**kwargs) -> None:
+    context.configure(
+        target_metadata=target_metadata,
+        compare_type=True,
+        compare_server_default=True,
+        transaction_per_migration=True,
+        **kwargs,
+    )
+
+
+def run_migrations_offline() -> None:
+    _configure(url=sqlalchemy_url(_url()), literal_binds=True, dialect_opts={"paramstyle": "named"})
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    engine = create_engine(sqlalchemy_url(_url()), poolclass=pool.NullPool)
+    with engine.connect() as connection:
+        # Online migrations must not queue behind (or in front of) live callbacks for long:
+        # give up on a lock after 5 s and retry the deploy instead.
+        connection.execute(text("SET lock_timeout = '5s'"))
+        connection.execute(text("SET statement_timeout = '15min'"))
+        connection.commit()
+        _configure(connection=connection)
+        with context.begin_transaction():
+            context.run_migrations()
+    engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

@@ -1,0 +1,112 @@
+"""Shared fixtures: a real Postgres built by the migrations, the sandbox Plivo, the app.
+
+Database: with DATABASE_URL set, the tests create their own database on that server
+(`webhook_service_test`); without it they start the embedded PostgreSQL. Either way the schema
+comes from `alembic upgrade head`, never from `create_all`. Tests commit (the service owns its
+transactions, and several tests race across connections), so every table is truncated before
+each test instead of rolling back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import requests
+from sqlalchemy import create_engine, text
+from webhook_service.sandbox.server import SandboxServer
+
+from webhook_service import create_app
+from webhook_service.db import Database, sqlalchemy_url
+from webhook_service.devdb import ensure_database, server_url, with_database
+from webhook_service.migrate import upgrade
+from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN
+
+from .helpers import API_TOKEN, LiveServer, free_port, make_settings
+
+TEST_DATABASE = "webhook_service_test"
+
+
+def _admin_url() -> str:
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        return server_url()
+    return with_database(url, "postgres")
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    url = ensure_database(_admin_url(), TEST_DATABASE, recreate=True)
+    upgrade(url)
+    return url
+
+
+@pytest.fixture(scope="session")
+def engine(database_url):
+    engine = create_engine(sqlalchemy_url(database_url))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _clean_tables(request):
+    """Empty every table before a test that touches the database."""
+    if "engine" not in request.fixturenames and "app" not in request.fixturenames:
+        yield
+        return
+    engine = request.getfixturevalue("engine")
+    with engine.begin() as conn:
+        tables = [r[0] for r in conn.execute(text(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'"
+        ))]
+        if tables:
+            conn.execute(text("TRUNCATE " + ", ".join(f'"{t}"' for t in tables) + " RESTART IDENTITY CASCADE"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def sandbox_server() -> Iterator[SandboxServer]:
+    server = SandboxServer(auth_id=SANDBOX_AUTH_ID, auth_token=SANDBOX_AUTH_TOKEN)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sandbox(sandbox_server) -> SandboxServer:
+    requests.post(sandbox_server.url + "/sandbox/reset", timeout=5).raise_for_status()
+    return sandbox_server
+
+
+@pytest.fixture
+def app(database_url, sandbox):
+    app = create_app({"TESTING": True, "settings": make_settings(sandbox.url), "database_url": database_url})
+    yield app
+    app.extensions["webhook_service"].db.dispose()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def auth() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+@pytest.fixture
+def live(database_url, sandbox) -> Iterator[LiveServer]:
+    """The app on a real port, with PUBLIC_BASE_URL pointing at itself."""
+    port = free_port()
+    settings = make_settings(sandbox.url, f"http://127.0.0.1:{port}")
+    app = create_app({"TESTING": True, "settings": settings, "database_url": database_url})
+    server = LiveServer(app, port).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def db(app) -> Database:
+    return app.extensions["webhook_service"].db

@@ -1,0 +1,431 @@
+"""The internal sessions API, against real Postgres and the sandbox Plivo over HTTP."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+from sqlalchemy import func, select, text
+
+from webhook_service import create_app
+from webhook_service.models import MaskingSession, SessionCreateAttempt
+from webhook_service.sessions.service import resolve_pending_attempts
+
+from .helpers import API_TOKEN, FIRST, SECOND, make_settings, unavailable_database_url
+
+CREATE_PATH = "/Masking/Session"
+
+
+def faults(sandbox, *rules):
+    requests.post(sandbox.url + "/sandbox/faults", json=list(rules), timeout=5).raise_for_status()
+
+
+def plivo_requests(sandbox, method: str | None = None, create_only: bool = False) -> list[dict]:
+    log = requests.get(sandbox.url + "/sandbox/requests", timeout=5).json()["requests"]
+    if method:
+        log = [r for r in log if r["method"] == method]
+    if create_only:
+        log = [r for r in log if r["method"] == "POST" and r["path"].rstrip("/").endswith(CREATE_PATH)]
+    return log
+
+
+def create(client, auth, body=None, **headers):
+    return client.post("/v1/sessions", json=body or {"first_party": FIRST, "second_party": SECOND},
+                       headers=auth | headers)
+
+
+def assert_error(response, status: int, code: str | None = None):
+    assert response.status_code == status, response.get_data(as_text=True)
+    body = response.get_json()
+    assert set(body) == {"error", "message", "details"}
+    if code:
+        assert body["error"] == code
+    return body
+
+
+# Create -------------------------------------------------------------------------------------
+
+
+def test_create_session_calls_plivo_with_our_callback_urls_and_stores_the_session(client, auth, sandbox, db):
+    response = create(client, auth, {
+        "first_party": "14155550100", "second_party": "+1 415 555 0123", "record": True,
+        "session_expiry": 600, "external_ref": "order-42", "metadata": {"city": "SF"},
+    })
+    assert response.status_code == 201, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["first_party"] == FIRST and body["second_party"] == SECOND  # normalised to E.164
+    assert body["virtual_number"].startswith("+")
+    assert body["status"] == "active" and body["origin"] == "api"
+    assert body["external_ref"] == "order-42" and body["metadata"] == {"city": "SF"}
+    assert body["call_count"] == 0 and body["amount"] == "0.00000"
+
+    sent = plivo_requests(sandbox, create_only=True)
+    assert len(sent) == 1
+    params = sent[0]["body"]
+    assert params["callback_url"] == "http://127.0.0.1:9/webhooks/plivo/session"
+    assert params["recording_callback_url"] == "http://127.0.0.1:9/webhooks/plivo/recording"
+    assert params["callback_method"] == params["recording_callback_method"] == "POST"
+    assert params["record"] is True and params["session_expiry"] == 600
+
+    with db.transaction() as s:
+        row = s.scalars(select(MaskingSession)).one()
+    assert row.session_uuid == body["session_uuid"]
+    assert row.create_params["callback_url"].endswith("/webhooks/plivo/session")
+    assert row.expires_at is not None and row.plivo_created_at is not None
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"second_party": SECOND}, "first_party"),
+        ({"first_party": FIRST}, "second_party"),
+        ({"first_party": "not-a-number", "second_party": SECOND}, "first_party"),
+        ({"first_party": "+1415555", "second_party": SECOND}, "first_party"),
+        ({"first_party": FIRST, "second_party": FIRST}, "second_party"),
+        ({"first_party": FIRST, "second_party": SECOND, "record": "yes"}, "record"),
+        ({"first_party": FIRST, "second_party": SECOND, "record_file_format": "ogg"}, "record_file_format"),
+        ({"first_party": FIRST, "second_party": SECOND, "session_expiry": -5}, "session_expiry"),
+        ({"first_party": FIRST, "second_party": SECOND, "session_expiry": "60"}, "session_expiry"),
+        ({"first_party": FIRST, "second_party": SECOND, "ring_timeout": True}, "ring_timeout"),
+        ({"first_party": FIRST, "second_party": SECOND, "first_party_play_url": "ftp://x/a.mp3"},
+         "first_party_play_url"),
+        ({"first_party": FIRST, "second_party": SECOND, "generate_pin_length": 3}, "generate_pin_length"),
+        ({"first_party": FIRST, "second_party": SECOND, "first_party_pin": "12a4"}, "first_party_pin"),
+        ({"first_party": FIRST, "second_party": SECOND, "first_party_pin": "1234", "second_party_pin": 1234},
+         "second_party_pin"),
+        ({"first_party": FIRST, "second_party": SECOND, "pin_retry": 9}, "pin_retry"),
+        ({"first_party": FIRST, "second_party": SECOND, "virtual_number_cooloff_period": 4000},
+         "virtual_number_cooloff_period"),
+        ({"first_party": FIRST, "second_party": SECOND, "metadata": [1, 2]}, "metadata"),
+        ({"first_party": FIRST, "second_party": SECOND, "external_ref": ""}, "external_ref"),
+        ({"first_party": FIRST, "second_party": SECOND, "colour": "blue"}, "colour"),
+        ({"first_party": FIRST, "second_party": SECOND, "callback_url": "https://evil.example/x"}, "callback_url"),
+        ({"first_party": FIRST, "second_party": SECOND, "recording_callback_method": "GET"},
+         "recording_callback_method"),
+        ({"create_session_with_single_party": True}, "first_party"),
+    ],
+)
+def test_create_rejects_invalid_input_naming_the_field_and_calls_nothing(client, auth, sandbox, db, body, field):
+    body_out = assert_error(create(client, auth, body), 400, "invalid_request")
+    assert field in body_out["details"]["fields"]
+    assert field in body_out["message"] or "fields are invalid" in body_out["message"]
+    assert plivo_requests(sandbox) == []
+    with db.transaction() as s:
+        assert s.scalar(select(func.count()).select_from(SessionCreateAttempt)) == 0
+
+
+def test_single_party_session_needs_only_one_party(client, auth, sandbox):
+    response = create(client, auth, {"first_party": FIRST, "create_session_with_single_party": True})
+    assert response.status_code == 201, response.get_data(as_text=True)
+    assert response.get_json()["second_party"] is None
+
+
+@pytest.mark.parametrize("raw", ["not json", "[1, 2]", "null"])
+def test_create_rejects_bodies_that_are_not_json_objects(client, auth, raw):
+    response = client.post("/v1/sessions", data=raw, headers=auth | {"Content-Type": "application/json"})
+    assert_error(response, 400, "invalid_request")
+
+
+def test_create_requires_a_json_content_type(client, auth):
+    assert_error(client.post("/v1/sessions", data="first_party=1", headers=auth), 400, "invalid_request")
+
+
+# Auth ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong-token-123"}, {"Authorization": f"Basic {API_TOKEN}"},
+     {"Authorization": "Bearer "}, {"Authorization": API_TOKEN}],
+)
+def test_api_requires_a_valid_bearer_token(client, sandbox, headers):
+    for method, path in [("post", "/v1/sessions"), ("get", "/v1/sessions"), ("get", "/v1/sessions/x"),
+                         ("patch", "/v1/sessions/x"), ("delete", "/v1/sessions/x")]:
+        response = getattr(client, method)(path, headers=headers, json={"first_party": FIRST})
+        assert_error(response, 401, "unauthorized")
+        assert "Bearer" in response.headers["WWW-Authenticate"]
+    assert plivo_requests(sandbox) == []
+
+
+def test_every_configured_token_is_accepted(client, sandbox):
+    for token in (API_TOKEN, "second-token-2"):
+        assert client.get("/v1/sessions", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+
+
+# Idempotency --------------------------------------------------------------------------------
+
+
+def test_same_idempotency_key_and_body_returns_first_response_without_calling_plivo_again(client, auth, sandbox):
+    first = create(client, auth, None, **{"Idempotency-Key": "k-1"})
+    second = create(client, auth, {"second_party": "+14155550123", "first_party": "14155550100"},
+                    **{"Idempotency-Key": "k-1"})
+    assert first.status_code == second.status_code == 201
+    assert second.get_json() == first.get_json()
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert len(plivo_requests(sandbox, create_only=True)) == 1
+
+
+def test_same_idempotency_key_with_a_different_body_is_a_conflict(client, auth, sandbox):
+    assert create(client, auth, None, **{"Idempotency-Key": "k-2"}).status_code == 201
+    response = create(client, auth, {"first_party": FIRST, "second_party": "+14155552671"},
+                      **{"Idempotency-Key": "k-2"})
+    assert_error(response, 409, "idempotency_key_reused")
+    assert len(plivo_requests(sandbox, create_only=True)) == 1
+
+
+def test_racing_requests_with_one_idempotency_key_create_one_session(app, auth, sandbox, db):
+    # Plivo answers slowly, so the second request arrives while the first is still waiting.
+    faults(sandbox, {"method": "POST", "path_contains": CREATE_PATH, "delay": 0.5, "after_effect": True})
+    barrier = threading.Barrier(2)
+
+    def send():
+        barrier.wait()
+        return create(app.test_client(), auth, None, **{"Idempotency-Key": "race"})
+
+    with ThreadPoolExecutor(2) as pool:
+        responses = list(pool.map(lambda _: send(), range(2)))
+    assert [r.status_code for r in responses] == [201, 201]
+    assert responses[0].get_json()["session_uuid"] == responses[1].get_json()["session_uuid"]
+    assert len(plivo_requests(sandbox, create_only=True)) == 1
+    with db.transaction() as s:
+        assert s.scalar(select(func.count()).select_from(MaskingSession)) == 1
+
+
+def test_requests_without_a_key_are_independent(client, auth, sandbox):
+    a = create(client, auth).get_json()
+    b = create(client, auth, {"first_party": "+14155552671", "second_party": SECOND}).get_json()
+    assert a["session_uuid"] != b["session_uuid"]
+
+
+# Plivo failures -----------------------------------------------------------------------------
+
+
+def test_plivo_input_error_is_passed_on_as_400(client, auth, sandbox, db):
+    error = "Invalid parameter. session_expiry is outside the allowed range"
+    faults(sandbox, {"method": "POST", "path_contains": CREATE_PATH, "status": 400,
+                     "body": {"api_id": "x", "error": error}})
+    body = assert_error(create(client, auth), 400, "invalid_request")
+    assert "session_expiry is outside the allowed range" in body["message"]
+    with db.transaction() as s:
+        assert s.scalars(select(SessionCreateAttempt.state)).one() == "failed"
+        assert s.scalar(select(func.count()).select_from(MaskingSession)) == 0
+
+
+def test_plivo_refusal_that_is_not_about_input_is_422(client, auth, sandbox):
+    faults(sandbox, {"method": "POST", "path_contains": CREATE_PATH, "status": 400,
+                     "body": {"api_id": "x", "error": "Number pool exhausted or not available"}})
+    body = assert_error(create(client, auth), 422, "plivo_rejected")
+    assert "Number pool exhausted" in body["message"]
+
+
+def test_plivo_server_error_on_create_is_502_and_recorded_as_unknown(client, auth, sandbox, db):
+    faults(sandbox, {"method": "POST", "path_contains": CREATE_PATH, "status": 500,
+                     "body": {"api_id": "x", "error": "Internal server error"}})
+    body = assert_error(create(client, auth), 502)
+    assert body["details"]["outcome"] == "unknown"
+    # Never retried: a 5xx may hide a created session.
+    assert len(plivo_requests(sandbox, create_only=True)) == 1
+    with db.transaction() as s:
+        assert s.scalars(select(SessionCreateAttempt.state)).one() == "unknown"
+
+
+def test_plivo_unreachable_is_502_and_frees_the_idempotency_key(app, auth, database_url, sandbox):
+    settings = make_settings("http://127.0.0.1:9")  # nothing listens on the discard port
+    down = create_app({"TESTING": True, "settings": settings, "database_url": database_url})
+    body = assert_error(create(down.test_client(), auth, None, **{"Idempotency-Key": "k-down"}), 502,
+                        "plivo_unavailable")
+    assert "could not be reached" in body["message"]
+    # Plivo certainly did nothing, so the same key may be retried once Plivo is back.
+    retry = create(app.test_client(), auth, None, **{"Idempotency-Key": "k-down"})
+    assert retry.status_code == 201
+    down.extensions["webhook_service"].db.dispose()
+
+
+def test_create_timeout_after_sending_is_504_and_resolved_later_without_a_duplicate(client, auth, app, sandbox, db):
+    # Plivo creates the session but answers after our 2 s read timeout.
+    faults(sandbox, {"method": "POST", "path_contains": CREATE_PATH, "delay": 3, "after_effect": True, "times": 1})
+    response = create(client, auth, {"first_party": FIRST, "second_party": SECOND, "external_ref": "o-7"},
+                      **{"Idempotency-Key": "k-timeout"})
+    body = assert_error(response, 504, "plivo_timeout")
+    assert body["details"]["outcome"] == "unknown"
+    with db.transaction() as s:
+        assert s.scalar(select(func.count()).select_from(MaskingSession)) == 0
+
+    counts = resolve_pending_attempts(app.extensions["webhook_service"])
+    assert counts == {"recovered": 1}
+    with db.transaction() as s:
+        row = s.scalars(select(MaskingSession)).one()
+        attempt = s.scalars(select(SessionCreateAttempt)).one()
+    assert row.external_ref == "o-7" and row.first_party == FIRST
+    assert attempt.state == "recovered" and attempt.session_uuid == row.session_uuid
+
+    # The caller's retry with the same key now gets the session, and Plivo was asked once.
+    retry = create(client, auth, {"first_party": FIRST, "second_party": SECOND, "external_ref": "o-7"},
+                   **{"Idempotency-Key": "k-timeout"})
+    assert retry.status_code == 201 and retry.get_json()["session_uuid"] == row.session_uuid
+    assert len(plivo_requests(sandbox, create_only=True)) == 1
+
+
+def test_unknown_create_that_plivo_never_made_is_marked_not_found(client, auth, app, sandbox, db):
+    faults(sandbox, {"method": "POST", "path_contains": CREATE_PATH, "status": 503, "times": 1})
+    assert_error(create(client, auth), 502)
+    ctx = app.extensions["webhook_service"]
+    assert resolve_pending_attempts(ctx, grace=__import__("datetime").timedelta(0)) == {"not_found": 1}
+    with db.transaction() as s:
+        assert s.scalar(select(func.count()).select_from(MaskingSession)) == 0
+
+
+def test_reads_are_retried_on_5xx_and_429(client, auth, sandbox):
+    uuid = create(client, auth).get_json()["session_uuid"]
+    faults(sandbox,
+           {"method": "DELETE", "status": 503, "times": 1},
+           {"method": "DELETE", "status": 429, "retry_after": "0", "times": 1})
+    response = client.delete(f"/v1/sessions/{uuid}", headers=auth)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert len(plivo_requests(sandbox, "DELETE")) == 3
+
+
+# Read, list ---------------------------------------------------------------------------------
+
+
+def test_get_session_returns_the_stored_row_with_counters(client, auth, sandbox):
+    uuid = create(client, auth, {"first_party": FIRST, "second_party": SECOND, "external_ref": "o-1"}
+                  ).get_json()["session_uuid"]
+    body = client.get(f"/v1/sessions/{uuid}", headers=auth).get_json()
+    assert body["session_uuid"] == uuid and body["external_ref"] == "o-1"
+    for counter in ("call_count", "billed_duration", "amount", "recording_count", "last_interaction_at"):
+        assert counter in body
+    assert_error(client.get("/v1/sessions/no-such-session", headers=auth), 404, "not_found")
+
+
+def test_list_filters_and_paginates_with_a_cursor(client, auth, sandbox):
+    numbers = ["+14155552671", "+14155552672", "+14155552673", "+14155552674", "+14155552675"]
+    uuids = []
+    for i, second in enumerate(numbers):
+        response = create(client, auth, {"first_party": FIRST, "second_party": second,
+                                         "external_ref": "even" if i % 2 == 0 else "odd"})
+        assert response.status_code == 201, response.get_data(as_text=True)
+        uuids.append(response.get_json()["session_uuid"])
+
+    seen, cursor = [], None
+    while True:
+        query = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+        page = client.get("/v1/sessions", headers=auth, query_string=query).get_json()
+        seen += [s["session_uuid"] for s in page["sessions"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == list(reversed(uuids))  # newest first, each exactly once
+
+    even = client.get("/v1/sessions", headers=auth, query_string={"external_ref": "even"}).get_json()
+    assert {s["session_uuid"] for s in even["sessions"]} == {uuids[0], uuids[2], uuids[4]}
+    one = client.get("/v1/sessions", headers=auth, query_string={"second_party": "14155552672"}).get_json()
+    assert [s["session_uuid"] for s in one["sessions"]] == [uuids[1]]
+    assert client.get("/v1/sessions", headers=auth, query_string={"status": "expired"}).get_json()["sessions"] == []
+    later = client.get("/v1/sessions", headers=auth, query_string={"created_after": "2999-01-01T00:00:00Z"})
+    assert later.get_json()["sessions"] == []
+    assert len(client.get("/v1/sessions", headers=auth,
+                          query_string={"created_before": "2999-01-01T00:00:00Z"}).get_json()["sessions"]) == 5
+
+
+@pytest.mark.parametrize("query,field", [
+    ({"limit": 0}, "limit"), ({"limit": 101}, "limit"), ({"limit": "x"}, "limit"),
+    ({"status": "open"}, "status"), ({"cursor": "garbage!"}, "cursor"),
+    ({"created_after": "yesterday"}, "created_after"), ({"first_party": "12"}, "first_party"),
+    ({"order": "asc"}, "order"), ({"external_ref": "x' OR 1=1 --"}, None),
+])
+def test_list_rejects_bad_filters(client, auth, sandbox, query, field):
+    response = client.get("/v1/sessions", headers=auth, query_string=query)
+    if field is None:  # a hostile but well-formed value is just a value: no match, no error
+        assert response.status_code == 200 and response.get_json()["sessions"] == []
+        return
+    assert field in assert_error(response, 400, "invalid_request")["details"]["fields"]
+
+
+# Update, expire -----------------------------------------------------------------------------
+
+
+def test_update_changes_plivo_and_the_stored_copy(client, auth, sandbox, db):
+    uuid = create(client, auth).get_json()["session_uuid"]
+    response = client.patch(f"/v1/sessions/{uuid}", headers=auth, json={"session_expiry": 1200, "record": True})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["session_expiry"] == 1200 and body["record"] is True
+    sent = [r for r in plivo_requests(sandbox, "POST") if uuid in r["path"]]
+    assert sent and sent[-1]["body"]["session_expiry"] == 1200
+    with db.transaction() as s:
+        row = s.scalars(select(MaskingSession)).one()
+    assert row.create_params["session_expiry"] == 1200
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"first_party": "+14155552671"}, "first_party"),   # only in single-party mode
+    ({"geomatch": False}, "geomatch"),                   # not updatable on Plivo
+    ({"callback_url": "https://x.example/cb"}, "callback_url"),
+    ({"session_expiry": "long"}, "session_expiry"),
+    ({"nope": 1}, "nope"),
+])
+def test_update_rejects_fields_plivo_does_not_allow_to_change(client, auth, sandbox, body, field):
+    uuid = create(client, auth).get_json()["session_uuid"]
+    response = client.patch(f"/v1/sessions/{uuid}", headers=auth, json=body)
+    assert field in assert_error(response, 400, "invalid_request")["details"]["fields"]
+    assert [r for r in plivo_requests(sandbox, "POST") if uuid in r["path"]] == []
+
+
+def test_update_of_a_single_party_session_may_add_the_second_party(client, auth, sandbox):
+    uuid = create(client, auth, {"first_party": FIRST, "create_session_with_single_party": True}
+                  ).get_json()["session_uuid"]
+    response = client.patch(f"/v1/sessions/{uuid}", headers=auth, json={"second_party": SECOND})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.get_json()["second_party"] == SECOND
+
+
+def test_delete_expires_on_plivo_and_keeps_the_row(client, auth, sandbox, db):
+    uuid = create(client, auth).get_json()["session_uuid"]
+    response = client.delete(f"/v1/sessions/{uuid}", headers=auth)
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["status"] == "expired" and body["expired_at"]
+    # Idempotent: a second DELETE changes nothing and does not call Plivo again.
+    again = client.delete(f"/v1/sessions/{uuid}", headers=auth)
+    assert again.status_code == 200 and again.get_json()["expired_at"] == body["expired_at"]
+    assert len(plivo_requests(sandbox, "DELETE")) == 1
+    assert client.get(f"/v1/sessions/{uuid}", headers=auth).get_json()["status"] == "expired"
+    assert_error(client.patch(f"/v1/sessions/{uuid}", headers=auth, json={"ring_timeout": 30}), 409)
+
+
+def test_plivo_timeout_on_expire_is_504_and_leaves_the_row_active(client, auth, sandbox, db):
+    uuid = create(client, auth).get_json()["session_uuid"]
+    faults(sandbox, {"method": "DELETE", "delay": 3})
+    assert_error(client.delete(f"/v1/sessions/{uuid}", headers=auth), 504, "plivo_timeout")
+    with db.transaction() as s:
+        assert s.scalars(select(MaskingSession.status)).one() == "active"
+
+
+# Errors are JSON everywhere -----------------------------------------------------------------
+
+
+def test_unknown_routes_and_methods_answer_json(client, auth):
+    assert_error(client.get("/nope", headers=auth), 404)
+    assert_error(client.put("/v1/sessions", headers=auth), 405)
+
+
+def test_database_down_is_503_json(auth, sandbox):
+    app = create_app({"TESTING": True, "settings": make_settings(sandbox.url, DB_CONNECT_TIMEOUT=1),
+                      "database_url": unavailable_database_url()})
+    client = app.test_client()
+    assert_error(client.get("/v1/sessions", headers=auth), 503, "database_unavailable")
+    assert_error(create(client, auth), 503, "database_unavailable")
+    assert plivo_requests(sandbox) == []  # nothing is sent to Plivo that we could not record
+    assert client.get("/readyz").status_code == 503
+    assert client.get("/healthz").status_code == 200
+
+
+def test_healthz_reports_the_mode_and_readyz_the_migration(client, engine):
+    assert client.get("/healthz").get_json()["mode"] == "production"
+    ready = client.get("/readyz").get_json()
+    with engine.connect() as conn:
+        assert ready == {"status": "ok", "database": "ok",
+                         "migration": conn.execute(text("SELECT version_num FROM alembic_version")).scalar()}

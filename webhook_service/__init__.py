@@ -1,0 +1,93 @@
+"""Plivo masking-session service: the Flask application factory."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+from flask import Flask, g, request
+
+from . import metrics
+from .db import Database, build_engine
+from .errors import register_error_handlers
+from .logs import configure_logging
+from .plivo.client import PlivoClient
+from .sessions.service import Context
+from .settings import Settings
+
+access_log = logging.getLogger("webhook_service.access")
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the app. `test_config` may carry `settings`, `database_url` and Flask options."""
+    config = dict(test_config or {})
+    settings: Settings = config.pop("settings", None) or Settings.from_env()
+    configure_logging(settings.log_level)
+    app = Flask(__name__)
+    app.config.update(JSON_SORT_KEYS=False, MAX_CONTENT_LENGTH=1024 * 1024)
+    app.config.update(config)
+
+    database_url = config.get("database_url") or settings.database_url
+    if database_url is None:
+        from .devdb import embedded_database_url
+
+        database_url = embedded_database_url()
+    db = Database(build_engine(database_url, settings))
+    plivo = PlivoClient(
+        settings.plivo_api_base_url,
+        settings.plivo_auth_id,
+        settings.plivo_auth_token,
+        connect_timeout=settings.plivo_connect_timeout,
+        read_timeout=settings.plivo_read_timeout,
+        max_retries=settings.plivo_max_retries,
+    )
+    app.extensions["webhook_service"] = Context(db=db, plivo=plivo, settings=settings)
+
+    register_error_handlers(app)
+    _register_request_logging(app)
+
+    from .health import bp as health_bp
+    from .sessions.views import bp as sessions_bp
+    from .webhooks.views import bp as webhooks_bp
+
+    app.register_blueprint(health_bp)
+    app.register_blueprint(sessions_bp)
+    app.register_blueprint(webhooks_bp)
+
+    from .cli import register_cli
+
+    register_cli(app)
+    if settings.sandbox:
+        app.logger.warning(
+            "SANDBOX MODE: no PLIVO_AUTH_ID set; Plivo calls go to the local sandbox at %s",
+            settings.plivo_api_base_url,
+        )
+    return app
+
+
+def _register_request_logging(app: Flask) -> None:
+    @app.before_request
+    def _start() -> None:
+        g.started = time.perf_counter()
+        g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+
+    @app.after_request
+    def _finish(response):
+        elapsed = time.perf_counter() - g.get("started", time.perf_counter())
+        route = request.url_rule.rule if request.url_rule else "unmatched"
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        metrics.REQUEST_LATENCY.labels(route, f"{response.status_code // 100}xx").observe(elapsed)
+        access_log.info(
+            "%s %s %s", request.method, route, response.status_code,
+            extra={
+                "request_id": g.get("request_id"),
+                "method": request.method,
+                "route": route,
+                "status": response.status_code,
+                "latency_ms": round(elapsed * 1000, 2),
+                "session_uuid": g.get("session_uuid"),
+            },
+        )
+        return response

@@ -1,0 +1,61 @@
+"""Operator commands: `flask db upgrade`, `flask sessions resolve`."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import click
+from flask import Flask, current_app
+from flask.cli import AppGroup
+
+db_cli = AppGroup("db", help="Database schema.")
+sessions_cli = AppGroup("sessions", help="Masking sessions.")
+callbacks_cli = AppGroup("callbacks", help="Stored Plivo callbacks (the inbox).")
+
+
+def _ctx():
+    return current_app.extensions["webhook_service"]
+
+
+@db_cli.command("upgrade")
+@click.argument("revision", default="head")
+def db_upgrade(revision: str) -> None:
+    """Apply migrations up to REVISION (default: head)."""
+    from .migrate import upgrade
+
+    upgrade(_ctx().db.engine.url.render_as_string(hide_password=False), revision)
+    click.echo(f"database at {revision}")
+
+
+@sessions_cli.command("resolve")
+@click.option("--grace-seconds", default=120, show_default=True,
+              help="Only conclude 'not created' for attempts older than this.")
+def sessions_resolve(grace_seconds: int) -> None:
+    """Find out what happened to creates whose outcome was unknown (timeouts after sending)."""
+    from .sessions.service import resolve_pending_attempts
+
+    counts = resolve_pending_attempts(_ctx(), grace=timedelta(seconds=grace_seconds))
+    click.echo(json.dumps(counts, sort_keys=True))
+
+
+@callbacks_cli.command("replay")
+@click.option("--failed", is_flag=True, help="Callbacks whose application failed.")
+@click.option("--id", "ids", multiple=True, type=int, help="This inbox id (repeatable).")
+@click.option("--since", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
+              help="Callbacks received since this UTC time.")
+def callbacks_replay(failed: bool, ids: tuple[int, ...], since: datetime | None) -> None:
+    """Re-apply stored callbacks from their stored parameters (idempotent).
+
+    With no option: failed callbacks, and pending ones older than a minute.
+    """
+    from .webhooks.inbox import replay
+
+    counts = replay(_ctx().db, ids=ids, failed=failed, since=since.replace(tzinfo=UTC) if since else None)
+    click.echo(json.dumps(counts, sort_keys=True))
+
+
+def register_cli(app: Flask) -> None:
+    app.cli.add_command(db_cli)
+    app.cli.add_command(sessions_cli)
+    app.cli.add_command(callbacks_cli)

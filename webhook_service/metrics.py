@@ -1,0 +1,54 @@
+"""Prometheus metrics. Under gunicorn, PROMETHEUS_MULTIPROC_DIR makes them add up across workers."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+CALLBACKS = Counter(
+    "plivo_callbacks_total",
+    "Plivo callbacks received, by endpoint kind and outcome",
+    ["kind", "outcome"],  # outcome: applied, duplicate, ignored, failed, rejected, too_large, unavailable
+)
+SIGNATURE_FAILURES = Counter("plivo_signature_failures_total", "Callbacks refused for a missing or bad signature")
+PLIVO_CALLS = Counter("plivo_api_calls_total", "Calls to Plivo's API, by operation and outcome", ["op", "outcome"])
+PLIVO_LATENCY = Histogram(
+    "plivo_api_latency_seconds",
+    "Latency of Plivo API calls (each attempt)",
+    ["op"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+REQUEST_LATENCY = Histogram(
+    "http_request_duration_seconds",
+    "Request latency by route and status class",
+    ["route", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+)
+INBOX_FAILED = Gauge(
+    "plivo_callback_inbox_failed", "Stored callbacks whose application failed (awaiting replay)",
+    multiprocess_mode="livemax",
+)
+RECONCILE_DRIFT = Gauge(
+    "plivo_reconcile_drift_sessions", "Sessions whose totals differ from Plivo's at the last reconciliation",
+    multiprocess_mode="livemax",
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text for /metrics, summed over every worker when running multi-process."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

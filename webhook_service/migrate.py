@@ -1,0 +1,38 @@
+"""Schema migrations: Alembic, configured from the settings module (`python -m webhook_service.migrate`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def alembic_config(database_url: str | None = None) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if database_url:
+        # ConfigParser interpolation: a literal % in a password must be doubled.
+        config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
+    return config
+
+
+def database_url_from_env() -> str:
+    from .settings import Settings
+
+    settings = Settings.from_env()
+    if settings.database_url:
+        return settings.database_url
+    from .devdb import embedded_database_url
+
+    return embedded_database_url()
+
+
+def upgrade(database_url: str | None = None, revision: str = "head") -> None:
+    command.upgrade(alembic_config(database_url or database_url_from_env()), revision)
+
+
+if __name__ == "__main__":
+    upgrade()

@@ -1,0 +1,262 @@
+"""Tables, as typed SQLAlchemy 2 models. Alembic revisions in `migrations/` create them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    Text,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+SESSION_STATUSES = ("active", "in-progress", "expired")
+SESSION_ORIGINS = ("api", "callback", "reconcile")
+ATTEMPT_STATES = ("pending", "succeeded", "failed", "unknown", "recovered", "not_found")
+INBOX_STATUSES = ("pending", "applied", "ignored", "failed")
+INBOX_ENDPOINTS = ("session", "recording")
+PARTIES = ("first", "second")
+LEG_END_EVENTS = ("hangup", "complete", "failed")
+RECORDING_STATUSES = ("initiated", "completed", "failed")
+
+Money = Numeric(14, 5)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSONB, datetime: DateTime(timezone=True), Decimal: Money}
+
+
+def _now() -> Any:
+    return mapped_column(DateTime(timezone=True), nullable=False, server_default=func.now())
+
+
+class MaskingSession(Base):
+    """One Plivo masking session: its parties, virtual number, status and call totals."""
+
+    __tablename__ = "masking_sessions"
+    __table_args__ = (
+        CheckConstraint(f"status IN {SESSION_STATUSES}", name="status"),
+        CheckConstraint(f"origin IN {SESSION_ORIGINS}", name="origin"),
+        # Keyset pagination walks (created_at, id) newest first.
+        Index("ix_masking_sessions_created_at_id", "created_at", "id"),
+        Index("ix_masking_sessions_external_ref", "external_ref"),
+        Index("ix_masking_sessions_first_party", "first_party"),
+        Index("ix_masking_sessions_second_party", "second_party"),
+        Index("ix_masking_sessions_virtual_number", "virtual_number"),
+        Index("ix_masking_sessions_status", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    session_uuid: Mapped[str] = mapped_column(Text, unique=True)
+    external_ref: Mapped[str | None] = mapped_column(Text)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=text("'{}'::jsonb"))
+    first_party: Mapped[str | None] = mapped_column(Text)
+    second_party: Mapped[str | None] = mapped_column(Text)
+    virtual_number: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, server_default="active")
+    # How we learnt of the session: created through our API, first seen in a callback, or
+    # found by reconciliation (a create whose outcome was unknown).
+    origin: Mapped[str] = mapped_column(Text, server_default="api")
+    # Every create parameter sent to Plivo (callback URLs included), as sent.
+    create_params: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    record: Mapped[bool | None] = mapped_column(Boolean)
+    session_expiry: Mapped[int | None] = mapped_column(Integer)
+    plivo_created_at: Mapped[datetime | None]
+    plivo_modified_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
+    expired_at: Mapped[datetime | None]
+    last_interaction_at: Mapped[datetime | None]
+    # When the virtual number last changed (SessionVirtualNumberReplaced), so a late, older
+    # replacement event cannot overwrite a newer number.
+    virtual_number_changed_at: Mapped[datetime | None]
+    # Plivo's `amount`: the charge for creating the session (calls are in `amount` below).
+    session_amount: Mapped[Decimal | None]
+    call_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    billed_duration: Mapped[int] = mapped_column(Integer, server_default="0")
+    amount: Mapped[Decimal] = mapped_column(Money, server_default="0")
+    recording_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+
+class SessionCreateAttempt(Base):
+    """One `POST /v1/sessions`: its idempotency key, what we sent Plivo, and how it ended.
+
+    The row is committed before Plivo is called, so a create whose outcome is unknown (a timeout
+    after sending) is never forgotten: `flask sessions resolve` finds the session on Plivo later.
+    """
+
+    __tablename__ = "session_create_attempts"
+    __table_args__ = (
+        CheckConstraint(f"state IN {ATTEMPT_STATES}", name="state"),
+        Index(
+            "ix_session_create_attempts_unresolved",
+            "started_at",
+            postgresql_where=text("state IN ('pending', 'unknown')"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    idempotency_key: Mapped[str | None] = mapped_column(Text, unique=True)
+    request_hash: Mapped[str] = mapped_column(Text)
+    request_body: Mapped[dict[str, Any]]
+    plivo_params: Mapped[dict[str, Any]]
+    state: Mapped[str] = mapped_column(Text, server_default="pending")
+    first_party: Mapped[str | None] = mapped_column(Text)
+    second_party: Mapped[str | None] = mapped_column(Text)
+    session_uuid: Mapped[str | None] = mapped_column(Text)
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime] = _now()
+    finished_at: Mapped[datetime | None]
+
+
+
+class CallbackInbox(Base):
+    """Every verified Plivo callback, stored before it is applied, exactly once.
+
+    `dedupe_key` is a hash of the endpoint and the signed parameters (not the nonce, which
+    changes on redelivery), so a redelivered callback hits the unique constraint and is a no-op.
+    """
+
+    __tablename__ = "callback_inbox"
+    __table_args__ = (
+        CheckConstraint(f"status IN {INBOX_STATUSES}", name="status"),
+        CheckConstraint(f"endpoint IN {INBOX_ENDPOINTS}", name="endpoint"),
+        Index("ix_callback_inbox_session_uuid", "session_uuid"),
+        Index("ix_callback_inbox_received_at", "received_at"),
+        Index("ix_callback_inbox_unfinished", "id", postgresql_where=text("status IN ('pending', 'failed')")),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    received_at: Mapped[datetime] = _now()
+    endpoint: Mapped[str] = mapped_column(Text)
+    method: Mapped[str] = mapped_column(Text)
+    content_type: Mapped[str | None] = mapped_column(Text)
+    params: Mapped[dict[str, Any]]
+    nonce: Mapped[str | None] = mapped_column(Text)
+    dedupe_key: Mapped[str] = mapped_column(Text, unique=True)
+    event_name: Mapped[str | None] = mapped_column(Text)
+    session_uuid: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(Text, server_default="pending")
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    applied_at: Mapped[datetime | None]
+
+
+class CallLeg(Base):
+    """One call leg (the first or the second party's) of a call through a session.
+
+    Legs come from callbacks, which carry no call UUID, so a leg is identified by its party and
+    its end time; reconciliation adds Plivo's call UUID when it learns it.
+    """
+
+    __tablename__ = "call_legs"
+    __table_args__ = (
+        CheckConstraint(f"party IN {PARTIES}", name="party"),
+        CheckConstraint(f"end_event IN {LEG_END_EVENTS}", name="end_event"),
+        Index("ix_call_legs_session_id_party", "session_id", "party"),
+        Index("uq_call_legs_session_id_call_uuid", "session_id", "call_uuid", unique=True,
+              postgresql_where=text("call_uuid IS NOT NULL")),
+        Index("ix_call_legs_ended_at", "ended_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    session_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("masking_sessions.id", ondelete="CASCADE"))
+    party: Mapped[str] = mapped_column(Text)
+    call_uuid: Mapped[str | None] = mapped_column(Text)
+    initiated_at: Mapped[datetime | None]
+    ringing_at: Mapped[datetime | None]
+    answered_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+    end_event: Mapped[str | None] = mapped_column(Text)
+    duration: Mapped[int | None] = mapped_column(Integer)
+    billed_duration: Mapped[int | None] = mapped_column(Integer)
+    amount: Mapped[Decimal | None]
+    hangup_cause: Mapped[str | None] = mapped_column(Text)
+    hangup_cause_code: Mapped[int | None] = mapped_column(Integer)
+    from_number: Mapped[str | None] = mapped_column(Text)
+    to_number: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(Text, server_default="callback")
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+
+class Recording(Base):
+    """One recording (Plivo records each call of a session to its own file)."""
+
+    __tablename__ = "recordings"
+    __table_args__ = (
+        CheckConstraint(f"status IN {RECORDING_STATUSES}", name="status"),
+        Index("ix_recordings_session_id", "session_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    session_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("masking_sessions.id", ondelete="CASCADE"))
+    recording_uuid: Mapped[str] = mapped_column(Text, unique=True)
+    status: Mapped[str] = mapped_column(Text)
+    # Stored, never fetched by this service: a URL in a callback is only data.
+    recording_url: Mapped[str | None] = mapped_column(Text)
+    resource_url: Mapped[str | None] = mapped_column(Text)
+    duration: Mapped[int | None] = mapped_column(Integer)
+    format: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None]
+    ended_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = _now()
+    updated_at: Mapped[datetime] = _now()
+
+
+class VirtualNumberAssignment(Base):
+    """Every virtual number a session has had, with the time it took effect.
+
+    SessionVirtualNumberReplaced moves a session to a new number; the old one stays here.
+    """
+
+    __tablename__ = "virtual_number_history"
+    __table_args__ = (Index("uq_virtual_number_history_assignment", "session_id", "virtual_number", "assigned_at",
+                            unique=True),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    session_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("masking_sessions.id", ondelete="CASCADE"))
+    virtual_number: Mapped[str] = mapped_column(Text)
+    assigned_at: Mapped[datetime]
+    recorded_at: Mapped[datetime] = _now()
+
+
+class PinAuthentication(Base):
+    """One PIN check by Plivo (SessionPinAuthenticationStatus): who called and how it went."""
+
+    __tablename__ = "pin_authentications"
+    __table_args__ = (Index("uq_pin_authentications_event", "session_id", "event_at", "from_number",
+                            "retry_counter", unique=True, postgresql_nulls_not_distinct=True),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    session_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("masking_sessions.id", ondelete="CASCADE"))
+    event_at: Mapped[datetime]
+    status: Mapped[str] = mapped_column(Text)  # success | failed | AuthorizedCaller (as Plivo sends it)
+    retry_counter: Mapped[int | None] = mapped_column(Integer)
+    from_number: Mapped[str | None] = mapped_column(Text)

@@ -1,0 +1,325 @@
+"""A thin client for Plivo's five Masking Session calls, with safe retries and typed errors.
+
+Why not Plivo's SDK: it hard-codes api.plivo.com, keeps per-request retry state on a shared
+client, and retries POST create on 5xx, which can create a duplicate paid session (see the
+reference §12). Here: one pooled `requests.Session` per process, explicit connect/read timeouts,
+reads and expires retried with backoff on 5xx, 429 (honouring Retry-After) and connection
+errors, and creates never retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import requests
+
+from .. import metrics
+
+log = logging.getLogger(__name__)
+
+
+class PlivoError(Exception):
+    """Base class: Plivo could not do what was asked, or its answer is unknown."""
+
+    def __init__(self, message: str, *, status: int | None = None, body: Any = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.body = body
+
+
+class PlivoRejected(PlivoError):
+    """Plivo answered 4xx: the request was refused and nothing happened."""
+
+
+class PlivoNotFound(PlivoRejected):
+    """Plivo answered 404."""
+
+
+class PlivoAuthError(PlivoRejected):
+    """Plivo answered 401/403: our credentials are wrong (an operator problem, not the caller's)."""
+
+
+class PlivoRateLimited(PlivoError):
+    """Plivo kept answering 429 after our retries."""
+
+
+class PlivoServerError(PlivoError):
+    """Plivo answered 5xx (after retries, where retrying is safe)."""
+
+
+class PlivoUnavailable(PlivoError):
+    """Plivo could not be reached; the request was certainly not processed."""
+
+
+class PlivoTimeout(PlivoError):
+    """Plivo did not answer in time. `sent` is True when the request may have been processed."""
+
+    def __init__(self, message: str, *, sent: bool):
+        super().__init__(message)
+        self.sent = sent
+
+
+class PlivoBadResponse(PlivoError):
+    """Plivo answered 2xx with a body we cannot read."""
+
+
+_TIME_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})[ T](\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?)")
+
+
+def parse_time(value: Any) -> datetime | None:
+    """Read any of Plivo's timestamp styles as an aware UTC datetime; None for empty values.
+
+    Seen: "2023-07-12 15:52:14.772699 +0000 UTC", "2024-01-25 12:00:00 +0000 +0000",
+    "2024-01-25 12:00:00" (callbacks, UTC) and ISO 8601. Every Plivo timestamp is UTC.
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    match = _TIME_RE.match(str(value).strip())
+    if not match:
+        return None
+    day, clock = match.groups()
+    if clock.count(":") == 1:
+        clock += ":00"
+    try:
+        return datetime.fromisoformat(f"{day}T{clock}").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def plivo_time(value: datetime) -> str:
+    """Format a datetime for Plivo's list filters (`YYYY-MM-DD HH:MM:SS`, UTC)."""
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def normalise_number(value: Any) -> str | None:
+    """Plivo writes numbers with and without `+` (`+14155550100`, `14155550100`): make E.164."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if not text:
+        return None
+    digits = text[1:] if text.startswith("+") else text
+    return "+" + digits if digits.isdigit() else text
+
+
+def to_decimal(value: Any) -> Decimal | None:
+    if value is None or value == "":
+        return None
+    try:
+        return Decimal(str(value))
+    except InvalidOperation:
+        return None
+
+
+def to_int(value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(Decimal(str(value)))
+    except (InvalidOperation, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class PlivoSession:
+    """A session object as Plivo returns it, with numbers, times and money parsed."""
+
+    session_uuid: str
+    status: str | None
+    first_party: str | None
+    second_party: str | None
+    virtual_number: str | None
+    created_time: datetime | None
+    modified_time: datetime | None
+    expiry_time: datetime | None
+    last_interaction_time: datetime | None
+    amount: Decimal | None
+    total_call_count: int | None
+    total_call_billed_duration: int | None
+    total_call_amount: Decimal | None
+    interactions: list[dict[str, Any]] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any], *, virtual_number: Any = None) -> PlivoSession:
+        if not isinstance(obj, Mapping) or not obj.get("session_uuid"):
+            raise PlivoBadResponse("Plivo's session object has no session_uuid", body=obj)
+        return cls(
+            session_uuid=str(obj["session_uuid"]),
+            status=obj.get("status") or None,
+            first_party=normalise_number(obj.get("first_party")),
+            second_party=normalise_number(obj.get("second_party")),
+            virtual_number=normalise_number(obj.get("virtual_number") or virtual_number),
+            created_time=parse_time(obj.get("created_time")),
+            modified_time=parse_time(obj.get("modified_time")),
+            expiry_time=parse_time(obj.get("expiry_time")),
+            last_interaction_time=parse_time(obj.get("last_interaction_time")),
+            amount=to_decimal(obj.get("amount")),
+            total_call_count=to_int(obj.get("total_call_count")),
+            total_call_billed_duration=to_int(obj.get("total_call_billed_duration")),
+            total_call_amount=to_decimal(obj.get("total_call_amount")),
+            interactions=[i for i in (obj.get("interaction") or []) if isinstance(i, Mapping)],
+            raw=dict(obj),
+        )
+
+
+@dataclass(frozen=True)
+class PlivoPage:
+    sessions: list[PlivoSession]
+    total_count: int | None
+    next: str | None
+
+
+class PlivoClient:
+    """Plivo's Masking Session API over one pooled HTTP session (one client per process)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        auth_id: str,
+        auth_token: str,
+        *,
+        connect_timeout: float = 3.05,
+        read_timeout: float = 10.0,
+        max_retries: int = 3,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        self.base = f"{base_url.rstrip('/')}/v1/Account/{auth_id}/Masking/Session"
+        self.timeout = (connect_timeout, read_timeout)
+        self.max_retries = max_retries
+        self._sleep = sleep
+        self.http = requests.Session()
+        self.http.auth = (auth_id, auth_token)
+        self.http.headers.update({"Accept": "application/json", "User-Agent": "webhook-service/0.1"})
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=16, max_retries=0)
+        self.http.mount("http://", adapter)
+        self.http.mount("https://", adapter)
+
+    # The five calls ------------------------------------------------------------------------
+
+    def create_session(self, params: Mapping[str, Any]) -> PlivoSession:
+        """POST …/Masking/Session. Never retried: a retry after a lost answer could double-book."""
+        body = self._call("create", "POST", self.base + "/", json=dict(params), retry=False)
+        return PlivoSession.from_json(body.get("session") or body, virtual_number=body.get("virtual_number"))
+
+    def get_session(self, session_uuid: str) -> PlivoSession:
+        body = self._call("get", "GET", f"{self.base}/{session_uuid}/", retry=True)
+        return PlivoSession.from_json(body.get("response") or {})
+
+    def update_session(self, session_uuid: str, params: Mapping[str, Any]) -> PlivoSession:
+        body = self._call("update", "POST", f"{self.base}/{session_uuid}/", json=dict(params), retry=False)
+        return PlivoSession.from_json(body.get("session") or {})
+
+    def expire_session(self, session_uuid: str) -> None:
+        """DELETE …/Session/{uuid}: Plivo marks it expired (nothing is deleted). Safe to retry."""
+        self._call("expire", "DELETE", f"{self.base}/{session_uuid}/", retry=True)
+
+    def list_sessions(self, filters: Mapping[str, Any]) -> PlivoPage:
+        body = self._call("list", "GET", self.base + "/", params=dict(filters), retry=True)
+        response = body.get("response") or {}
+        meta = response.get("meta") or {}
+        objects = response.get("objects") or []
+        return PlivoPage(
+            sessions=[PlivoSession.from_json(o) for o in objects],
+            total_count=to_int(meta.get("total_count")),
+            next=meta.get("next") or None,
+        )
+
+    # Transport -----------------------------------------------------------------------------
+
+    def _call(self, op: str, method: str, url: str, *, retry: bool, **kwargs: Any) -> dict[str, Any]:
+        attempts = 1 + (self.max_retries if retry else 0)
+        for attempt in range(1, attempts + 1):
+            started = time.perf_counter()
+            try:
+                response = self.http.request(method, url, timeout=self.timeout, **kwargs)
+            except requests.ConnectTimeout as exc:
+                error: PlivoError = PlivoUnavailable(f"Plivo did not accept a connection in time ({op})")
+                cause: Exception = exc
+            except requests.ReadTimeout as exc:
+                error, cause = PlivoTimeout(f"Plivo did not answer in time ({op})", sent=True), exc
+            except requests.ConnectionError as exc:
+                # Refused or reset. A reset may come after Plivo read the request, so for a
+                # non-retried call (create) the outcome is unknown, like a read timeout.
+                refused = "refused" in str(exc).lower() or "NewConnectionError" in repr(exc)
+                if refused:
+                    error = PlivoUnavailable(f"Plivo could not be reached ({op})")
+                else:
+                    error = PlivoTimeout(f"Plivo dropped the connection ({op})", sent=True)
+                cause = exc
+            else:
+                metrics.PLIVO_LATENCY.labels(op).observe(time.perf_counter() - started)
+                if response.status_code < 400:
+                    metrics.PLIVO_CALLS.labels(op, "ok").inc()
+                    return self._json(response, op)
+                error = self._http_error(response, op)
+                cause = None  # type: ignore[assignment]
+                retryable = response.status_code == 429 or response.status_code >= 500
+                if retry and retryable and attempt < attempts:
+                    metrics.PLIVO_CALLS.labels(op, f"retry_{response.status_code}").inc()
+                    self._sleep(self._backoff(attempt, response.headers.get("Retry-After")))
+                    continue
+                metrics.PLIVO_CALLS.labels(op, f"http_{response.status_code}").inc()
+                raise error
+            metrics.PLIVO_LATENCY.labels(op).observe(time.perf_counter() - started)
+            if retry and attempt < attempts:
+                metrics.PLIVO_CALLS.labels(op, "retry_network").inc()
+                self._sleep(self._backoff(attempt, None))
+                continue
+            metrics.PLIVO_CALLS.labels(op, type(error).__name__).inc()
+            raise error from cause
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _json(response: requests.Response, op: str) -> dict[str, Any]:
+        try:
+            body = response.json()
+        except ValueError as exc:
+            raise PlivoBadResponse(f"Plivo's answer to {op} is not JSON", status=response.status_code) from exc
+        if not isinstance(body, dict):
+            raise PlivoBadResponse(f"Plivo's answer to {op} is not a JSON object", status=response.status_code)
+        return body
+
+    @staticmethod
+    def _http_error(response: requests.Response, op: str) -> PlivoError:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        message = None
+        if isinstance(body, dict):
+            message = body.get("error") or body.get("message")
+            if isinstance(message, dict):  # some Plivo errors nest {"error": {"field": "reason"}}
+                message = "; ".join(f"{k}: {v}" for k, v in message.items())
+        status = response.status_code
+        message = str(message or f"Plivo answered HTTP {status} to {op}")
+        if status == 404:
+            return PlivoNotFound(message, status=status, body=body)
+        if status in (401, 403):
+            return PlivoAuthError(message, status=status, body=body)
+        if status == 429:
+            return PlivoRateLimited(message, status=status, body=body)
+        if status >= 500:
+            return PlivoServerError(message, status=status, body=body)
+        return PlivoRejected(message, status=status, body=body)
+
+    @staticmethod
+    def _backoff(attempt: int, retry_after: str | None) -> float:
+        if retry_after:
+            try:
+                return min(max(float(retry_after), 0.0), 30.0)
+            except ValueError:
+                pass
+        # Exponential with full jitter: 0–0.25 s, 0–0.5 s, 0–1 s, … capped at 4 s.
+        return random.uniform(0, min(4.0, 0.25 * 2 ** (attempt - 1)))

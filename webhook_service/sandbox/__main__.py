@@ -1,0 +1,48 @@
+"""Run the Plivo sandbox: `python -m webhook_service.sandbox --host 127.0.0.1 --port 8001`.
+
+Credentials default to PLIVO_AUTH_ID / PLIVO_AUTH_TOKEN, else the well-known sandbox ones from
+`webhook_service.settings`. With a token list ("new,old") the first token signs callbacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import threading
+
+from webhook_service.sandbox.server import SandboxServer
+from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN
+
+log = logging.getLogger("webhook_service.sandbox")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments and serve until interrupted."""
+    parser = argparse.ArgumentParser(prog="python -m webhook_service.sandbox", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--auth-id", default=os.environ.get("PLIVO_AUTH_ID") or SANDBOX_AUTH_ID)
+    parser.add_argument("--auth-token", default=os.environ.get("PLIVO_AUTH_TOKEN") or SANDBOX_AUTH_TOKEN)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+
+    server = SandboxServer(args.auth_id, args.auth_token.split(",")[0].strip(), host=args.host, port=args.port)
+    server.start()
+    log.info(
+        "Plivo sandbox (fake Masking Session API, not Plivo) listening on %s/v1/Account/%s.../Masking/Session",
+        server.url,
+        args.auth_id[:4],
+    )
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

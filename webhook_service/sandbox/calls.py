@@ -1,0 +1,288 @@
+"""Plays calls through a session and builds Plivo's signed callbacks (reference §8–§10).
+
+Every callback is signed the way Plivo signs voice callbacks: a 20-digit nonce, then
+`compute_signature` over the exact URL requested and the exact parameters sent. The sandbox has one
+account, so `X-Plivo-Signature-Ma-V3` (signed with the main account's token) equals the V3 one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import string
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+from uuid import uuid4
+
+import requests
+
+from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
+from webhook_service.sandbox.models import Session, event_time, go_time
+from webhook_service.sandbox.validation import ApiError
+
+log = logging.getLogger(__name__)
+
+MA_SIGNATURE_HEADER = "X-Plivo-Signature-Ma-V3"
+API_ACCOUNT_URL = "https://api.plivo.com/v1/Account"
+MEDIA_ACCOUNT_URL = "https://media.plivo.com/v1/Account"
+RATE_PER_MINUTE = Decimal("0.00850")  # one flat rate per started minute per leg
+RING_SECONDS = 6  # how long the dialled phone rings before it is picked up
+DELIVERY_TIMEOUT = 10.0
+NORMAL_CLEARING = ("NORMAL_CLEARING", 4000)
+NO_ANSWER = ("NO_ANSWER", 3000)
+
+Callback = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How callbacks go out: POST body encoding, and whether to send them at all."""
+
+    encoding: str = "form"  # "form" or "json"; GET callbacks always use the query string
+    deliver: bool = True
+
+
+@dataclass(frozen=True)
+class CallOptions:
+    """What happens in a played call (see `parse_call_options`)."""
+
+    vocabulary: str  # "legacy" or "latest" event names
+    caller: str  # "first" or "second": who dials the virtual number
+    answered: bool  # whether the dialled party answers
+    duration: int  # seconds of talk when answered
+    delivery: Delivery
+
+
+def _body_options(body: dict[str, Any], allowed: frozenset[str]) -> None:
+    for name in body:
+        if name not in allowed:
+            raise ApiError(400, f"unknown option {name!r}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _choice(body: dict[str, Any], name: str, choices: tuple[Any, ...], default: Any) -> Any:
+    value = body.get(name, default)
+    if value not in choices or isinstance(value, bool) != isinstance(default, bool):
+        raise ApiError(400, f"{name} must be one of {', '.join(map(json.dumps, choices))}")
+    return value
+
+
+def parse_delivery(body: dict[str, Any], extra: frozenset[str] = frozenset()) -> Delivery:
+    """Delivery options of a control request body: `encoding` ("form"|"json"), `deliver` (bool)."""
+    _body_options(body, frozenset({"encoding", "deliver"}) | extra)
+    return Delivery(_choice(body, "encoding", ("form", "json"), "form"), _choice(body, "deliver", (True, False), True))
+
+
+def parse_call_options(body: dict[str, Any], session: Session) -> CallOptions:
+    """Options of `POST /sandbox/sessions/<uuid>/calls`; raises ApiError(400) when invalid."""
+    delivery = parse_delivery(body, frozenset({"vocabulary", "caller", "answered", "duration"}))
+    duration = body.get("duration", 30)
+    limit = session.config["call_time_limit"]
+    if isinstance(duration, bool) or not isinstance(duration, int) or not 1 <= duration <= limit:
+        raise ApiError(400, f"duration must be an integer from 1 to the session's call_time_limit ({limit})")
+    return CallOptions(
+        vocabulary=_choice(body, "vocabulary", ("legacy", "latest"), "legacy"),
+        caller=_choice(body, "caller", ("first", "second"), "first"),
+        answered=_choice(body, "answered", (True, False), True),
+        duration=duration,
+        delivery=delivery,
+    )
+
+
+def _leg(seconds: int, cause: tuple[str, int]) -> tuple[dict[str, str], int, Decimal]:
+    """Billing attributes of one call leg: Plivo bills answered legs per started minute."""
+    minutes = -(-seconds // 60)
+    amount = RATE_PER_MINUTE * minutes
+    params = {
+        "Duration": str(seconds),
+        "BilledDuration": str(minutes * 60),
+        "Amount": f"{amount:.5f}",
+        "PlivoHangupCause": cause[0],
+        "PlivoHangupCauseCode": str(cause[1]),
+    }
+    return params, minutes * 60, amount
+
+
+def play_call(session: Session, options: CallOptions, now: datetime, auth_id: str, auth_token: str) -> list[Callback]:
+    """Play one call through `session` starting at `now`: record it and return its signed callbacks.
+
+    The caller dials the virtual number (which answers at once), Plivo dials the other party, who
+    rings for RING_SECONDS and answers (or rings out after ring_timeout), they talk, the dialled party
+    hangs up first. The caller's leg is billed for the whole call, ring time included.
+    """
+    first_calls = options.caller == "first"
+    caller, callee = (session.first_party, session.second_party)[:: 1 if first_calls else -1]
+    a, b = ("First", "Second") if first_calls else ("Second", "First")  # caller's and callee's names
+    if not caller or not callee:
+        missing = "first_party" if not session.first_party else "second_party"
+        raise ApiError(409, f"the session has no {missing} yet (single-party session)")
+    legacy = options.vocabulary == "legacy"
+    vn = "+" + session.virtual_number
+    if legacy:
+        parties = {"From": "+" + caller, "To": "+" + callee}
+        recording_parties = parties
+    else:
+        recording_parties = {"FirstParty": "+" + session.first_party, "SecondParty": "+" + session.second_party}
+        parties = {**recording_parties, "From": "+" + caller, "To": "+" + callee}
+    base = {"SessionUUID": session.session_uuid, "VirtualNumber": vn}
+    events: list[tuple[str, dict[str, str]]] = []  # (which URL: "callback" or "recording", params)
+    recording: dict[str, str] = {}  # attributes of every recording callback; empty when not recording
+
+    def event(name: str, at: datetime, **extra: str) -> None:
+        events.append(("callback", {"EventName": name, "EventTimestamp": event_time(at), **base, **parties, **extra}))
+
+    def recording_event(name: str, at: datetime, **extra: str) -> None:
+        events.append(("recording", {"EventName": name, "EventTimestamp": event_time(at), **recording, **extra}))
+
+    start = now
+    if legacy:
+        # Legacy names the caller's leg "Answer" when the virtual number picks up.
+        event(f"Session{a}PartyAnswer", start, PinAuthenticationStatus="AuthorizedCaller")
+        ring_at = start + timedelta(seconds=1)
+    else:
+        event("SessionVirtualNumberAnswer", start)
+        event(f"Session{b}PartyInitiated", start + timedelta(seconds=1))
+        ring_at = start + timedelta(seconds=2)
+    # Plivo's latest vocabulary is inconsistent: "SessionFirstPartyRinging" but "SessionSecondPartyRing".
+    event(f"Session{b}PartyRing" + ("ing" if not legacy and b == "First" else ""), ring_at)
+
+    if options.answered:
+        answer_at = ring_at + timedelta(seconds=RING_SECONDS)
+        end = answer_at + timedelta(seconds=options.duration)
+        event(f"Session{b}PartyAnswer", answer_at)
+        callee_params, callee_billed, callee_amount = _leg(options.duration, NORMAL_CLEARING)
+    else:
+        end = ring_at + timedelta(seconds=session.config["ring_timeout"])
+        callee_params, callee_billed, callee_amount = _leg(0, NO_ANSWER)
+    caller_params, caller_billed, caller_amount = _leg(int((end - start).total_seconds()), NORMAL_CLEARING)
+
+    recording_url = None
+    if session.config["record"] and options.answered:  # recording starts once both parties answered
+        recording_uuid = str(uuid4())
+        fmt = session.config["record_file_format"]
+        recording_url = f"{API_ACCOUNT_URL}/{auth_id}/Recording/{recording_uuid}/"
+        recording = {
+            **base,
+            **recording_parties,
+            "RecordingUUID": recording_uuid,
+            "RecordingResourceURL": recording_url,
+            "RecordingStartTime": event_time(answer_at),
+            "RecordingFormat": "." + fmt,
+        }
+        if legacy:  # the latest docs no longer list the media URL
+            recording["RecordingURL"] = f"{MEDIA_ACCOUNT_URL}/{auth_id}/Recording/{recording_uuid}.{fmt}"
+        recording_event("SessionRecordingInitiated", answer_at)
+
+    hangup = "Hangup" if legacy else "Complete"
+    event(f"Session{b}Party{hangup if legacy or options.answered else 'Failed'}", end, **callee_params)
+    event(f"Session{a}Party{hangup}", end, **caller_params)
+    if recording:
+        recording_event(
+            "SessionRecordingCompleted", end, RecordingDuration=str(options.duration), RecordingEndTime=event_time(end)
+        )
+
+    caller_leg_url = f"{API_ACCOUNT_URL}/{auth_id}/Call/{uuid4()}/"
+    callee_leg_url = f"{API_ACCOUNT_URL}/{auth_id}/Call/{uuid4()}/"
+    callee_status = "completed" if options.answered else "no-answer"
+    amount = caller_amount + callee_amount
+    billed = caller_billed + callee_billed
+    # The *_party_* fields follow the parties, not the call direction.
+    first_url, second_url = (caller_leg_url, callee_leg_url)[:: 1 if first_calls else -1]
+    first_status, second_status = ("completed", callee_status)[:: 1 if first_calls else -1]
+    session.interaction.append(
+        {
+            "start_time": go_time(start),
+            "end_time": go_time(end),
+            "first_party_resource_url": first_url,
+            "second_party_resource_url": second_url,
+            "first_party_status": first_status,
+            "second_party_status": second_status,
+            "type": "call",
+            "total_call_amount": float(amount),
+            "call_billed_duration": billed,
+            "total_call_count": 2,
+            "duration": int((end - start).total_seconds()),
+            "recording_resource_url": recording_url,
+        }
+    )
+    session.total_call_count += 2
+    session.total_call_billed_duration += billed
+    session.total_call_amount += amount
+    session.last_interaction_time = end
+    return sign_events(session, events, options.delivery, auth_token)
+
+
+def session_event(session: Session, name: str, now: datetime, delivery: Delivery, auth_token: str) -> list[Callback]:
+    """The signed callback of a call-less session event (SessionTimeout, SessionVirtualNumberReplaced)."""
+    params = {
+        "EventName": name,
+        "EventTimestamp": event_time(now),
+        "SessionUUID": session.session_uuid,
+        "VirtualNumber": "+" + session.virtual_number,
+    }
+    return sign_events(session, [("callback", params)], delivery, auth_token)
+
+
+def sign_events(
+    session: Session, events: list[tuple[str, dict[str, str]]], delivery: Delivery, auth_token: str
+) -> list[Callback]:
+    """Number and sign events for the session's callback or recording URL; events without a URL are dropped."""
+    callbacks = []
+    for target, params in events:
+        url = session.config[f"{target}_url" if target == "callback" else "recording_callback_url"]
+        method = session.config[f"{target}_method" if target == "callback" else "recording_callback_method"]
+        if url:
+            params["SequenceNumber"] = session.next_sequence()
+            callbacks.append(sign(url, method, params, delivery.encoding, auth_token))
+    return callbacks
+
+
+def sign(url: str, method: str, params: dict[str, str], encoding: str, auth_token: str) -> Callback:
+    """One signed request, as Plivo would send it, with `status` None (not delivered yet)."""
+    nonce = "".join(secrets.choice(string.digits) for _ in range(20))
+    signature = compute_signature(method, url, params, nonce, auth_token)
+    headers = {SIGNATURE_HEADER: signature, MA_SIGNATURE_HEADER: signature, NONCE_HEADER: nonce}
+    parts = urlsplit(url)  # a fragment (Plivo's "#ct=..." tuning) is never sent over HTTP
+    content_type = None
+    if method == "GET":
+        query = "&".join(q for q in (parts.query, urlencode(params)) if q)
+        target, body = urlunsplit((parts.scheme, parts.netloc, parts.path, query, "")), ""
+    else:
+        target = urlunsplit((parts.scheme, parts.netloc, parts.path, parts.query, ""))
+        if encoding == "json":
+            body, content_type = json.dumps(params), "application/json"
+        else:
+            body, content_type = urlencode(params), "application/x-www-form-urlencoded"
+        headers["Content-Type"] = content_type
+    return {
+        "url": target,
+        "method": method,
+        "headers": headers,
+        "body": body,
+        "content_type": content_type,
+        "params": params,
+        "status": None,
+    }
+
+
+def deliver(callbacks: list[Callback]) -> None:
+    """Send the callbacks one by one, in order; set each one's `status` (None when unreachable)."""
+    for callback in callbacks:
+        where = urlsplit(callback["url"])._replace(query="").geturl()
+        try:
+            response = requests.request(
+                callback["method"],
+                callback["url"],
+                data=callback["body"].encode() or None,
+                headers=callback["headers"],
+                timeout=DELIVERY_TIMEOUT,
+                allow_redirects=False,  # a redirect would change the signed URL; let the test see it
+            )
+        except requests.RequestException as exc:
+            log.warning("sandbox: %s to %s failed: %s", callback["params"]["EventName"], where, type(exc).__name__)
+            continue
+        callback["status"] = response.status_code
+        log.info("sandbox: %s to %s -> %s", callback["params"]["EventName"], where, response.status_code)

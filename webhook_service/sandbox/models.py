@@ -1,0 +1,125 @@
+"""The sandbox's session record and the timestamp formats Plivo uses (reference §6.2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+DEFAULT_SESSION_EXPIRY = 3600
+# Reference §3: the docs say call_time_limit defaults to 3600 but every response shows 14400 [CONFLICT];
+# ring_timeout defaults to 120 per the docs table and the SDK fixtures (docs examples show 45).
+DEFAULTS: dict[str, Any] = {
+    "initiate_call_to_first_party": False,
+    "callback_url": "",
+    "callback_method": "POST",
+    "call_time_limit": 14400,
+    "ring_timeout": 120,
+    "first_party_play_url": "",
+    "second_party_play_url": "",
+    "record": False,
+    "record_file_format": "mp3",
+    "recording_callback_url": "",
+    "recording_callback_method": "POST",
+    "unknown_caller_play": "",
+    # With PIN authentication off the PIN fields read null (Java SDK fixtures).
+    "is_pin_authentication_required": False,
+    "generate_pin": None,
+    "generate_pin_length": None,
+    "first_party_pin": None,
+    "second_party_pin": None,
+    "pin_prompt_play": None,
+    "pin_retry": None,
+    "pin_retry_wait": None,
+    "incorrect_pin_play": None,
+    "force_pin_authentication": False,
+    "create_session_with_single_party": None,  # null unless given (newer fixtures)
+    "virtual_number_cooloff_period": 0,
+}
+PIN_DEFAULTS: dict[str, Any] = {"generate_pin": False, "pin_retry": 1, "pin_retry_wait": 5, "incorrect_pin_play": ""}
+SESSION_AMOUNT = 0  # the session-creation charge: every fixture shows 0
+
+
+def go_time(moment: datetime) -> str:
+    """Format like Go's `time.String()`, as Plivo does: `2023-07-12 15:52:14.77269 +0000 UTC`.
+
+    Go trims trailing zeros of the fraction and drops it when zero (fixtures show both shapes).
+    """
+    text = moment.strftime("%Y-%m-%d %H:%M:%S")
+    if moment.microsecond:
+        text += f".{moment.microsecond:06d}".rstrip("0")
+    return text + " +0000 UTC"
+
+
+def event_time(moment: datetime) -> str:
+    """Format a callback timestamp: `YYYY-MM-DD HH:MM:SS` (UTC)."""
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclass
+class Session:
+    """One masking session as the sandbox stores it; `to_json` renders Plivo's session object."""
+
+    session_uuid: str
+    first_party: str  # digits without '+'; "" while missing in single-party mode
+    second_party: str
+    virtual_number: str
+    created_time: datetime
+    modified_time: datetime
+    expiry_time: datetime  # an expired (DELETEd) session has expiry_time = the moment it was expired
+    config: dict[str, Any]  # every other field of the session object, ready to render
+    interaction: list[dict[str, Any]] = field(default_factory=list)
+    total_call_count: int = 0  # call legs, not calls (a bridged call counts 2)
+    total_call_billed_duration: int = 0
+    total_call_amount: Decimal = Decimal(0)
+    last_interaction_time: datetime | None = None
+    sequence: int = 0  # last SequenceNumber sent; one counter per session across all callbacks
+
+    def status(self, now: datetime) -> str:
+        """ "active" until expiry_time, then "expired" (the sandbox never reports "in-progress")."""
+        return "expired" if now >= self.expiry_time else "active"
+
+    def parties(self) -> set[str]:
+        """The parties' numbers that are set (one of them may be missing in single-party mode)."""
+        return {p for p in (self.first_party, self.second_party) if p}
+
+    def blocks_number_until(self) -> datetime:
+        """Until when this session keeps its parties off its virtual number (expiry + cool-off)."""
+        return self.expiry_time + timedelta(seconds=self.config["virtual_number_cooloff_period"])
+
+    @property
+    def duration(self) -> int:
+        """Seconds from creation to expiry (reference §4: `duration` = expiry_time − created_time)."""
+        return int((self.expiry_time - self.created_time).total_seconds())
+
+    def next_sequence(self) -> str:
+        """The next SequenceNumber, as the string Plivo sends."""
+        self.sequence += 1
+        return str(self.sequence)
+
+    def to_json(self, now: datetime) -> dict[str, Any]:
+        """Plivo's session object (amounts as JSON numbers, numbers as digits without '+')."""
+        return {
+            "first_party": self.first_party,
+            "second_party": self.second_party,
+            "virtual_number": self.virtual_number,
+            "status": self.status(now),
+            "session_uuid": self.session_uuid,
+            "created_time": go_time(self.created_time),
+            "modified_time": go_time(self.modified_time),
+            "expiry_time": go_time(self.expiry_time),
+            "duration": self.duration,
+            "amount": SESSION_AMOUNT,
+            **self.config,
+            "interaction": [dict(i) for i in self.interaction] or None,
+            "total_call_amount": _number(self.total_call_amount),
+            "total_call_count": self.total_call_count,
+            "total_call_billed_duration": self.total_call_billed_duration,
+            "total_session_amount": _number(self.total_call_amount + SESSION_AMOUNT),
+            "last_interaction_time": go_time(self.last_interaction_time) if self.last_interaction_time else "",
+        }
+
+
+def _number(amount: Decimal) -> int | float:
+    return int(amount) if amount == amount.to_integral_value() else float(amount)

@@ -1,0 +1,80 @@
+"""Serve the sandbox over real HTTP from a background thread (for tests and `make run`)."""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+from urllib.parse import urlsplit
+
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+from webhook_service.sandbox.app import create_sandbox_app
+from webhook_service.sandbox.state import SandboxState
+from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN
+
+
+class QuietRequestHandler(WSGIRequestHandler):
+    """Werkzeug's handler, but the access log omits query strings (list filters hold phone numbers)."""
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        self.log("info", '"%s %s" %s', self.command, urlsplit(self.path).path, code)
+
+
+class SandboxServer:
+    """The sandbox on 127.0.0.1 (port 0 picks a free port), served by a daemon thread.
+
+    Use as a context manager, or call `start()` and `stop()`. `url` is its base URL and `state` its
+    `SandboxState`, for inspecting sessions or setting faults in-process.
+    """
+
+    def __init__(
+        self,
+        auth_id: str = SANDBOX_AUTH_ID,
+        auth_token: str = SANDBOX_AUTH_TOKEN,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        pool: list[str] | None = None,
+    ) -> None:
+        self.app = create_sandbox_app(auth_id, auth_token, pool=pool)
+        self.state: SandboxState = self.app.extensions["sandbox"]
+        self._host, self._port = host, port
+        self._server: BaseWSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. `http://127.0.0.1:54321` (only once started)."""
+        if self._server is None:
+            raise RuntimeError("the sandbox server is not running")
+        return f"http://{self._host}:{self._server.server_port}"
+
+    def start(self) -> SandboxServer:
+        """Bind and serve in a background thread; return self."""
+        if self._server is None:
+            self._server = make_server(
+                self._host, self._port, self.app, threaded=True, request_handler=QuietRequestHandler
+            )
+            # A short poll interval makes stop() quick (the default waits up to 0.5 s).
+            self._thread = threading.Thread(
+                target=self._server.serve_forever, args=(0.05,), name="plivo-sandbox", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and release the port."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            if self._thread is not None:
+                self._thread.join()
+            self._server = self._thread = None
+
+    def __enter__(self) -> SandboxServer:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()

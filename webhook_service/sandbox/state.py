@@ -1,0 +1,342 @@
+"""The sandbox's state: sessions, the number pool, fault rules, the request log and a clock.
+
+One `threading.Lock` guards it all. Every public method takes the lock itself, so Flask views (on
+many threads) and in-process test code can call them directly. Callbacks are built under the lock but
+delivered after it is released, so a receiver may call back into the sandbox while handling one.
+"""
+
+from __future__ import annotations
+
+import operator
+import secrets
+import string
+import threading
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import uuid4
+
+from webhook_service.sandbox import calls
+from webhook_service.sandbox.models import DEFAULT_SESSION_EXPIRY, DEFAULTS, PIN_DEFAULTS, Session
+from webhook_service.sandbox.validation import (
+    PHONE_RE,
+    ApiError,
+    invalid,
+    list_filters,
+    validate_create,
+    validate_update,
+)
+
+DEFAULT_POOL = ("16505550100", "16505550101", "16505550102", "16505550103", "16505550104")
+POOL_EXHAUSTED = "Number pool exhausted or not available"
+ALREADY_EXPIRED = "Session already expired"
+FAULT_DEFAULTS: dict[str, Any] = {
+    "method": None,  # e.g. "POST"; None matches any
+    "path_contains": None,  # substring of the request path (without the query); None matches any
+    "status": None,  # answer with this status instead; None: only delay
+    "body": None,  # JSON body of that answer (a JSON string is sent as text/plain); default: a Plivo-style error
+    "delay": 0,  # seconds to sleep before answering
+    "retry_after": None,  # Retry-After header value
+    "times": None,  # how many requests it applies to; None: unlimited
+    "after_effect": False,  # perform the operation first, then delay/answer (outcome-unknown timeouts)
+}
+FAULT_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "method": lambda v: v is None or isinstance(v, str),
+    "path_contains": lambda v: v is None or isinstance(v, str),
+    "status": lambda v: v is None or (_is_int(v) and 100 <= v <= 599),
+    "body": lambda v: True,
+    "delay": lambda v: (_is_int(v) or isinstance(v, float)) and 0 <= v <= 300,
+    "retry_after": lambda v: v is None or isinstance(v, str) or _is_int(v),
+    "times": lambda v: v is None or (_is_int(v) and v >= 1),
+    "after_effect": lambda v: isinstance(v, bool),
+}
+OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
+    "": operator.eq,
+    "__gt": operator.gt,
+    "__gte": operator.ge,
+    "__lt": operator.lt,
+    "__lte": operator.le,
+}
+
+
+class SandboxState:
+    """Everything the sandbox remembers, behind one lock."""
+
+    def __init__(self, auth_id: str, auth_token: str, pool: list[str] | None = None) -> None:
+        self.auth_id = auth_id
+        self.auth_token = auth_token
+        self.pool: list[str] = []
+        for number in pool or DEFAULT_POOL:
+            match = PHONE_RE.fullmatch(number)
+            if not match:
+                raise ValueError(f"pool number {number!r} is not 8 to 15 digits")
+            self.pool.append(match.group(1))
+        self.lock = threading.Lock()
+        self._sessions: dict[str, Session] = {}
+        self._faults: list[dict[str, Any]] = []
+        self._requests: list[dict[str, Any]] = []
+        self._clock_offset = timedelta(0)
+
+    def now(self) -> datetime:
+        """The sandbox's current time (UTC): the wall clock plus any `advance_clock` offset."""
+        return datetime.now(UTC) + self._clock_offset
+
+    # Masking Session API ------------------------------------------------------------------------
+
+    def create(self, body: Any) -> dict[str, Any]:
+        """Create a session from a create request body; return the session object."""
+        values = validate_create(body)
+        with self.lock:
+            now = self.now()
+            first, second = values.pop("first_party", ""), values.pop("second_party", "")
+            expiry = now + timedelta(seconds=values.pop("session_expiry", DEFAULT_SESSION_EXPIRY))
+            values.pop("geomatch", None)  # accepted; the pool is not split by country
+            config = dict(DEFAULTS)
+            if values.get("is_pin_authentication_required"):
+                config.update(PIN_DEFAULTS)
+            if values.get("generate_pin"):
+                length = values.setdefault("generate_pin_length", 4)
+                values["first_party_pin"], values["second_party_pin"] = _two_pins(length)
+            config.update(values)
+            number = self._allocate({first, second} - {""}, now)
+            session = Session(str(uuid4()), first, second, number, now, now, expiry, config)
+            self._sessions[session.session_uuid] = session
+            return session.to_json(now)
+
+    def get(self, session_uuid: str) -> dict[str, Any]:
+        """The session object; ApiError(404) if unknown."""
+        with self.lock:
+            return self._session(session_uuid).to_json(self.now())
+
+    def update(self, session_uuid: str, body: Any) -> dict[str, Any]:
+        """Apply an update request body (§4); `session_expiry` counts from now."""
+        with self.lock:
+            session = self._session(session_uuid)
+            now = self.now()
+            if session.status(now) == "expired":
+                raise ApiError(400, ALREADY_EXPIRED)
+            single = bool(session.config["create_session_with_single_party"])
+            values = validate_update(body, session_uuid, single)
+            first = values.pop("first_party", session.first_party)
+            second = values.pop("second_party", session.second_party)
+            if first == second:
+                raise invalid("first_party and second_party must be different")
+            parties = {first, second} - {""}
+            if parties != session.parties() and self._conflict(session.virtual_number, parties, now, session):
+                raise invalid("a party is already in another active session on this virtual number")
+            if "session_expiry" in values:
+                session.expiry_time = now + timedelta(seconds=values.pop("session_expiry"))
+            session.first_party, session.second_party = first, second
+            session.config.update(values)
+            session.modified_time = now
+            return session.to_json(now)
+
+    def expire(self, session_uuid: str) -> None:
+        """Expire a session now (Plivo's DELETE marks it expired; nothing is deleted)."""
+        with self.lock:
+            session = self._session(session_uuid)
+            now = self.now()
+            if session.status(now) == "expired":
+                raise ApiError(400, ALREADY_EXPIRED)
+            session.expiry_time = session.modified_time = now
+
+    def list(self, args: Mapping[str, str]) -> tuple[int, list[dict[str, Any]], int, int]:
+        """Sessions matching list query `args`, newest first: (total_count, page, limit, offset)."""
+        with self.lock:
+            now = self.now()
+            filters, limit, offset = list_filters(args, now)
+            matches = [s for s in reversed(self._sessions.values()) if _matches(s, filters, now)]
+            matches.sort(key=lambda s: s.created_time, reverse=True)  # stable: ties stay newest first
+            page = [
+                {**s.to_json(now), "resource_uri": f"/v1/Account/{self.auth_id}/Masking/Session/{s.session_uuid}/"}
+                for s in matches[offset : offset + limit]
+            ]
+            return len(matches), page, limit, offset
+
+    # Control API ----------------------------------------------------------------------------------
+
+    def play_call(self, session_uuid: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Play a call through a session, deliver its callbacks unless told not to; see `calls.play_call`."""
+        with self.lock:
+            session = self._live_session(session_uuid)
+            options = calls.parse_call_options(body, session)
+            now = self.now()
+            callbacks = calls.play_call(session, options, now, self.auth_id, self.auth_token)
+            snapshot = session.to_json(now)
+        return _delivered(callbacks, snapshot, options.delivery)
+
+    def timeout(self, session_uuid: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Expire a session now and send `SessionTimeout`, as Plivo does when a session runs out."""
+        with self.lock:
+            session = self._live_session(session_uuid)
+            delivery = calls.parse_delivery(body)
+            now = self.now()
+            session.expiry_time = session.modified_time = now
+            callbacks = calls.session_event(session, "SessionTimeout", now, delivery, self.auth_token)
+            snapshot = session.to_json(now)
+        return _delivered(callbacks, snapshot, delivery)
+
+    def replace_number(self, session_uuid: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Move a session to another free pool number and send `SessionVirtualNumberReplaced` (new number)."""
+        with self.lock:
+            session = self._live_session(session_uuid)
+            delivery = calls.parse_delivery(body)
+            now = self.now()
+            try:
+                number = self._allocate(session.parties(), now, session)
+            except ApiError:
+                raise ApiError(409, "no other pool number is free for this session") from None
+            session.virtual_number, session.modified_time = number, now
+            callbacks = calls.session_event(session, "SessionVirtualNumberReplaced", now, delivery, self.auth_token)
+            snapshot = session.to_json(now)
+        return _delivered(callbacks, snapshot, delivery)
+
+    def advance_clock(self, seconds: float) -> datetime:
+        """Move the sandbox's clock forward (to let sessions expire without waiting); return the new now."""
+        with self.lock:
+            self._clock_offset += timedelta(seconds=seconds)
+            return self.now()
+
+    def add_faults(self, rules: Any) -> list[dict[str, Any]]:
+        """Append fault rules (a list of objects, see FAULT_DEFAULTS); return all rules."""
+        if not isinstance(rules, list):
+            raise ApiError(400, "faults must be a JSON list of rule objects")
+        checked = [_fault_rule(rule) for rule in rules]
+        with self.lock:
+            self._faults.extend(checked)
+            return [dict(rule) for rule in self._faults]
+
+    def faults(self) -> list[dict[str, Any]]:
+        """The fault rules still in force (with the `times` left)."""
+        with self.lock:
+            return [dict(rule) for rule in self._faults]
+
+    def clear_faults(self) -> None:
+        """Remove every fault rule."""
+        with self.lock:
+            self._faults.clear()
+
+    def take_fault(self, method: str, path: str) -> dict[str, Any] | None:
+        """The first rule matching an API request (counting it against `times`), or None."""
+        with self.lock:
+            for rule in self._faults:
+                if rule["method"] in (None, method) and (rule["path_contains"] or "") in path:
+                    if rule["times"] is not None:
+                        rule["times"] -= 1
+                        if rule["times"] == 0:
+                            self._faults.remove(rule)
+                    return dict(rule)
+            return None
+
+    def log_request(self, entry: dict[str, Any]) -> None:
+        """Append an API request to the request log."""
+        with self.lock:
+            self._requests.append(entry)
+
+    def set_request_status(self, entry: dict[str, Any], status: int) -> None:
+        """Record the status a logged request was answered with."""
+        with self.lock:
+            entry["status"] = status
+
+    def request_log(self) -> list[dict[str, Any]]:
+        """A copy of the request log, oldest first."""
+        with self.lock:
+            return [dict(entry) for entry in self._requests]
+
+    def clear_requests(self) -> None:
+        """Empty the request log."""
+        with self.lock:
+            self._requests.clear()
+
+    def reset(self) -> None:
+        """Forget all sessions, fault rules and logged requests, and reset the clock."""
+        with self.lock:
+            self._sessions.clear()
+            self._faults.clear()
+            self._requests.clear()
+            self._clock_offset = timedelta(0)
+
+    # Internals (the caller holds the lock) -------------------------------------------------------
+
+    def _session(self, session_uuid: str) -> Session:
+        session = self._sessions.get(session_uuid)
+        if session is None:
+            raise ApiError(404, "session not found")
+        return session
+
+    def _live_session(self, session_uuid: str) -> Session:
+        session = self._session(session_uuid)
+        if session.status(self.now()) == "expired":
+            raise ApiError(409, ALREADY_EXPIRED)
+        return session
+
+    def _conflict(self, number: str, parties: set[str], now: datetime, exclude: Session | None = None) -> bool:
+        # Plivo routes a call to a virtual number by the caller's number, so one number may serve many
+        # sessions but never two live ones sharing a party. An ended session keeps its parties off its
+        # number for virtual_number_cooloff_period seconds more.
+        return any(
+            s is not exclude and s.virtual_number == number and now < s.blocks_number_until() and parties & s.parties()
+            for s in self._sessions.values()
+        )
+
+    def _allocate(self, parties: set[str], now: datetime, moving: Session | None = None) -> str:
+        for number in self.pool:
+            if (moving is None or number != moving.virtual_number) and not self._conflict(number, parties, now, moving):
+                return number
+        raise ApiError(400, POOL_EXHAUSTED)
+
+
+def _delivered(callbacks: list[calls.Callback], snapshot: dict[str, Any], delivery: calls.Delivery) -> dict[str, Any]:
+    if delivery.deliver:
+        calls.deliver(callbacks)
+    return {"callbacks": callbacks, "session": snapshot}
+
+
+def _two_pins(length: int) -> tuple[str, str]:
+    while True:
+        first, second = ("".join(secrets.choice(string.digits) for _ in range(length)) for _ in range(2))
+        if first != second:
+            return first, second
+
+
+def _matches(session: Session, filters: list[tuple[str, str, Any]], now: datetime) -> bool:
+    fields = {
+        "first_party": session.first_party,
+        "second_party": session.second_party,
+        "virtual_number": session.virtual_number,
+        "status": session.status(now),
+        "subaccount": session.config.get("subaccount"),
+        "created_time": session.created_time,
+        "expiry_time": session.expiry_time,
+        "duration": session.duration,
+    }
+    for name, op, value in filters:
+        actual = fields[name]
+        if isinstance(value, tuple):  # a time and its precision: an exact match compares at that precision
+            value, precision = value
+            if op == "":
+                actual = actual.replace(microsecond=0) if precision == 1 else actual
+                actual = actual.replace(second=0, microsecond=0) if precision == 0 else actual
+        if not OPERATORS[op](actual, value):
+            return False
+    return True
+
+
+def _fault_rule(rule: Any) -> dict[str, Any]:
+    if not isinstance(rule, dict):
+        raise ApiError(400, "each fault rule must be a JSON object")
+    for name, value in rule.items():
+        if name not in FAULT_CHECKS:
+            raise ApiError(400, f"unknown fault rule field {name!r}")
+        if not FAULT_CHECKS[name](value):
+            raise ApiError(400, f"invalid fault rule field {name!r}")
+    checked = {**FAULT_DEFAULTS, **rule}
+    if checked["method"]:
+        checked["method"] = checked["method"].upper()
+    if checked["retry_after"] is not None:
+        checked["retry_after"] = str(checked["retry_after"])
+    return checked
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,84 @@
+"""The internal sessions API under /v1: parse, call one service function, shape the response."""
+
+from __future__ import annotations
+
+import hmac
+
+from flask import Blueprint, current_app, g, jsonify, request
+
+from ..errors import ApiError, Unauthorized
+from . import service
+from .validation import validate_create, validate_list, validate_update
+
+bp = Blueprint("sessions", __name__, url_prefix="/v1")
+
+
+def ctx() -> service.Context:
+    return current_app.extensions["webhook_service"]
+
+
+@bp.before_request
+def require_bearer_token() -> None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("Send Authorization: Bearer <token>", headers={"WWW-Authenticate": "Bearer"})
+    given = token.strip().encode()
+    ok = False
+    for accepted in ctx().settings.api_tokens:
+        ok |= hmac.compare_digest(given, accepted.encode())  # no early exit: constant time
+    if not ok:
+        raise Unauthorized("The bearer token is not valid",
+                           headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+
+
+def _json_body():
+    if not request.is_json:
+        raise ApiError("Send a JSON body with Content-Type: application/json")
+    body = request.get_json(silent=True)
+    if body is None:
+        raise ApiError("The request body is not valid JSON")
+    return body
+
+
+@bp.post("/sessions")
+def create_session():
+    req = validate_create(_json_body())
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 1 <= len(key.strip()) <= 255:
+        raise ApiError("Idempotency-Key must be 1 to 255 characters")
+    result = service.create_session(ctx(), req, key.strip() if key else None)
+    if result.status == 201:
+        g.session_uuid = result.body.get("session_uuid")
+    response = jsonify(result.body)
+    response.status_code = result.status
+    if result.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+@bp.get("/sessions")
+def list_sessions():
+    return jsonify(service.list_sessions(ctx(), validate_list(request.args)))
+
+
+@bp.get("/sessions/<session_uuid>")
+def get_session(session_uuid: str):
+    g.session_uuid = session_uuid
+    return jsonify(service.session_details(ctx(), session_uuid))
+
+
+@bp.patch("/sessions/<session_uuid>")
+def update_session(session_uuid: str):
+    g.session_uuid = session_uuid
+    body = _json_body()
+    row = service.get_session(ctx(), session_uuid)
+    single = bool(row.create_params.get("create_session_with_single_party"))
+    params = validate_update(body, single_party=single)
+    return jsonify(service.serialize_session(service.update_session(ctx(), session_uuid, params)))
+
+
+@bp.delete("/sessions/<session_uuid>")
+def expire_session(session_uuid: str):
+    g.session_uuid = session_uuid
+    return jsonify(service.serialize_session(service.expire_session(ctx(), session_uuid)))

@@ -1,0 +1,138 @@
+"""Every setting, read once from the environment, typed, and validated at start.
+
+A missing or malformed variable stops the start with a message that names it. With no Plivo
+credentials the service runs in *sandbox mode*: it talks to the local fake Plivo
+(`webhook_service.sandbox`) with well-known development credentials.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+SANDBOX_AUTH_ID = "MASANDBOX00000000000"
+SANDBOX_AUTH_TOKEN = "sandbox-auth-token"  # noqa: S105 - a public development credential, never used in production
+SANDBOX_API_BASE_URL = "http://127.0.0.1:8001"
+DEV_PUBLIC_BASE_URL = "http://127.0.0.1:8000"
+DEV_API_TOKEN = "dev-token"  # noqa: S105 - sandbox mode only
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The service's configuration. Build it with `Settings.from_env()`."""
+
+    database_url: str | None  # DATABASE_URL: None starts the embedded development Postgres
+    plivo_auth_id: str  # PLIVO_AUTH_ID
+    plivo_auth_tokens: tuple[str, ...] = field(repr=False)  # PLIVO_AUTH_TOKEN: one, or "new,old" while rotating
+    plivo_api_base_url: str = "https://api.plivo.com"  # PLIVO_API_BASE_URL
+    public_base_url: str = DEV_PUBLIC_BASE_URL  # PUBLIC_BASE_URL: the origin Plivo calls back
+    api_tokens: tuple[str, ...] = field(default=(), repr=False)  # API_TOKENS: bearer tokens for /v1/*
+    sandbox: bool = False  # derived: no PLIVO_AUTH_ID given
+    plivo_connect_timeout: float = 3.05  # PLIVO_CONNECT_TIMEOUT (s)
+    plivo_read_timeout: float = 10.0  # PLIVO_READ_TIMEOUT (s)
+    plivo_max_retries: int = 3  # PLIVO_MAX_RETRIES: retries of reads/expires on 5xx, 429, connection errors
+    db_statement_timeout_ms: int = 5000  # DB_STATEMENT_TIMEOUT_MS: no request waits longer on Postgres
+    db_connect_timeout: int = 3  # DB_CONNECT_TIMEOUT (s): "database down" is answered quickly
+    db_pool_size: int = 5  # DB_POOL_SIZE: per worker process
+    webhook_max_body_bytes: int = 64 * 1024  # WEBHOOK_MAX_BODY_BYTES
+    log_level: str = "INFO"  # LOG_LEVEL
+
+    @property
+    def plivo_auth_token(self) -> str:
+        """The current Plivo token (the first one), used for API calls."""
+        return self.plivo_auth_tokens[0]
+
+    @property
+    def session_callback_url(self) -> str:
+        return self.public_base_url + "/webhooks/plivo/session"
+
+    @property
+    def recording_callback_url(self) -> str:
+        return self.public_base_url + "/webhooks/plivo/recording"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate every variable; raise SettingsError naming the first bad one."""
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str | None:
+            value = env.get(name, "").strip()
+            return value or None
+
+        auth_id = get("PLIVO_AUTH_ID")
+        sandbox = auth_id is None
+        token_raw = get("PLIVO_AUTH_TOKEN")
+        if sandbox:
+            auth_id = SANDBOX_AUTH_ID
+            token_raw = token_raw or SANDBOX_AUTH_TOKEN
+        elif token_raw is None:
+            raise SettingsError("PLIVO_AUTH_TOKEN is required when PLIVO_AUTH_ID is set")
+        tokens = _csv(token_raw)
+        if not tokens or len(tokens) > 2:
+            raise SettingsError("PLIVO_AUTH_TOKEN must hold one token, or two separated by a comma while rotating")
+
+        public = get("PUBLIC_BASE_URL")
+        api_tokens = _csv(get("API_TOKENS") or "")
+        if not sandbox:
+            if public is None:
+                raise SettingsError("PUBLIC_BASE_URL is required when PLIVO_AUTH_ID is set")
+            if not api_tokens:
+                raise SettingsError("API_TOKENS is required when PLIVO_AUTH_ID is set")
+        public = _origin("PUBLIC_BASE_URL", public or DEV_PUBLIC_BASE_URL)
+        if not api_tokens:
+            api_tokens = (DEV_API_TOKEN,)
+        if any(len(t) < 8 for t in api_tokens):
+            raise SettingsError("API_TOKENS: every token must be at least 8 characters long")
+
+        base = get("PLIVO_API_BASE_URL") or (SANDBOX_API_BASE_URL if sandbox else "https://api.plivo.com")
+        base = _origin("PLIVO_API_BASE_URL", base)
+
+        return cls(
+            database_url=get("DATABASE_URL"),
+            plivo_auth_id=auth_id,
+            plivo_auth_tokens=tokens,
+            plivo_api_base_url=base,
+            public_base_url=public,
+            api_tokens=api_tokens,
+            sandbox=sandbox,
+            plivo_connect_timeout=_number(env, "PLIVO_CONNECT_TIMEOUT", 3.05, float),
+            plivo_read_timeout=_number(env, "PLIVO_READ_TIMEOUT", 10.0, float),
+            plivo_max_retries=_number(env, "PLIVO_MAX_RETRIES", 3, int),
+            db_statement_timeout_ms=_number(env, "DB_STATEMENT_TIMEOUT_MS", 5000, int),
+            db_connect_timeout=_number(env, "DB_CONNECT_TIMEOUT", 3, int),
+            db_pool_size=_number(env, "DB_POOL_SIZE", 5, int),
+            webhook_max_body_bytes=_number(env, "WEBHOOK_MAX_BODY_BYTES", 64 * 1024, int),
+            log_level=(get("LOG_LEVEL") or "INFO").upper(),
+        )
+
+
+def _csv(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def _origin(name: str, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise SettingsError(f"{name} must be an http(s) URL such as https://masking.example.com, got {value!r}")
+    if parts.query or parts.fragment:
+        raise SettingsError(f"{name} must not carry a query string or fragment")
+    return value.rstrip("/")
+
+
+def _number(env: Mapping[str, str], name: str, default, kind):
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a {kind.__name__}, got {raw!r}") from None
+    if value <= 0:
+        raise SettingsError(f"{name} must be positive, got {raw!r}")
+    return value
