@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     ForeignKey,
     Identity,
@@ -17,6 +18,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     Numeric,
+    SmallInteger,
     Text,
     func,
     text,
@@ -95,9 +97,15 @@ class MaskingSession(Base):
     # Plivo's `amount`: the charge for creating the session (calls are in `amount` below).
     session_amount: Mapped[Decimal | None]
     call_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    answered_call_count: Mapped[int] = mapped_column(Integer, server_default="0")
     billed_duration: Mapped[int] = mapped_column(Integer, server_default="0")
     amount: Mapped[Decimal] = mapped_column(Money, server_default="0")
     recording_count: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Plivo's own totals at the last reconciliation, kept beside ours so drift is visible.
+    plivo_call_count: Mapped[int | None] = mapped_column(Integer)
+    plivo_billed_duration: Mapped[int | None] = mapped_column(Integer)
+    plivo_amount: Mapped[Decimal | None]
+    reconciled_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()
 
@@ -260,3 +268,25 @@ class PinAuthentication(Base):
     status: Mapped[str] = mapped_column(Text)  # success | failed | AuthorizedCaller (as Plivo sends it)
     retry_counter: Mapped[int | None] = mapped_column(Integer)
     from_number: Mapped[str | None] = mapped_column(Text)
+
+
+class DailyCallTotals(Base):
+    """Call activity per UTC day, kept current in the same transaction as every leg change.
+
+    Reporting a month must not scan tens of millions of legs, so each transaction that changes a
+    session's legs or recordings adds the change (after minus before) to these rows. A day is
+    split into `shard`s (session id modulo 16) so concurrent callbacks for different sessions do
+    not queue on one hot row; the reporting view sums the shards.
+    """
+
+    __tablename__ = "daily_call_totals"
+
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    call_legs: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    answered_legs: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    billed_duration: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    answered_billed_duration: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    amount: Mapped[Decimal] = mapped_column(Numeric(18, 5), server_default="0")
+    recordings: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    sessions_with_calls: Mapped[int] = mapped_column(BigInteger, server_default="0")

@@ -72,6 +72,7 @@ def serialize_session(row: MaskingSession) -> dict[str, Any]:
         "session_expiry": row.session_expiry,
         "parameters": {k: v for k, v in row.create_params.items() if "callback" not in k},
         "call_count": row.call_count,
+        "answered_call_count": row.answered_call_count,
         "billed_duration": row.billed_duration,
         "amount": str(row.amount),
         "session_amount": str(row.session_amount) if row.session_amount is not None else None,

@@ -32,6 +32,7 @@ from sqlalchemy.engine import Connection, RowMapping
 
 from ..models import CallLeg, MaskingSession, PinAuthentication, Recording, VirtualNumberAssignment
 from ..plivo.client import normalise_number, parse_time, to_decimal, to_int
+from ..reporting.daily_totals import daily_totals_tracked
 
 legs = CallLeg.__table__
 sessions = MaskingSession.__table__
@@ -288,6 +289,9 @@ HANDLERS = {"session": SESSION_EVENTS, "recording": RECORDING_EVENTS}
 # Events that count as an interaction with the session (its last_interaction_at).
 INTERACTION_EVENTS = {name for name in SESSION_EVENTS
                       if name not in ("SessionTimeout", "SessionVirtualNumberReplaced")}
+# Events that cannot change call legs or recordings (so the daily totals need no update).
+NO_ACTIVITY_EVENTS = {"SessionTimeout", "SessionVirtualNumberReplaced", "SessionPinAuthenticationStatus",
+                      "SessionPartiesHangup"}
 
 
 # Applying one callback ------------------------------------------------------------------------
@@ -321,12 +325,12 @@ def refresh_counters(conn: Connection, session_id: int, event: Event | None = No
     """
     conn.execute(text("""
         UPDATE masking_sessions s
-           SET call_count = l.n, billed_duration = l.billed, amount = l.amount, recording_count = r.n,
+           SET call_count = l.n, answered_call_count = l.answered, billed_duration = l.billed, amount = l.amount, recording_count = r.n,
                last_interaction_at = GREATEST(s.last_interaction_at, CAST(:at AS timestamptz)),
                first_party = coalesce(s.first_party, :first_party),
                second_party = coalesce(s.second_party, :second_party),
                updated_at = now()
-          FROM (SELECT count(*) AS n, coalesce(sum(billed_duration), 0) AS billed,
+          FROM (SELECT count(*) AS n, count(answered_at) AS answered, coalesce(sum(billed_duration), 0) AS billed,
                        coalesce(sum(amount), 0) AS amount
                   FROM call_legs WHERE session_id = :id) l,
                (SELECT count(*) AS n FROM recordings WHERE session_id = :id AND status <> 'failed') r
@@ -346,7 +350,11 @@ def apply_callback(conn: Connection, endpoint: str, params: Mapping[str, Any], r
     event = Event(name=name, session_uuid=session_uuid.strip(), params=params,
                   at=parse_time(params.get("EventTimestamp")) or received_at)
     session = lock_session(conn, event)
-    handler(conn, session, event)
+    if name in NO_ACTIVITY_EVENTS:
+        handler(conn, session, event)
+    else:
+        with daily_totals_tracked(conn, session["id"]):
+            handler(conn, session, event)
     interaction = event.at if endpoint == "session" and name in INTERACTION_EVENTS else None
     refresh_counters(conn, session["id"], event, interaction)
     return "applied"
