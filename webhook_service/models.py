@@ -69,6 +69,7 @@ class MaskingSession(Base):
         Index("ix_masking_sessions_second_party", "second_party"),
         Index("ix_masking_sessions_virtual_number", "virtual_number"),
         Index("ix_masking_sessions_status", "status"),
+        # reporting.call_activity_daily groups and filters sessions by their UTC creation day.
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -176,11 +177,47 @@ class CallbackInbox(Base):
     applied_at: Mapped[datetime | None]
 
 
+LEG_EVENT_KINDS = ("initiated", "ringing", "answered", "ended")
+
+
+class LegEvent(Base):
+    """One fact about a party's call leg, as a callback reported it.
+
+    Append-only and idempotent (one row per session, party, kind and time). A session's
+    `call_legs` are a pure function of these rows and of Plivo's interaction records
+    (`webhooks.legs.build_legs`), so the legs come out the same whatever order facts arrived in.
+    """
+
+    __tablename__ = "leg_events"
+    __table_args__ = (
+        CheckConstraint(f"party IN {PARTIES}", name="party"),
+        CheckConstraint(f"kind IN {LEG_EVENT_KINDS}", name="kind"),
+        CheckConstraint(f"end_event IN {LEG_END_EVENTS}", name="end_event"),
+        Index("uq_leg_events_fact", "session_id", "party", "kind", "at", unique=True),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    session_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("masking_sessions.id", ondelete="CASCADE"))
+    party: Mapped[str] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime]
+    call_uuid: Mapped[str | None] = mapped_column(Text)
+    end_event: Mapped[str | None] = mapped_column(Text)
+    duration: Mapped[int | None] = mapped_column(Integer)
+    billed_duration: Mapped[int | None] = mapped_column(Integer)
+    amount: Mapped[Decimal | None]
+    hangup_cause: Mapped[str | None] = mapped_column(Text)
+    hangup_cause_code: Mapped[int | None] = mapped_column(Integer)
+    from_number: Mapped[str | None] = mapped_column(Text)
+    to_number: Mapped[str | None] = mapped_column(Text)
+    recorded_at: Mapped[datetime] = _now()
+
+
 class CallLeg(Base):
     """One call leg (the first or the second party's) of a call through a session.
 
-    Legs come from callbacks, which carry no call UUID, so a leg is identified by its party and
-    its end time; reconciliation adds Plivo's call UUID when it learns it.
+    Derived from the party's `leg_events` (callbacks carry no call UUID, so a leg is known by
+    its party and end time); reconciliation adds Plivo's call UUID when it learns it.
     """
 
     __tablename__ = "call_legs"
@@ -188,8 +225,6 @@ class CallLeg(Base):
         CheckConstraint(f"party IN {PARTIES}", name="party"),
         CheckConstraint(f"end_event IN {LEG_END_EVENTS}", name="end_event"),
         Index("ix_call_legs_session_id_party", "session_id", "party"),
-        Index("uq_call_legs_session_id_call_uuid", "session_id", "call_uuid", unique=True,
-              postgresql_where=text("call_uuid IS NOT NULL")),
         Index("ix_call_legs_ended_at", "ended_at"),
     )
 
@@ -290,3 +325,29 @@ class DailyCallTotals(Base):
     amount: Mapped[Decimal] = mapped_column(Numeric(18, 5), server_default="0")
     recordings: Mapped[int] = mapped_column(BigInteger, server_default="0")
     sessions_with_calls: Mapped[int] = mapped_column(BigInteger, server_default="0")
+
+
+class PlivoInteraction(Base):
+    """One entry of Plivo's `interaction[]` for a session, as the last reconciliation read it.
+
+    Plivo's record of each call (its legs' call UUIDs, times and billing). Legs that no callback
+    reported are derived from these; legs that callbacks did report get their call UUIDs here.
+    """
+
+    __tablename__ = "plivo_interactions"
+    __table_args__ = (Index("uq_plivo_interactions_start", "session_id", "started_at", unique=True),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    session_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("masking_sessions.id", ondelete="CASCADE"))
+    started_at: Mapped[datetime]
+    ended_at: Mapped[datetime | None]
+    first_call_uuid: Mapped[str | None] = mapped_column(Text)
+    second_call_uuid: Mapped[str | None] = mapped_column(Text)
+    first_status: Mapped[str | None] = mapped_column(Text)
+    second_status: Mapped[str | None] = mapped_column(Text)
+    call_count: Mapped[int | None] = mapped_column(Integer)
+    duration: Mapped[int | None] = mapped_column(Integer)
+    billed_duration: Mapped[int | None] = mapped_column(Integer)
+    amount: Mapped[Decimal | None]
+    recording_uuid: Mapped[str | None] = mapped_column(Text)
+    fetched_at: Mapped[datetime] = _now()

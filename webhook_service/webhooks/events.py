@@ -10,13 +10,8 @@ result does not depend on arrival order:
 * status only moves forward (an expired session stays expired), recordings only move from
   initiated to failed/completed, the virtual number only changes to a newer one.
 
-Call legs. Plivo's masking callbacks carry no call UUID (no documented attribute list has one),
-so a leg is identified by its party and its end time: the terminal event (Hangup, Complete,
-Failed) of a leg carries its billing and ends it. An earlier event of the same party (Initiated,
-Ring, Answer) belongs to the leg with the earliest end at or after it, or to the party's open leg
-if none has ended since. When a terminal event arrives late, it takes from the next leg the times
-that are not after its end. Calls of one party do not overlap, so every arrival order converges
-on the same legs. When a callback does carry `CallUUID`, it is used as the leg's identity.
+Call legs are derived from the party's leg events (`legs.py`), which is what makes them
+independent of arrival order.
 """
 
 from __future__ import annotations
@@ -30,13 +25,12 @@ from sqlalchemy import case, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import Connection, RowMapping
 
-from ..models import CallLeg, MaskingSession, PinAuthentication, Recording, VirtualNumberAssignment
+from ..models import MaskingSession, PinAuthentication, Recording, VirtualNumberAssignment
 from ..plivo.client import normalise_number, parse_time, to_decimal, to_int
 from ..reporting.daily_totals import daily_totals_tracked
+from .legs import record_leg_event
 
-legs = CallLeg.__table__
 sessions = MaskingSession.__table__
-PHASES = ("initiated_at", "ringing_at", "answered_at")
 
 
 @dataclass(frozen=True)
@@ -75,92 +69,25 @@ def _party_of_caller(session: RowMapping, event: Event) -> str | None:
     return None
 
 
-def _party_legs(conn: Connection, session_id: int, party: str) -> list[RowMapping]:
-    return list(conn.execute(
-        select(legs).where(legs.c.session_id == session_id, legs.c.party == party)
-        .order_by(legs.c.ended_at.asc().nulls_last(), legs.c.id)
-    ).mappings())
+def _leg_facts(event: Event) -> dict[str, Any]:
+    return {"from_number": event.number("From"), "to_number": event.number("To"), "call_uuid": event.get("CallUUID")}
 
 
-def _leg_numbers(event: Event) -> dict[str, Any]:
-    return {"from_number": event.number("From"), "to_number": event.number("To")}
-
-
-def _fill(columns: Mapping[str, Any]) -> dict[str, Any]:
-    """Values that only fill gaps: an existing value is kept (replays and late duplicates)."""
-    return {k: func.coalesce(legs.c[k], v) for k, v in columns.items() if v is not None}
-
-
-def record_leg_phase(conn: Connection, session: RowMapping, event: Event, party: str, phase: str) -> None:
+def record_leg_phase(conn: Connection, session: RowMapping, event: Event, party: str, kind: str) -> None:
     """The party's leg was initiated, rang or was answered at `event.at`."""
-    values = {phase: event.at} | _leg_numbers(event)
-    call_uuid = event.get("CallUUID")
-    if call_uuid:
-        _upsert_by_call_uuid(conn, session["id"], party, call_uuid, values, least=(phase,))
-        return
-    party_legs = _party_legs(conn, session["id"], party)
-    ended_after = [leg for leg in party_legs if leg["ended_at"] is not None and leg["ended_at"] >= event.at]
-    open_legs = [leg for leg in party_legs if leg["ended_at"] is None]
-    target = ended_after[0] if ended_after else (open_legs[0] if open_legs else None)
-    if target is None:
-        conn.execute(insert(legs).values(session_id=session["id"], party=party, **values))
-        return
-    conn.execute(
-        legs.update().where(legs.c.id == target["id"]).values(
-            {phase: func.least(legs.c[phase], event.at)} | _fill(_leg_numbers(event)) | {"updated_at": func.now()}
-        )
-    )
+    record_leg_event(conn, session["id"], party, kind, event.at, _leg_facts(event))
 
 
 def record_leg_end(conn: Connection, session: RowMapping, event: Event, party: str, end_event: str) -> None:
     """The party's leg ended at `event.at`; the event carries its duration, billing and cause."""
-    billing = {
+    record_leg_event(conn, session["id"], party, "ended", event.at, _leg_facts(event) | {
         "end_event": end_event,
         "duration": to_int(event.get("Duration")),
         "billed_duration": to_int(event.get("BilledDuration")),
         "amount": to_decimal(event.get("Amount")),
         "hangup_cause": event.get("PlivoHangupCause"),
         "hangup_cause_code": to_int(event.get("PlivoHangupCauseCode")),
-    } | _leg_numbers(event)
-    call_uuid = event.get("CallUUID")
-    if call_uuid:
-        _upsert_by_call_uuid(conn, session["id"], party, call_uuid, billing | {"ended_at": event.at})
-        return
-    party_legs = _party_legs(conn, session["id"], party)
-    same = [leg for leg in party_legs if leg["ended_at"] == event.at]
-    if same:  # a replay, or this leg was already reconciled from Plivo: fill what is missing
-        fill = _fill(billing) | {"updated_at": func.now()}
-        conn.execute(legs.update().where(legs.c.id == same[0]["id"]).values(fill))
-        return
-    new_leg: dict[str, Any] = {"session_id": session["id"], "party": party, "ended_at": event.at} | billing
-    later = [leg for leg in party_legs if leg["ended_at"] is not None and leg["ended_at"] > event.at]
-    open_legs = [leg for leg in party_legs if leg["ended_at"] is None]
-    donor = later[0] if later else (open_legs[0] if open_legs else None)
-    if donor is not None:
-        # Times in the next leg that are not after this end belong to this leg (they arrived
-        # before this terminal event did).
-        taken = {p: donor[p] for p in PHASES if donor[p] is not None and donor[p] <= event.at}
-        if taken:
-            new_leg |= taken
-            left = [p for p in PHASES if donor[p] is not None and p not in taken]
-            if donor["ended_at"] is None and not left:
-                conn.execute(legs.delete().where(legs.c.id == donor["id"]))
-            else:
-                conn.execute(legs.update().where(legs.c.id == donor["id"])
-                             .values({p: None for p in taken} | {"updated_at": func.now()}))
-    conn.execute(insert(legs).values(**{k: v for k, v in new_leg.items() if v is not None}))
-
-
-def _upsert_by_call_uuid(conn: Connection, session_id: int, party: str, call_uuid: str, values: dict[str, Any],
-                         least: tuple[str, ...] = ()) -> None:
-    values = {k: v for k, v in values.items() if v is not None}
-    stmt = insert(legs).values(session_id=session_id, party=party, call_uuid=call_uuid, **values)
-    update = {k: (func.least(legs.c[k], stmt.excluded[k]) if k in least
-                  else func.coalesce(stmt.excluded[k], legs.c[k])) for k in values}
-    conn.execute(stmt.on_conflict_do_update(
-        index_elements=["session_id", "call_uuid"], index_where=text("call_uuid IS NOT NULL"),
-        set_=update | {"updated_at": func.now()},
-    ))
+    })
 
 
 def _leg(party: str, phase: str) -> Handler:
@@ -174,7 +101,7 @@ def _end(party: str, end_event: str) -> Handler:
 def caller_reached_virtual_number(conn: Connection, session: RowMapping, event: Event) -> None:
     party = _party_of_caller(session, event)
     if party is not None:
-        record_leg_phase(conn, session, event, party, "answered_at")
+        record_leg_phase(conn, session, event, party, "answered")
 
 
 # Session-level events -------------------------------------------------------------------------
@@ -257,10 +184,10 @@ def record_recording(conn: Connection, session: RowMapping, event: Event, status
 
 SESSION_EVENTS: dict[str, Handler] = {
     # Legacy vocabulary (reference §8.1, D-CB-LEG)
-    "SessionFirstPartyAnswer": _leg("first", "answered_at"),  # first party's leg answered (or reached the number)
-    "SessionFirstPartyRing": _leg("first", "ringing_at"),  # first party's phone rings (second party called)
-    "SessionSecondPartyRing": _leg("second", "ringing_at"),  # second party's phone rings
-    "SessionSecondPartyAnswer": _leg("second", "answered_at"),  # second party answered
+    "SessionFirstPartyAnswer": _leg("first", "answered"),  # first party's leg answered (or reached the number)
+    "SessionFirstPartyRing": _leg("first", "ringing"),  # first party's phone rings (second party called)
+    "SessionSecondPartyRing": _leg("second", "ringing"),  # second party's phone rings
+    "SessionSecondPartyAnswer": _leg("second", "answered"),  # second party answered
     "SessionFirstPartyHangup": _end("first", "hangup"),  # first party's leg ended; carries billing
     "SessionSecondPartyHangup": _end("second", "hangup"),  # second party's leg ended; carries billing
     "SessionPinAuthenticationStatus": pin_authentication,  # a caller entered (or failed) a PIN
@@ -268,12 +195,12 @@ SESSION_EVENTS: dict[str, Handler] = {
     "SessionVirtualNumberReplaced": virtual_number_replaced,  # Plivo swapped in a working number
     "SessionPartiesHangup": nothing_to_record,  # the session's call is done (D-MD only)
     # Latest vocabulary (reference §8.1, D-CB-NEW)
-    "SessionFirstPartyInitiated": _leg("first", "initiated_at"),  # Plivo dialled the first party
-    "SessionFirstPartyRinging": _leg("first", "ringing_at"),  # first party's phone rings
+    "SessionFirstPartyInitiated": _leg("first", "initiated"),  # Plivo dialled the first party
+    "SessionFirstPartyRinging": _leg("first", "ringing"),  # first party's phone rings
     "SessionFirstPartyComplete": _end("first", "complete"),  # first party's leg ended normally
     "SessionFirstPartyFailed": _end("first", "failed"),  # first party's leg could not be connected
-    "SessionSecondPartyInitiated": _leg("second", "initiated_at"),  # Plivo dialled the second party
-    "SessionSecondPartyRinging": _leg("second", "ringing_at"),  # tolerated spelling of …Ring
+    "SessionSecondPartyInitiated": _leg("second", "initiated"),  # Plivo dialled the second party
+    "SessionSecondPartyRinging": _leg("second", "ringing"),  # tolerated spelling of …Ring
     "SessionSecondPartyComplete": _end("second", "complete"),  # second party's leg ended normally
     "SessionSecondPartyFailed": _end("second", "failed"),  # second party's leg could not be connected
     "SessionVirtualNumberAnswer": caller_reached_virtual_number,  # a party called the number (auto-answer)
@@ -325,7 +252,8 @@ def refresh_counters(conn: Connection, session_id: int, event: Event | None = No
     """
     conn.execute(text("""
         UPDATE masking_sessions s
-           SET call_count = l.n, answered_call_count = l.answered, billed_duration = l.billed, amount = l.amount, recording_count = r.n,
+           SET call_count = l.n, answered_call_count = l.answered, billed_duration = l.billed, amount = l.amount,
+               recording_count = r.n,
                last_interaction_at = GREATEST(s.last_interaction_at, CAST(:at AS timestamptz)),
                first_party = coalesce(s.first_party, :first_party),
                second_party = coalesce(s.second_party, :second_party),

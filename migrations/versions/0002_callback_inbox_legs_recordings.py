@@ -1,4 +1,4 @@
-"""callback inbox, call legs, recordings, number history, PIN checks
+"""callback inbox, leg events, call legs, recordings, number history, PIN checks
 
 Revision ID: 0002
 Revises: 0001
@@ -81,13 +81,35 @@ def upgrade() -> None:
     )
     op.create_index("ix_call_legs_ended_at", "call_legs", ["ended_at"], unique=False)
     op.create_index("ix_call_legs_session_id_party", "call_legs", ["session_id", "party"], unique=False)
-    op.create_index(
-        "uq_call_legs_session_id_call_uuid",
-        "call_legs",
-        ["session_id", "call_uuid"],
-        unique=True,
-        postgresql_where=sa.text("call_uuid IS NOT NULL"),
+    op.create_table(
+        "leg_events",
+        sa.Column("id", sa.BigInteger(), sa.Identity(always=False), nullable=False),
+        sa.Column("session_id", sa.BigInteger(), nullable=False),
+        sa.Column("party", sa.Text(), nullable=False),
+        sa.Column("kind", sa.Text(), nullable=False),
+        sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("call_uuid", sa.Text(), nullable=True),
+        sa.Column("end_event", sa.Text(), nullable=True),
+        sa.Column("duration", sa.Integer(), nullable=True),
+        sa.Column("billed_duration", sa.Integer(), nullable=True),
+        sa.Column("amount", sa.Numeric(precision=14, scale=5), nullable=True),
+        sa.Column("hangup_cause", sa.Text(), nullable=True),
+        sa.Column("hangup_cause_code", sa.Integer(), nullable=True),
+        sa.Column("from_number", sa.Text(), nullable=True),
+        sa.Column("to_number", sa.Text(), nullable=True),
+        sa.Column("recorded_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.CheckConstraint("end_event IN ('hangup', 'complete', 'failed')", name=op.f("ck_leg_events_end_event")),
+        sa.CheckConstraint("kind IN ('initiated', 'ringing', 'answered', 'ended')", name=op.f("ck_leg_events_kind")),
+        sa.CheckConstraint("party IN ('first', 'second')", name=op.f("ck_leg_events_party")),
+        sa.ForeignKeyConstraint(
+            ["session_id"],
+            ["masking_sessions.id"],
+            name=op.f("fk_leg_events_session_id_masking_sessions"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_leg_events")),
     )
+    op.create_index("uq_leg_events_fact", "leg_events", ["session_id", "party", "kind", "at"], unique=True)
     op.create_table(
         "pin_authentications",
         sa.Column("id", sa.BigInteger(), sa.Identity(always=False), nullable=False),
@@ -168,9 +190,8 @@ def downgrade() -> None:
     op.drop_table("recordings")
     op.drop_index("uq_pin_authentications_event", table_name="pin_authentications", postgresql_nulls_not_distinct=True)
     op.drop_table("pin_authentications")
-    op.drop_index(
-        "uq_call_legs_session_id_call_uuid", table_name="call_legs", postgresql_where=sa.text("call_uuid IS NOT NULL")
-    )
+    op.drop_index("uq_leg_events_fact", table_name="leg_events")
+    op.drop_table("leg_events")
     op.drop_index("ix_call_legs_session_id_party", table_name="call_legs")
     op.drop_index("ix_call_legs_ended_at", table_name="call_legs")
     op.drop_table("call_legs")

@@ -1,4 +1,4 @@
-"""reconciliation totals and daily call totals
+"""reconciliation (Plivo interactions and totals) and daily call totals
 
 Revision ID: 0003
 Revises: 0002
@@ -53,6 +53,31 @@ def upgrade() -> None:
     # Backfill from the legs and recordings already stored (a frozen copy of
     # webhook_service.reporting.daily_totals.RECOUNT as of this revision).
     op.execute(BACKFILL)
+    op.create_table(
+        "plivo_interactions",
+        sa.Column("id", sa.BigInteger(), sa.Identity(always=False), nullable=False),
+        sa.Column("session_id", sa.BigInteger(), nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("first_call_uuid", sa.Text(), nullable=True),
+        sa.Column("second_call_uuid", sa.Text(), nullable=True),
+        sa.Column("first_status", sa.Text(), nullable=True),
+        sa.Column("second_status", sa.Text(), nullable=True),
+        sa.Column("call_count", sa.Integer(), nullable=True),
+        sa.Column("duration", sa.Integer(), nullable=True),
+        sa.Column("billed_duration", sa.Integer(), nullable=True),
+        sa.Column("amount", sa.Numeric(precision=14, scale=5), nullable=True),
+        sa.Column("recording_uuid", sa.Text(), nullable=True),
+        sa.Column("fetched_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["session_id"],
+            ["masking_sessions.id"],
+            name=op.f("fk_plivo_interactions_session_id_masking_sessions"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_plivo_interactions")),
+    )
+    op.create_index("uq_plivo_interactions_start", "plivo_interactions", ["session_id", "started_at"], unique=True)
     op.add_column(
         "masking_sessions", sa.Column("answered_call_count", sa.Integer(), server_default="0", nullable=False)
     )
@@ -73,3 +98,5 @@ def downgrade() -> None:
     op.drop_column("masking_sessions", "plivo_call_count")
     op.drop_column("masking_sessions", "answered_call_count")
     op.drop_table("daily_call_totals")
+    op.drop_index("uq_plivo_interactions_start", table_name="plivo_interactions")
+    op.drop_table("plivo_interactions")

@@ -1,0 +1,405 @@
+"""Plivo's callbacks through the real route, signed by the sandbox exactly as Plivo signs them."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from decimal import Decimal
+from urllib.parse import urlencode
+
+import pytest
+import requests
+from sqlalchemy import text
+
+from webhook_service import create_app
+from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
+from webhook_service.settings import SANDBOX_AUTH_TOKEN
+
+from .helpers import API_TOKEN, FIRST, SECOND, make_settings, unavailable_database_url
+
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+
+
+# Helpers --------------------------------------------------------------------------------------
+
+
+def create_session(live, **body) -> str:
+    response = requests.post(live.url + "/v1/sessions", headers=AUTH, timeout=10,
+                             json={"first_party": FIRST, "second_party": SECOND} | body)
+    assert response.status_code == 201, response.text
+    return response.json()["session_uuid"]
+
+
+def play(sandbox, session_uuid: str, **options) -> dict:
+    response = requests.post(f"{sandbox.url}/sandbox/sessions/{session_uuid}/calls", json=options, timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def send(callback: dict) -> requests.Response:
+    return requests.request(callback["method"], callback["url"], data=callback["body"].encode() or None,
+                            headers=callback["headers"], timeout=10)
+
+
+def snapshot(engine, session_uuid: str) -> dict:
+    """Everything the callbacks determine, in a form that compares across runs."""
+    with engine.connect() as conn:
+        session = conn.execute(text(
+            "SELECT id, status, call_count, answered_call_count, billed_duration, amount, recording_count, "
+            "last_interaction_at, virtual_number, expired_at FROM masking_sessions WHERE session_uuid = :u"
+        ), {"u": session_uuid}).mappings().one()
+        legs = conn.execute(text(
+            "SELECT party, initiated_at, ringing_at, answered_at, ended_at, end_event, duration, billed_duration, "
+            "amount, hangup_cause, hangup_cause_code, from_number, to_number FROM call_legs WHERE session_id = :id "
+            "ORDER BY party, ended_at NULLS LAST"), {"id": session["id"]}).all()
+        recordings = conn.execute(text(
+            "SELECT recording_uuid, status, recording_url, resource_url, duration FROM recordings "
+            "WHERE session_id = :id ORDER BY recording_uuid"), {"id": session["id"]}).all()
+        daily = conn.execute(text(
+            "SELECT day, sum(call_legs), sum(answered_legs), sum(billed_duration), sum(amount), sum(recordings), "
+            "sum(sessions_with_calls) FROM daily_call_totals GROUP BY day HAVING sum(call_legs) <> 0 "
+            "OR sum(recordings) <> 0 ORDER BY day")).all()
+    return {"session": {k: v for k, v in session.items() if k != "id"}, "legs": legs,
+            "recordings": recordings, "daily": daily}
+
+
+def forget_callbacks(engine, session_uuid: str) -> None:
+    """Put the session back as it was before any callback (to deliver them again differently)."""
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM callback_inbox"))
+        conn.execute(text("DELETE FROM leg_events"))
+        conn.execute(text("DELETE FROM call_legs"))
+        conn.execute(text("DELETE FROM recordings"))
+        conn.execute(text("DELETE FROM daily_call_totals"))
+        conn.execute(text(
+            "UPDATE masking_sessions SET status = 'active', expired_at = NULL, call_count = 0, "
+            "answered_call_count = 0, billed_duration = 0, amount = 0, recording_count = 0, "
+            "last_interaction_at = NULL WHERE session_uuid = :u"), {"u": session_uuid})
+
+
+def inbox_rows(engine) -> list:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT event_name, status, error FROM callback_inbox ORDER BY id")).all()
+
+
+def several_calls(sandbox, session_uuid: str, vocabulary: str = "legacy") -> list[dict]:
+    """Four calls' signed callbacks, not delivered: answered and not, either party calling."""
+    callbacks = []
+    for caller, answered, duration in [("first", True, 30), ("second", True, 95), ("first", False, 0),
+                                       ("second", True, 5)]:
+        callbacks += play(sandbox, session_uuid, vocabulary=vocabulary, caller=caller, answered=answered,
+                          duration=max(duration, 1), deliver=False)["callbacks"]
+        requests.post(f"{sandbox.url}/sandbox/clock", json={"advance": 600}, timeout=5)
+    return callbacks
+
+
+# A full call, in each vocabulary --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocabulary", ["legacy", "latest"])
+@pytest.mark.parametrize("encoding", ["form", "json"])
+def test_a_full_call_gives_the_right_legs_counters_and_recording(live, sandbox, engine, vocabulary, encoding):
+    uuid = create_session(live, record=True)
+    result = play(sandbox, uuid, vocabulary=vocabulary, encoding=encoding, duration=75)
+    assert [c["status"] for c in result["callbacks"]] == [200] * len(result["callbacks"])
+    plivo = result["session"]  # the sandbox keeps Plivo's own totals for the session
+
+    body = requests.get(f"{live.url}/v1/sessions/{uuid}", headers=AUTH, timeout=10).json()
+    assert body["call_count"] == plivo["total_call_count"] == 2
+    assert body["answered_call_count"] == 2
+    assert body["billed_duration"] == plivo["total_call_billed_duration"] == 240  # two legs, 2 started minutes each
+    assert Decimal(body["amount"]) == Decimal(str(plivo["total_call_amount"]))
+    assert body["recording_count"] == 1
+    assert body["last_interaction_at"] is not None
+    legs = {leg["party"]: leg for leg in body["call_legs"]}
+    assert set(legs) == {"first", "second"}
+    assert legs["second"]["answered_at"] and legs["second"]["ended_at"] and legs["second"]["duration"] == 75
+    assert legs["second"]["hangup_cause"] == "NORMAL_CLEARING"
+    assert legs["first"]["from_number"] == FIRST and legs["first"]["to_number"] == SECOND
+    [recording] = body["recordings"]
+    sent = [c["params"] for c in result["callbacks"] if c["params"]["EventName"] == "SessionRecordingCompleted"][0]
+    assert recording["status"] == "completed" and recording["recording_uuid"] == sent["RecordingUUID"]
+    assert recording["resource_url"] == sent["RecordingResourceURL"]
+    assert recording["recording_url"] == sent.get("RecordingURL")  # the latest vocabulary sends none
+    assert {r.status for r in inbox_rows(engine)} == {"applied"}
+
+
+def test_an_unanswered_call_counts_legs_but_bills_only_the_caller(live, sandbox):
+    uuid = create_session(live, record=True)
+    plivo = play(sandbox, uuid, vocabulary="latest", answered=False)["session"]
+    body = requests.get(f"{live.url}/v1/sessions/{uuid}", headers=AUTH, timeout=10).json()
+    legs = {leg["party"]: leg for leg in body["call_legs"]}
+    assert body["call_count"] == plivo["total_call_count"] == 2
+    assert legs["second"]["end_event"] == "failed" and legs["second"]["answered_at"] is None
+    assert legs["second"]["billed_duration"] == 0
+    assert body["billed_duration"] == plivo["total_call_billed_duration"]
+    assert body["recording_count"] == 0 and body["answered_call_count"] == 1
+
+
+# Exactly once, in any order, under concurrency ------------------------------------------------
+
+
+def test_every_callback_sent_three_times_counts_once(live, sandbox, engine):
+    uuid = create_session(live, record=True)
+    callbacks = several_calls(sandbox, uuid)
+    for callback in callbacks:
+        assert send(callback).status_code == 200
+    once = snapshot(engine, uuid)
+    assert once["session"]["call_count"] == 8
+    for _ in range(2):
+        for callback in callbacks:
+            response = send(callback)
+            assert response.status_code == 200 and response.json() == {"status": "duplicate"}
+    assert snapshot(engine, uuid) == once
+    assert len(inbox_rows(engine)) == len(callbacks)
+
+
+def test_a_redelivery_with_a_new_nonce_is_still_a_duplicate(live, sandbox, engine):
+    uuid = create_session(live)
+    [first, *_] = play(sandbox, uuid, deliver=False)["callbacks"]
+    assert send(first).json() == {"status": "applied"}
+    nonce = "98765432109876543210"
+    again = dict(first, headers=dict(first["headers"]) | {
+        NONCE_HEADER: nonce,
+        SIGNATURE_HEADER: compute_signature("POST", first["url"], first["params"], nonce, SANDBOX_AUTH_TOKEN),
+    })
+    assert send(again).json() == {"status": "duplicate"}
+
+
+@pytest.mark.parametrize("vocabulary", ["legacy", "latest"])
+def test_shuffled_orders_give_the_same_result_as_the_natural_order(live, sandbox, engine, vocabulary):
+    uuid = create_session(live, record=True)
+    callbacks = several_calls(sandbox, uuid, vocabulary)
+    for callback in callbacks:
+        send(callback)
+    natural = snapshot(engine, uuid)
+    assert natural["session"]["call_count"] == 8 and len(natural["legs"]) == 8
+    orders = [list(reversed(callbacks))] + [random.Random(seed).sample(callbacks, len(callbacks)) for seed in range(4)]
+    for order in orders:
+        forget_callbacks(engine, uuid)
+        for callback in order:
+            assert send(callback).status_code == 200
+        assert snapshot(engine, uuid) == natural
+
+
+def test_eight_threads_delivering_the_same_callbacks_give_exact_totals(live, sandbox, engine):
+    uuid = create_session(live, record=True)
+    callbacks = several_calls(sandbox, uuid)
+    for callback in callbacks:
+        send(callback)
+    natural = snapshot(engine, uuid)
+    forget_callbacks(engine, uuid)
+
+    barrier = threading.Barrier(8)
+    statuses: list[int] = []
+
+    def worker(seed: int) -> None:
+        order = random.Random(seed).sample(callbacks, len(callbacks))
+        barrier.wait()
+        with requests.Session() as http:
+            for callback in order:
+                response = http.request(callback["method"], callback["url"], data=callback["body"].encode(),
+                                        headers=callback["headers"], timeout=30)
+                statuses.append(response.status_code)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert statuses == [200] * (8 * len(callbacks))
+    assert snapshot(engine, uuid) == natural
+    assert [r.status for r in inbox_rows(engine)] == ["applied"] * len(callbacks)
+
+
+# Verification and bad input: nothing stored ---------------------------------------------------
+
+
+def _one_callback(sandbox, live) -> dict:
+    return play(sandbox, create_session(live), deliver=False)["callbacks"][0]
+
+
+@pytest.mark.parametrize("tamper", [
+    "bad_signature", "missing_signature", "missing_nonce", "wrong_token", "changed_param", "other_path",
+])
+def test_unverifiable_callbacks_get_403_and_nothing_is_stored(live, sandbox, engine, tamper):
+    callback = _one_callback(sandbox, live)
+    headers = dict(callback["headers"])
+    body, url = callback["body"], callback["url"]
+    if tamper == "bad_signature":
+        headers[SIGNATURE_HEADER] = "bm90IGEgc2lnbmF0dXJl"
+    elif tamper == "missing_signature":
+        del headers[SIGNATURE_HEADER]
+    elif tamper == "missing_nonce":
+        del headers[NONCE_HEADER]
+    elif tamper == "wrong_token":
+        headers[SIGNATURE_HEADER] = compute_signature("POST", url, callback["params"], headers[NONCE_HEADER],
+                                                      "someone-elses-token")
+    elif tamper == "changed_param":
+        body = urlencode(callback["params"] | {"BilledDuration": "9999"})
+    else:
+        url = url.replace("/webhooks/plivo/session", "/webhooks/plivo/recording")
+    response = requests.post(url, data=body, headers=headers, timeout=10)
+    assert response.status_code == 403
+    assert response.json()["error"] in ("signature_missing", "signature_invalid")
+    assert inbox_rows(engine) == []
+    metrics = requests.get(live.url + "/metrics", timeout=5).text
+    assert "plivo_signature_failures_total" in metrics
+
+
+def _signed(live, params: dict, *, path="/webhooks/plivo/session", method="POST", token=SANDBOX_AUTH_TOKEN,
+            body: bytes | None = None, content_type="application/x-www-form-urlencoded") -> requests.Response:
+    url = live.url + path
+    nonce = "12345678901234567890"
+    headers = {NONCE_HEADER: nonce, SIGNATURE_HEADER: compute_signature(method, url, params, nonce, token)}
+    if method == "GET":
+        return requests.get(url, params=params, headers=headers, timeout=10)
+    headers["Content-Type"] = content_type
+    return requests.post(url, data=body if body is not None else urlencode(params), headers=headers, timeout=10)
+
+
+def test_garbage_json_body_is_400_and_nothing_is_stored(live, engine):
+    for body in (b"{not json", b"[1, 2, 3]", b"\xff\xfe", b"[" * 5000 + b"]" * 5000):
+        response = _signed(live, {}, body=body, content_type="application/json")
+        assert response.status_code == 400, body[:20]
+        assert response.json()["error"] == "invalid_body"
+    assert inbox_rows(engine) == []
+
+
+def test_oversized_body_is_413_and_nothing_is_stored(live, engine):
+    response = _signed(live, {"EventName": "SessionTimeout", "Padding": "x" * 70_000})
+    assert response.status_code == 413
+    assert response.json()["error"] == "too_large"
+    assert inbox_rows(engine) == []
+
+
+def test_unknown_event_is_stored_and_marked_ignored(live, engine):
+    params = {"EventName": "SessionSomethingNew", "SessionUUID": "5a1c0e6e-0000-4000-8000-000000000001",
+              "EventTimestamp": "2026-11-20 10:00:00"}
+    response = _signed(live, params)
+    assert response.status_code == 200 and response.json() == {"status": "ignored"}
+    assert inbox_rows(engine) == [("SessionSomethingNew", "ignored", None)]
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM masking_sessions")).scalar() == 0
+
+
+def test_callback_for_an_unknown_session_creates_it_as_discovered(live, engine):
+    params = {"EventName": "SessionFirstPartyHangup", "SessionUUID": "5a1c0e6e-0000-4000-8000-000000000002",
+              "EventTimestamp": "2026-11-20 10:00:30", "From": FIRST, "To": SECOND, "VirtualNumber": "+16505550199",
+              "Duration": "30", "BilledDuration": "60", "Amount": "0.00850", "PlivoHangupCause": "NORMAL_CLEARING",
+              "PlivoHangupCauseCode": "4000", "SequenceNumber": "3"}
+    assert _signed(live, params).json() == {"status": "applied"}
+    body = requests.get(f"{live.url}/v1/sessions/{params['SessionUUID']}", headers=AUTH, timeout=10).json()
+    assert body["origin"] == "callback" and body["virtual_number"] == "+16505550199"
+    assert body["call_count"] == 1 and body["billed_duration"] == 60 and body["amount"] == "0.00850"
+
+
+def test_get_callbacks_with_query_parameters_are_verified_and_applied(live, engine):
+    params = {"EventName": "SessionTimeout", "SessionUUID": "5a1c0e6e-0000-4000-8000-000000000003",
+              "EventTimestamp": "2026-11-20 11:00:00", "VirtualNumber": "+16505550199", "SequenceNumber": "9"}
+    assert _signed(live, params, method="GET").json() == {"status": "applied"}
+    assert inbox_rows(engine) == [("SessionTimeout", "applied", None)]
+
+
+def test_a_callback_signed_with_the_previous_token_is_accepted_during_rotation(database_url, sandbox, engine):
+    from .helpers import LiveServer, free_port
+
+    port = free_port()
+    settings = make_settings(sandbox.url, f"http://127.0.0.1:{port}", PLIVO_AUTH_TOKEN="brand-new-token,old-token")
+    server = LiveServer(create_app({"TESTING": True, "settings": settings, "database_url": database_url}), port)
+    server.start()
+    try:
+        params = {"EventName": "SessionTimeout", "SessionUUID": "5a1c0e6e-0000-4000-8000-000000000004",
+                  "EventTimestamp": "2026-11-20 11:00:00"}
+        assert _signed(server, params, token="old-token").status_code == 200
+        assert _signed(server, params | {"SequenceNumber": "2"}, token="brand-new-token").status_code == 200
+        assert _signed(server, params | {"SequenceNumber": "3"}, token=SANDBOX_AUTH_TOKEN).status_code == 403
+    finally:
+        server.stop()
+
+
+def test_database_down_gives_503_quickly_and_stores_nothing(sandbox, engine):
+    app = create_app({"TESTING": True, "settings": make_settings(sandbox.url, "http://localhost"),
+                      "database_url": unavailable_database_url()})
+    params = {"EventName": "SessionTimeout", "SessionUUID": "5a1c0e6e-0000-4000-8000-000000000005"}
+    nonce = "1"
+    url = "http://localhost/webhooks/plivo/session"
+    response = app.test_client().post("/webhooks/plivo/session", data=params, headers={
+        NONCE_HEADER: nonce, SIGNATURE_HEADER: compute_signature("POST", url, params, nonce, SANDBOX_AUTH_TOKEN)})
+    assert response.status_code == 503
+    assert response.get_json()["error"] == "database_unavailable"
+    assert inbox_rows(engine) == []
+
+
+# Status, number changes -----------------------------------------------------------------------
+
+
+def test_session_timeout_expires_the_session_and_late_calls_do_not_revive_it(live, sandbox, engine):
+    uuid = create_session(live)
+    call = play(sandbox, uuid, deliver=False)["callbacks"]
+    timeout = requests.post(f"{sandbox.url}/sandbox/sessions/{uuid}/timeout", json={"deliver": False},
+                            timeout=10).json()["callbacks"]
+    for callback in timeout + call:  # the timeout arrives before the call's (earlier) events
+        assert send(callback).status_code == 200
+    body = requests.get(f"{live.url}/v1/sessions/{uuid}", headers=AUTH, timeout=10).json()
+    assert body["status"] == "expired" and body["expired_at"] is not None
+    assert body["call_count"] == 2
+
+
+def test_virtual_number_replacement_keeps_the_old_number_in_history(live, sandbox, engine):
+    uuid = create_session(live)
+    original = requests.get(f"{live.url}/v1/sessions/{uuid}", headers=AUTH, timeout=10).json()["virtual_number"]
+    requests.post(f"{sandbox.url}/sandbox/clock", json={"advance": 5}, timeout=5)  # callbacks carry whole seconds
+    first = requests.post(f"{sandbox.url}/sandbox/sessions/{uuid}/replace-number", json={"deliver": False},
+                          timeout=10).json()["callbacks"]
+    requests.post(f"{sandbox.url}/sandbox/clock", json={"advance": 60}, timeout=5)
+    second = requests.post(f"{sandbox.url}/sandbox/sessions/{uuid}/replace-number", json={"deliver": False},
+                           timeout=10).json()["callbacks"]
+    newest = second[0]["params"]["VirtualNumber"]
+    for callback in second + first:  # the newer replacement arrives first
+        assert send(callback).status_code == 200
+    body = requests.get(f"{live.url}/v1/sessions/{uuid}", headers=AUTH, timeout=10).json()
+    assert body["virtual_number"] == newest
+    history = [h["virtual_number"] for h in body["virtual_number_history"]]
+    assert history == [original, first[0]["params"]["VirtualNumber"], newest]
+
+
+# Failure, then replay -------------------------------------------------------------------------
+
+
+def test_replay_after_an_apply_failure_fixes_the_totals(live, sandbox, engine, app):
+    uuid = create_session(live, record=True)
+    callbacks = several_calls(sandbox, uuid)
+    # Break the application step for real: the database refuses new legs for a while.
+    with engine.begin() as conn:
+        conn.execute(text("""
+            CREATE FUNCTION refuse_legs() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN RAISE EXCEPTION 'legs are refused for this test'; END $$;
+            CREATE TRIGGER refuse_legs BEFORE INSERT ON call_legs FOR EACH ROW EXECUTE FUNCTION refuse_legs();
+        """))
+    try:
+        outcomes = [send(callback).json()["status"] for callback in callbacks]
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER refuse_legs ON call_legs; DROP FUNCTION refuse_legs();"))
+    assert "failed" in outcomes and set(outcomes) <= {"applied", "failed"}
+    failed = [r for r in inbox_rows(engine) if r.status == "failed"]
+    assert failed and all("legs are refused" in r.error for r in failed)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM call_legs")).scalar() == 0
+
+    result = app.test_cli_runner().invoke(args=["callbacks", "replay", "--failed"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1]) == {"applied": len(failed)}
+    after_replay = snapshot(engine, uuid)
+    assert {r.status for r in inbox_rows(engine)} == {"applied"}
+
+    forget_callbacks(engine, uuid)  # the same callbacks delivered cleanly give the same record
+    for callback in callbacks:
+        send(callback)
+    assert snapshot(engine, uuid) == after_replay
+    # Replaying everything again changes nothing.
+    again = app.test_cli_runner().invoke(args=["callbacks", "replay", "--since", "2000-01-01"])
+    assert again.exit_code == 0, again.output
+    assert snapshot(engine, uuid) == after_replay

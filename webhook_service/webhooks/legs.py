@@ -1,0 +1,181 @@
+"""Call legs as a pure function of a session's facts, so arrival order cannot matter.
+
+Facts are the callbacks' leg events (`leg_events`) and Plivo's own interaction records
+(`plivo_interactions`, written by reconciliation). The legs are re-derived from all of them
+whenever one changes, inside the transaction that holds the session's row lock:
+
+1. Plivo's masking callbacks carry no call UUID, so a leg is known by its party and its end:
+   each terminal event (Hangup, Complete, Failed) ends one leg and carries its billing.
+2. Each of Plivo's interactions names the call UUID of each party's leg. A callback leg of that
+   party ending within the interaction (± `MATCH_WINDOW`) is that leg: it gets the call UUID.
+   A leg Plivo knows and no callback reported is added from the interaction (`source` =
+   'reconcile'); the interaction's billing, less what the callback legs of that call carry,
+   goes to the first such leg, so the totals match Plivo's and nothing is counted twice.
+3. An earlier event of a party (Initiated, Ring, Answer) belongs to the leg with the earliest end
+   at or after it, or to the party's one open leg if no leg has ended since. The calls of one
+   party do not overlap, so this assignment is right for any arrival order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.engine import Connection
+
+from ..models import PARTIES, CallLeg, LegEvent, PlivoInteraction
+
+legs_table = CallLeg.__table__
+events_table = LegEvent.__table__
+interactions_table = PlivoInteraction.__table__
+
+MATCH_WINDOW = timedelta(seconds=10)
+PHASE_COLUMNS = {"initiated": "initiated_at", "ringing": "ringing_at", "answered": "answered_at"}
+BILLING = ("end_event", "duration", "billed_duration", "amount", "hangup_cause", "hangup_cause_code")
+FACT_FIELDS = ("call_uuid", *BILLING, "from_number", "to_number")
+LEG_COLUMNS = ("party", "initiated_at", "ringing_at", "answered_at", "ended_at", *FACT_FIELDS, "source")
+# Plivo's interaction statuses for a leg that connected (others: no-answer, busy, failed, …).
+ANSWERED_STATUSES = {"completed", "answered", "in-progress"}
+
+
+@dataclass
+class _Leg:
+    party: str
+    end: dict[str, Any] | None = None  # the terminal fact (a callback's, or one made from an interaction)
+    phases: list[Mapping[str, Any]] = field(default_factory=list)
+
+    @property
+    def ended_at(self) -> datetime | None:
+        return self.end["at"] if self.end else None
+
+    def row(self) -> dict[str, Any]:
+        row: dict[str, Any] = {"party": self.party, "ended_at": self.ended_at}
+        for kind, column in PHASE_COLUMNS.items():
+            times = [p["at"] for p in self.phases if p["kind"] == kind]
+            row[column] = min(times) if times else None
+        if row["answered_at"] is None and self.end is not None:
+            row["answered_at"] = self.end.get("answered_at")  # Plivo's start time for a connected leg
+        facts = ([self.end] if self.end else []) + sorted(self.phases, key=lambda e: e["at"])
+        for name in FACT_FIELDS:  # the first fact that knows the value, terminal first
+            row[name] = next((f[name] for f in facts if f.get(name) is not None), None)
+        row["source"] = self.end.get("source", "callback") if self.end else "callback"
+        return row
+
+
+def _from_interaction(interaction: Mapping[str, Any], party: str, billing: tuple[int, Decimal] | None
+                      ) -> dict[str, Any]:
+    status = (interaction.get(f"{party}_status") or "").lower()
+    connected = status in ANSWERED_STATUSES
+    return {
+        "kind": "ended", "at": interaction["ended_at"], "source": "reconcile",
+        "call_uuid": interaction.get(f"{party}_call_uuid"),
+        "end_event": "complete" if connected or not status else "failed",
+        "answered_at": interaction["started_at"] if connected else None,
+        "billed_duration": billing[0] if billing else 0,
+        "amount": billing[1] if billing else Decimal(0),
+        "hangup_cause": status or None,
+    }
+
+
+def build_legs(events: Iterable[Mapping[str, Any]], interactions: Iterable[Mapping[str, Any]] = ()
+               ) -> list[dict[str, Any]]:
+    """A session's legs from its leg events and Plivo interactions (a pure function)."""
+    events = list(events)
+    ends: dict[str, list[dict[str, Any]]] = {
+        party: sorted((dict(e) for e in events if e["party"] == party and e["kind"] == "ended"),
+                      key=lambda e: e["at"])
+        for party in PARTIES
+    }
+    claimed: set[int] = set()
+    for interaction in sorted(interactions, key=lambda i: i["started_at"]):
+        if interaction.get("ended_at") is None:
+            continue  # the call is still going on: its legs will end in callbacks or a later run
+        window = (interaction["started_at"] - MATCH_WINDOW, interaction["ended_at"] + MATCH_WINDOW)
+        known_billed, known_amount, missing = 0, Decimal(0), []
+        for party in PARTIES:
+            call_uuid = interaction.get(f"{party}_call_uuid")
+            if not call_uuid:
+                continue  # that party's leg was never dialled
+            near = [e for e in ends[party] if id(e) not in claimed and window[0] <= e["at"] <= window[1]]
+            if near:
+                leg_end = min(near, key=lambda e: abs(e["at"] - interaction["ended_at"]))
+                claimed.add(id(leg_end))
+                leg_end["call_uuid"] = leg_end.get("call_uuid") or call_uuid
+                known_billed += leg_end.get("billed_duration") or 0
+                known_amount += leg_end.get("amount") or Decimal(0)
+            else:
+                missing.append(party)
+        for i, party in enumerate(missing):
+            billing = None
+            if i == 0:
+                billing = (max((interaction.get("billed_duration") or 0) - known_billed, 0),
+                           max((interaction.get("amount") or Decimal(0)) - known_amount, Decimal(0)))
+            made = _from_interaction(interaction, party, billing)
+            claimed.add(id(made))
+            ends[party].append(made)
+
+    legs: list[_Leg] = []
+    for party in PARTIES:
+        party_legs = [_Leg(party, end) for end in sorted(ends[party], key=lambda e: e["at"])]
+        open_leg = _Leg(party)
+        for phase in (e for e in events if e["party"] == party and e["kind"] != "ended"):
+            target = next((leg for leg in party_legs if leg.ended_at >= phase["at"]), open_leg)  # type: ignore
+            target.phases.append(phase)
+        legs += party_legs + ([open_leg] if open_leg.phases else [])
+    return [leg.row() for leg in legs]
+
+
+def _differs(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    return any(existing[c] != wanted[c] for c in LEG_COLUMNS)
+
+
+def sync_session_legs(conn: Connection, session_id: int) -> None:
+    """Make the session's `call_legs` rows equal `build_legs` of its facts (the session is locked)."""
+    events = conn.execute(select(events_table).where(events_table.c.session_id == session_id)).mappings().all()
+    interactions = conn.execute(
+        select(interactions_table).where(interactions_table.c.session_id == session_id)
+    ).mappings().all()
+    wanted = build_legs(events, interactions)
+    existing = conn.execute(
+        select(legs_table.c.id, *(legs_table.c[c] for c in LEG_COLUMNS))
+        .where(legs_table.c.session_id == session_id)
+        .order_by(legs_table.c.party, legs_table.c.ended_at.asc().nulls_last(), legs_table.c.id)
+    ).mappings().all()
+    # Pair rows by party and end first, then the rest of a party's rows in order, so most changes
+    # are in-place updates and a row keeps its id when its leg gains an end.
+    remaining = list(existing)
+    pairs: list[tuple[dict[str, Any], Mapping[str, Any] | None]] = []
+    for leg in wanted:
+        row = next((r for r in remaining if (r["party"], r["ended_at"]) == (leg["party"], leg["ended_at"])), None)
+        if row is not None:
+            remaining.remove(row)
+        pairs.append((leg, row))
+    for i, (leg, row) in enumerate(pairs):
+        if row is None:
+            row = next((r for r in remaining if r["party"] == leg["party"]), None)
+            if row is not None:
+                remaining.remove(row)
+                pairs[i] = (leg, row)
+    for leg, row in pairs:
+        if row is None:
+            conn.execute(insert(legs_table).values(session_id=session_id, **leg))
+        elif _differs(row, leg):
+            conn.execute(legs_table.update().where(legs_table.c.id == row["id"]).values(**leg, updated_at=func.now()))
+    if remaining:
+        conn.execute(legs_table.delete().where(legs_table.c.id.in_([r["id"] for r in remaining])))
+
+
+def record_leg_event(conn: Connection, session_id: int, party: str, kind: str, at: datetime,
+                     facts: Mapping[str, Any]) -> None:
+    """Store one callback fact (a replay only fills gaps) and re-derive the session's legs."""
+    values = {k: v for k, v in facts.items() if v is not None}
+    stmt = insert(events_table).values(session_id=session_id, party=party, kind=kind, at=at, **values)
+    fill = {k: func.coalesce(events_table.c[k], stmt.excluded[k]) for k in values}
+    conn.execute(stmt.on_conflict_do_update(index_elements=["session_id", "party", "kind", "at"], set_=fill)
+                 if fill else stmt.on_conflict_do_nothing())
+    sync_session_legs(conn, session_id)
