@@ -1,7 +1,7 @@
 """Shared fixtures: a real Postgres built by the migrations, the sandbox Plivo, the app.
 
 Database: with DATABASE_URL set, the tests create their own database on that server
-(`webhook_service_test`); without it they start the embedded PostgreSQL. Either way the schema
+(`webhook_service_test_<pid>`, dropped at the end); without it they start the embedded PostgreSQL. Either way the schema
 comes from `alembic upgrade head`, never from `create_all`. Tests commit (the service owns its
 transactions, and several tests race across connections), so every table is truncated before
 each test instead of rolling back.
@@ -19,13 +19,14 @@ from webhook_service.sandbox.server import SandboxServer
 
 from webhook_service import create_app
 from webhook_service.db import Database, sqlalchemy_url
-from webhook_service.devdb import ensure_database, server_url, with_database
+from webhook_service.devdb import drop_database, ensure_database, server_url, with_database
 from webhook_service.migrate import upgrade
 from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN
 
 from .helpers import API_TOKEN, LiveServer, free_port, make_settings
 
-TEST_DATABASE = "webhook_service_test"
+# One database per test run, so two runs on one server (or one machine) never collide.
+TEST_DATABASE = f"webhook_service_test_{os.getpid()}"
 
 
 def _admin_url() -> str:
@@ -36,10 +37,12 @@ def _admin_url() -> str:
 
 
 @pytest.fixture(scope="session")
-def database_url() -> str:
-    url = ensure_database(_admin_url(), TEST_DATABASE, recreate=True)
+def database_url() -> Iterator[str]:
+    admin = _admin_url()
+    url = ensure_database(admin, TEST_DATABASE, recreate=True)
     upgrade(url)
-    return url
+    yield url
+    drop_database(admin, TEST_DATABASE)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import time
 from datetime import UTC, datetime, timedelta
 
 import click
@@ -37,6 +39,28 @@ def sessions_resolve(grace_seconds: int) -> None:
 
     counts = resolve_pending_attempts(_ctx(), grace=timedelta(seconds=grace_seconds))
     click.echo(json.dumps(counts, sort_keys=True))
+
+
+@sessions_cli.command("reconcile")
+@click.option("--limit", default=3000, show_default=True, help="Most sessions fetched from Plivo in one run.")
+@click.option("--concurrency", default=8, show_default=True, help="Plivo requests in flight at once.")
+@click.option("--every", type=float, default=None, help="Repeat every this many seconds (the worker process).")
+def sessions_reconcile(limit: int, concurrency: int, every: float | None) -> None:
+    """Heal missed callbacks from Plivo's records, expire overdue sessions, record drift."""
+    from .reconcile import reconcile
+
+    while True:
+        started = time.monotonic()
+        try:
+            report = reconcile(_ctx(), limit=limit, concurrency=concurrency)
+            click.echo(json.dumps(report.as_dict(), sort_keys=True))
+        except Exception:  # noqa: BLE001 - a worker keeps going; the next run retries
+            if every is None:
+                raise
+            logging.getLogger(__name__).exception("reconciliation run failed")
+        if every is None:
+            return
+        time.sleep(max(every - (time.monotonic() - started), 1.0))
 
 
 @callbacks_cli.command("replay")

@@ -41,18 +41,18 @@ def with_database(url: str, name: str) -> str:
 
 def ensure_database(admin_url: str, name: str, *, recreate: bool = False) -> str:
     """Create database `name` on the server at `admin_url` if needed; return its URL."""
+    if recreate:
+        drop_database(admin_url, name)
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
-        if exists and recreate:
-            conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-                (name,),
-            )
-            conn.execute(f'DROP DATABASE "{name}"')
-            exists = None
-        if not exists:
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
             conn.execute(f'CREATE DATABASE "{name}"')
     return with_database(admin_url, name)
+
+
+def drop_database(admin_url: str, name: str) -> None:
+    """Drop database `name` if it exists, disconnecting anyone still using it."""
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def embedded_database_url(name: str = DEFAULT_DATABASE) -> str:

@@ -157,20 +157,25 @@ def _recording(status: str) -> Handler:
 
 
 def record_recording(conn: Connection, session: RowMapping, event: Event, status: str) -> None:
-    """Upsert the recording by RecordingUUID; completed > failed > initiated whatever the order."""
+    """A recording callback: upsert the recording by its RecordingUUID."""
     recording_uuid = event.get("RecordingUUID")
     if not recording_uuid:
         return
-    table = Recording.__table__
-    values = {
+    upsert_recording(conn, session["id"], recording_uuid, status, {
         "recording_url": event.get("RecordingURL"),
         "resource_url": event.get("RecordingResourceURL"),
         "duration": to_int(event.get("RecordingDuration")),
         "format": event.get("RecordingFormat"),
         "started_at": parse_time(event.get("RecordingStartTime")),
         "ended_at": parse_time(event.get("RecordingEndTime")),
-    }
-    stmt = insert(table).values(session_id=session["id"], recording_uuid=recording_uuid, status=status, **values)
+    })
+
+
+def upsert_recording(conn: Connection, session_id: int, recording_uuid: str, status: str,
+                     values: Mapping[str, Any]) -> None:
+    """Insert or complete a recording; completed > failed > initiated whatever the order."""
+    table = Recording.__table__
+    stmt = insert(table).values(session_id=session_id, recording_uuid=recording_uuid, status=status, **values)
     newer = _recording_rank(stmt.excluded.status) > _recording_rank(table.c.status)
     conn.execute(stmt.on_conflict_do_update(
         index_elements=["recording_uuid"],

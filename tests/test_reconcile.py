@@ -1,0 +1,203 @@
+"""Reconciliation against the sandbox's record of each session (Plivo's GET session)."""
+
+from __future__ import annotations
+
+import random
+import threading
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from urllib.parse import urlencode
+
+import requests
+from sqlalchemy import text
+
+from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
+from webhook_service.reconcile import RateLimiter, reconcile
+from webhook_service.settings import SANDBOX_AUTH_TOKEN
+
+from .test_webhooks import create_session, forget_callbacks, play, send, snapshot
+
+
+def ctx_of(live):
+    return live.app.extensions["webhook_service"]
+
+
+def session_row(engine, uuid: str):
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT * FROM masking_sessions WHERE session_uuid = :u"), {"u": uuid}).mappings().one()
+
+
+def legs_of(engine, uuid: str):
+    with engine.connect() as conn:
+        return conn.execute(text(
+            "SELECT l.party, l.source, l.call_uuid, l.billed_duration, l.ended_at FROM call_legs l "
+            "JOIN masking_sessions s ON s.id = l.session_id WHERE s.session_uuid = :u ORDER BY l.party"
+        ), {"u": uuid}).all()
+
+
+def test_reconciliation_fills_a_missed_leg_and_a_missed_recording(live, sandbox, engine):
+    uuid = create_session(live, record=True)
+    result = play(sandbox, uuid, deliver=False, duration=70)
+    plivo = result["session"]
+    missed = {"SessionSecondPartyHangup", "SessionRecordingInitiated", "SessionRecordingCompleted"}
+    late = [c for c in result["callbacks"] if c["params"]["EventName"] in missed]
+    for callback in result["callbacks"]:
+        if callback not in late:
+            assert send(callback).status_code == 200
+    before = session_row(engine, uuid)
+    assert before["billed_duration"] < plivo["total_call_billed_duration"] and before["recording_count"] == 0
+
+    report = reconcile(ctx_of(live))
+    assert report.checked == 1 and report.changed == 1 and report.drift == 0
+    after = session_row(engine, uuid)
+    assert after["call_count"] == plivo["total_call_count"] == 2
+    assert after["billed_duration"] == plivo["total_call_billed_duration"] == after["plivo_billed_duration"]
+    assert after["amount"] == Decimal(str(plivo["total_call_amount"])) == after["plivo_amount"]
+    assert after["recording_count"] == 1 and after["answered_call_count"] == 2
+    legs = legs_of(engine, uuid)
+    assert [(leg.party, leg.source) for leg in legs] == [("first", "callback"), ("second", "reconcile")]
+    interaction = plivo["interaction"][0]
+    assert {leg.call_uuid for leg in legs} == {
+        interaction["first_party_resource_url"].rstrip("/").rsplit("/", 1)[1],
+        interaction["second_party_resource_url"].rstrip("/").rsplit("/", 1)[1],
+    }
+    with engine.connect() as conn:
+        recording = conn.execute(text("SELECT recording_uuid, status, resource_url FROM recordings")).one()
+    assert recording.status == "completed" and recording.resource_url == interaction["recording_resource_url"]
+
+    # The missed callbacks arrive after all: they complete the record and count nothing twice.
+    for callback in late:
+        assert send(callback).status_code == 200
+    final = session_row(engine, uuid)
+    assert (final["call_count"], final["billed_duration"], final["amount"], final["recording_count"]) == (
+        after["call_count"], after["billed_duration"], after["amount"], after["recording_count"])
+    assert [(leg.party, leg.source) for leg in legs_of(engine, uuid)] == [("first", "callback"), ("second", "callback")]
+    assert reconcile(ctx_of(live)).drift == 0
+
+
+def test_sessions_past_their_expiry_are_marked_expired_without_a_timeout_callback(live, sandbox, engine):
+    uuid = create_session(live, session_expiry=600)
+    expires_at = session_row(engine, uuid)["expires_at"]
+    report = reconcile(ctx_of(live), now=expires_at + timedelta(minutes=1))
+    assert report.marked_expired == 1
+    row = session_row(engine, uuid)
+    assert row["status"] == "expired" and row["expired_at"] == expires_at
+    # Not before its time: a fresh session stays active.
+    other = create_session(live, second_party="+14155552671")
+    reconcile(ctx_of(live))
+    assert session_row(engine, other)["status"] == "active"
+
+
+def test_drift_against_plivos_totals_is_recorded(live, sandbox, engine):
+    uuid = create_session(live)
+    callbacks = play(sandbox, uuid, deliver=False)["callbacks"]
+    for callback in callbacks:
+        params = dict(callback["params"])
+        if params["EventName"] == "SessionFirstPartyHangup":
+            params["Amount"] = "0.50000"  # a charge that disagrees with what Plivo settles on
+            nonce = "55555555555555555555"
+            callback = dict(callback, body=urlencode(params), headers=dict(callback["headers"]) | {
+                NONCE_HEADER: nonce,
+                SIGNATURE_HEADER: compute_signature("POST", callback["url"], params, nonce, SANDBOX_AUTH_TOKEN)})
+        assert send(callback).status_code == 200
+    report = reconcile(ctx_of(live))
+    assert report.drift == 1
+    row = session_row(engine, uuid)
+    assert row["amount"] - row["plivo_amount"] == Decimal("0.50000") - Decimal("0.00850")
+    assert row["call_count"] == row["plivo_call_count"] and row["reconciled_at"] is not None
+
+
+def test_callbacks_and_reconciliation_racing_count_nothing_twice(live, sandbox, engine):
+    uuids, callbacks = [], []
+    for i in range(4):
+        uuid = create_session(live, record=True, second_party=f"+1415555267{i}")
+        uuids.append(uuid)
+        for answered in (True, False):
+            callbacks += play(sandbox, uuid, deliver=False, answered=answered)["callbacks"]
+            requests.post(f"{sandbox.url}/sandbox/clock", json={"advance": 300}, timeout=5)
+    # Reference: all callbacks in order, then one reconciliation.
+    for callback in callbacks:
+        send(callback)
+    reconcile(ctx_of(live))
+    reference = {uuid: snapshot(engine, uuid) for uuid in uuids}
+    for uuid in uuids:
+        forget_callbacks(engine, uuid)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM plivo_interactions"))
+
+    stop = threading.Event()
+
+    def reconcile_repeatedly():
+        while not stop.is_set():
+            reconcile(ctx_of(live), concurrency=4)
+
+    racer = threading.Thread(target=reconcile_repeatedly)
+    racer.start()
+    try:
+        senders = []
+        for seed in range(3):
+            order = random.Random(seed).sample(callbacks, len(callbacks))
+            senders.append(threading.Thread(target=lambda o=order: [send(c) for c in o]))
+        for thread in senders:
+            thread.start()
+        for thread in senders:
+            thread.join()
+    finally:
+        stop.set()
+        racer.join()
+    reconcile(ctx_of(live))
+    for uuid in uuids:
+        assert snapshot(engine, uuid) == reference[uuid]
+        row = session_row(engine, uuid)
+        assert (row["call_count"], row["billed_duration"], row["amount"]) == (
+            row["plivo_call_count"], row["plivo_billed_duration"], row["plivo_amount"])
+
+
+def test_rate_limited_answers_are_retried(live, sandbox, engine):
+    uuid = create_session(live)
+    requests.post(f"{sandbox.url}/sandbox/faults", json=[
+        {"method": "GET", "path_contains": uuid, "status": 429, "retry_after": "0", "times": 2}], timeout=5)
+    report = reconcile(ctx_of(live))
+    assert report.checked == 1 and report.errors == 0
+    log = requests.get(f"{sandbox.url}/sandbox/requests", timeout=5).json()["requests"]
+    assert [r["status"] for r in log if r["method"] == "GET" and uuid in r["path"]] == [429, 429, 200]
+
+
+def test_unreachable_plivo_is_counted_as_errors_and_changes_nothing(live, sandbox, engine):
+    uuid = create_session(live)
+    requests.post(f"{sandbox.url}/sandbox/faults", json=[
+        {"method": "GET", "path_contains": uuid, "status": 503}], timeout=5)
+    report = reconcile(ctx_of(live))
+    assert report.errors == 1 and session_row(engine, uuid)["reconciled_at"] is None
+
+
+def test_rate_limiter_allows_at_most_limit_per_period():
+    clock = [0.0]
+    sleeps: list[float] = []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        clock[0] += seconds
+
+    limiter = RateLimiter(limit=3, period=5.0, clock=lambda: clock[0], sleep=sleep)
+    stamps = []
+    for _ in range(7):
+        limiter.acquire()
+        stamps.append(clock[0])
+    assert stamps == [0, 0, 0, 5, 5, 5, 10]
+    for i, stamp in enumerate(stamps):
+        assert sum(1 for s in stamps if stamp - 5 < s <= stamp) <= 3, i
+
+
+def test_only_sessions_that_can_still_change_are_fetched(live, sandbox, engine):
+    active = create_session(live)
+    old = create_session(live, second_party="+14155552671")
+    with engine.begin() as conn:  # expired long ago and already read settled
+        conn.execute(text("UPDATE masking_sessions SET status = 'expired', expired_at = now() - interval '3 days', "
+                          "reconciled_at = now() - interval '2 days' WHERE session_uuid = :u"), {"u": old})
+    requests.delete(f"{sandbox.url}/sandbox/requests", timeout=5)
+    reconcile(ctx_of(live), now=datetime.now(UTC))
+    fetched = {r["path"].rstrip("/").rsplit("/", 1)[1]
+               for r in requests.get(f"{sandbox.url}/sandbox/requests", timeout=5).json()["requests"]
+               if r["method"] == "GET"}
+    assert active in fetched and old not in fetched
