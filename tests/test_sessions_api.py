@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -429,3 +430,32 @@ def test_healthz_reports_the_mode_and_readyz_the_migration(client, engine):
     with engine.connect() as conn:
         assert ready == {"status": "ok", "database": "ok",
                          "migration": conn.execute(text("SELECT version_num FROM alembic_version")).scalar()}
+
+
+def test_slow_plivo_cannot_take_every_thread_of_a_worker(database_url, auth, sandbox):
+    # One slot: while one create waits on a slow Plivo, the next is refused at once (503), so the
+    # worker's other threads stay free for Plivo's callbacks.
+    app = create_app({"TESTING": True, "settings": make_settings(sandbox.url, PLIVO_MAX_CONCURRENCY=1),
+                      "database_url": database_url})
+    faults(sandbox, {"method": "POST", "path_contains": CREATE_PATH, "delay": 1.0, "after_effect": True})
+    started = threading.Event()
+    results = {}
+
+    def slow_create():
+        started.set()
+        results["slow"] = create(app.test_client(), auth)
+
+    thread = threading.Thread(target=slow_create)
+    thread.start()
+    started.wait()
+    time.sleep(0.3)
+    began = time.monotonic()
+    busy = create(app.test_client(), auth, {"first_party": FIRST, "second_party": "+14155552671"})
+    assert time.monotonic() - began < 0.5
+    assert_error(busy, 503, "plivo_busy")
+    assert busy.headers["Retry-After"] == "1"
+    assert app.test_client().get("/healthz").status_code == 200
+    thread.join()
+    assert results["slow"].status_code == 201
+    assert len(plivo_requests(sandbox, create_only=True)) == 1
+    app.extensions["webhook_service"].db.dispose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from typing import Any
@@ -43,7 +44,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         read_timeout=settings.plivo_read_timeout,
         max_retries=settings.plivo_max_retries,
     )
-    app.extensions["webhook_service"] = Context(db=db, plivo=plivo, settings=settings)
+    app.extensions["webhook_service"] = Context(
+        db=db, plivo=plivo, settings=settings,
+        plivo_slots=threading.BoundedSemaphore(settings.plivo_max_concurrency),
+    )
 
     register_error_handlers(app)
     _register_request_logging(app)

@@ -37,6 +37,9 @@ class Settings:
     plivo_connect_timeout: float = 3.05  # PLIVO_CONNECT_TIMEOUT (s)
     plivo_read_timeout: float = 10.0  # PLIVO_READ_TIMEOUT (s)
     plivo_max_retries: int = 3  # PLIVO_MAX_RETRIES: retries of reads/expires on 5xx, 429, connection errors
+    # PLIVO_MAX_CONCURRENCY: API requests per worker process that may wait on Plivo at once; the
+    # worker's other threads stay free for callbacks however slow Plivo gets.
+    plivo_max_concurrency: int = 2
     db_statement_timeout_ms: int = 5000  # DB_STATEMENT_TIMEOUT_MS: no request waits longer on Postgres
     db_connect_timeout: int = 3  # DB_CONNECT_TIMEOUT (s): "database down" is answered quickly
     db_pool_size: int = 5  # DB_POOL_SIZE: per worker process
@@ -104,6 +107,7 @@ class Settings:
             plivo_connect_timeout=_number(env, "PLIVO_CONNECT_TIMEOUT", 3.05, float),
             plivo_read_timeout=_number(env, "PLIVO_READ_TIMEOUT", 10.0, float),
             plivo_max_retries=_number(env, "PLIVO_MAX_RETRIES", 3, int),
+            plivo_max_concurrency=_number(env, "PLIVO_MAX_CONCURRENCY", 2, int),
             db_statement_timeout_ms=_number(env, "DB_STATEMENT_TIMEOUT_MS", 5000, int),
             db_connect_timeout=_number(env, "DB_CONNECT_TIMEOUT", 3, int),
             db_pool_size=_number(env, "DB_POOL_SIZE", 5, int),

@@ -8,8 +8,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -47,6 +50,19 @@ class Context:
     db: Database
     plivo: PlivoClient
     settings: Settings
+    # Bounds the API requests of this process that wait on Plivo (PLIVO_MAX_CONCURRENCY).
+    plivo_slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
+
+    @contextmanager
+    def plivo_slot(self) -> Iterator[None]:
+        """Hold one of the Plivo slots, or answer 503 at once if all are taken."""
+        if not self.plivo_slots.acquire(blocking=False):
+            raise ApiError("Too many requests are waiting on Plivo; retry shortly", status=503, code="plivo_busy",
+                           headers={"Retry-After": "1"})
+        try:
+            yield
+        finally:
+            self.plivo_slots.release()
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,8 @@ def create_session():
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key.strip()) <= 255:
         raise ApiError("Idempotency-Key must be 1 to 255 characters")
-    result = service.create_session(ctx(), req, key.strip() if key else None)
+    with ctx().plivo_slot():
+        result = service.create_session(ctx(), req, key.strip() if key else None)
     if result.status == 201:
         g.session_uuid = result.body.get("session_uuid")
     response = jsonify(result.body)
@@ -75,10 +76,14 @@ def update_session(session_uuid: str):
     row = service.get_session(ctx(), session_uuid)
     single = bool(row.create_params.get("create_session_with_single_party"))
     params = validate_update(body, single_party=single)
-    return jsonify(service.serialize_session(service.update_session(ctx(), session_uuid, params)))
+    with ctx().plivo_slot():
+        row = service.update_session(ctx(), session_uuid, params)
+    return jsonify(service.serialize_session(row))
 
 
 @bp.delete("/sessions/<session_uuid>")
 def expire_session(session_uuid: str):
     g.session_uuid = session_uuid
-    return jsonify(service.serialize_session(service.expire_session(ctx(), session_uuid)))
+    with ctx().plivo_slot():
+        row = service.expire_session(ctx(), session_uuid)
+    return jsonify(service.serialize_session(row))
