@@ -79,6 +79,25 @@ def callbacks_replay(failed: bool, ids: tuple[int, ...], since: datetime | None)
     click.echo(json.dumps(counts, sort_keys=True))
 
 
+def _duration(value: str) -> timedelta:
+    units = {"d": "days", "h": "hours", "m": "minutes"}
+    try:
+        return timedelta(**{units[value[-1]]: int(value[:-1])})
+    except (KeyError, ValueError):
+        raise click.BadParameter("use a number and a unit: 90d, 12h or 30m") from None
+
+
+@callbacks_cli.command("prune")
+@click.option("--older-than", "older_than", default="90d", show_default=True, help="Age, e.g. 90d, 12h.")
+@click.option("--batch-size", default=1000, show_default=True)
+def callbacks_prune(older_than: str, batch_size: int) -> None:
+    """Delete applied and ignored callbacks older than the given age (never failed or pending ones)."""
+    from .webhooks.inbox import prune
+
+    deleted = prune(_ctx().db, older_than=_duration(older_than), batch_size=batch_size)
+    click.echo(json.dumps({"deleted": deleted}))
+
+
 def register_cli(app: Flask) -> None:
     app.cli.add_command(db_cli)
     app.cli.add_command(sessions_cli)

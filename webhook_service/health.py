@@ -40,5 +40,11 @@ def readyz():
 
 @bp.get("/metrics")
 def metrics_endpoint():
+    from .webhooks.inbox import failed_count
+
+    try:  # an index-only count (partial index on unfinished rows); metrics still render without a DB
+        metrics.INBOX_FAILED.set(failed_count(current_app.extensions["webhook_service"].db))
+    except Exception as exc:  # noqa: BLE001
+        current_app.logger.warning("metrics: could not count failed callbacks: %s", type(exc).__name__)
     body, content_type = metrics.render()
     return Response(body, content_type=content_type)

@@ -35,11 +35,11 @@ REQUEST_LATENCY = Histogram(
 )
 INBOX_FAILED = Gauge(
     "plivo_callback_inbox_failed", "Stored callbacks whose application failed (awaiting replay)",
-    multiprocess_mode="livemax",
+    multiprocess_mode="mostrecent",  # set at each scrape from the database, whichever worker answers
 )
 RECONCILE_DRIFT = Gauge(
     "plivo_reconcile_drift_sessions", "Sessions whose totals differ from Plivo's at the last reconciliation",
-    multiprocess_mode="livemax",
+    multiprocess_mode="mostrecent",
 )
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 
 from .. import metrics
@@ -121,3 +122,28 @@ def replay(db: Database, *, ids: Iterable[int] = (), failed: bool = False, since
 def failed_count(db: Database) -> int:
     with db.engine.connect() as conn:
         return conn.execute(select(func.count()).select_from(inbox).where(inbox.c.status == "failed")).scalar_one()
+
+
+def prune(db: Database, *, older_than: timedelta, batch_size: int = 1000, pause: float = 0.0) -> int:
+    """Delete applied and ignored inbox rows received before `older_than` ago, in small batches.
+
+    Failed and pending rows are never deleted (they still have work to do). Each batch is its own
+    short transaction and skips rows another transaction holds (`SKIP LOCKED`), so live callbacks
+    and replays never wait on the prune.
+    """
+    cutoff = datetime.now(UTC) - older_than
+    deleted = 0
+    while True:
+        with db.engine.begin() as conn:
+            batch = conn.execute(text("""
+                DELETE FROM callback_inbox WHERE id IN (
+                    SELECT id FROM callback_inbox
+                     WHERE received_at < :cutoff AND status IN ('applied', 'ignored')
+                     ORDER BY received_at
+                     LIMIT :batch FOR UPDATE SKIP LOCKED)
+            """), {"cutoff": cutoff, "batch": batch_size}).rowcount
+        deleted += batch
+        if batch < batch_size:
+            return deleted
+        if pause:
+            time.sleep(pause)

@@ -1,0 +1,97 @@
+"""Operations: retention, metrics, structured logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+import requests
+from sqlalchemy import text
+
+from webhook_service.logs import JsonFormatter, mask_phone
+
+from .test_webhooks import create_session, play
+
+
+def _inbox(engine, rows):
+    with engine.begin() as conn:
+        for i, (status, days_old) in enumerate(rows):
+            conn.execute(text(
+                "INSERT INTO callback_inbox (received_at, endpoint, method, params, dedupe_key, status) "
+                "VALUES (now() - make_interval(days => :days), 'session', 'POST', '{}', :key, :status)"
+            ), {"days": days_old, "key": f"k{i}", "status": status})
+
+
+def _statuses(engine):
+    with engine.connect() as conn:
+        return sorted(conn.execute(text("SELECT dedupe_key, status FROM callback_inbox")).all())
+
+
+def test_prune_deletes_only_old_applied_and_ignored_callbacks(app, engine):
+    _inbox(engine, [("applied", 100), ("ignored", 95), ("failed", 120), ("pending", 100), ("applied", 10),
+                    ("applied", 91)])
+    result = app.test_cli_runner().invoke(args=["callbacks", "prune", "--older-than", "90d", "--batch-size", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1]) == {"deleted": 3}
+    assert _statuses(engine) == [("k2", "failed"), ("k3", "pending"), ("k4", "applied")]
+
+
+def test_prune_skips_rows_a_live_transaction_holds_instead_of_waiting(app, engine):
+    _inbox(engine, [("applied", 100), ("applied", 100)])
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_one_row():
+        with engine.begin() as conn:
+            conn.execute(text("SELECT id FROM callback_inbox WHERE dedupe_key = 'k0' FOR UPDATE"))
+            locked.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_one_row)
+    holder.start()
+    locked.wait(5)
+    try:
+        result = app.test_cli_runner().invoke(args=["callbacks", "prune", "--older-than", "90d"])
+        assert json.loads(result.output.strip().splitlines()[-1]) == {"deleted": 1}
+    finally:
+        release.set()
+        holder.join()
+    assert _statuses(engine) == [("k0", "applied")]
+
+
+def test_prune_rejects_a_malformed_age(app):
+    result = app.test_cli_runner().invoke(args=["callbacks", "prune", "--older-than", "ninety"])
+    assert result.exit_code != 0 and "90d" in result.output
+
+
+def test_metrics_count_callbacks_by_kind_and_outcome(live, sandbox, engine):
+    uuid = create_session(live, record=True)
+    play(sandbox, uuid)  # delivers 7 callbacks: 5 session events, 2 recording events
+    body = requests.get(live.url + "/metrics", timeout=5).text
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in body.splitlines()
+               if line.startswith("plivo_callbacks_total{")}
+    assert samples['plivo_callbacks_total{kind="session",outcome="applied"}'] >= 5
+    assert samples['plivo_callbacks_total{kind="recording",outcome="applied"}'] >= 2
+    assert "plivo_api_calls_total" in body and "http_request_duration_seconds_bucket" in body
+    assert "plivo_callback_inbox_failed 0.0" in body
+
+
+def test_one_json_log_line_per_request_with_request_id_route_status_latency_and_session(app, auth, sandbox,
+                                                                                        caplog):
+    formatter = JsonFormatter()
+    with caplog.at_level(logging.INFO, logger="webhook_service.access"):
+        response = app.test_client().post("/v1/sessions", headers=auth | {"X-Request-Id": "req-123"},
+                                          json={"first_party": "+14155550100", "second_party": "+14155550123"})
+    assert response.headers["X-Request-Id"] == "req-123"
+    [record] = [r for r in caplog.records if r.name == "webhook_service.access"]
+    line = json.loads(formatter.format(record))
+    assert line["request_id"] == "req-123" and line["route"] == "/v1/sessions" and line["status"] == 201
+    assert line["session_uuid"] == response.get_json()["session_uuid"] and line["latency_ms"] > 0
+
+
+def test_phone_numbers_are_masked_in_log_lines():
+    record = logging.makeLogRecord({"msg": "call from %s to %s", "args": ("+14155552345", "14155550123"),
+                                    "levelno": logging.INFO, "levelname": "INFO", "from_number": "+447700900123"})
+    line = JsonFormatter().format(record)
+    assert "+14155552345" not in line and "14155550123" not in line and "447700900123" not in line
+    assert "+1415***2345" in line and mask_phone("+14155552345") == "+1415***2345"
