@@ -15,12 +15,12 @@ from collections.abc import Iterator
 import pytest
 import requests
 from sqlalchemy import create_engine, text
-from webhook_service.sandbox.server import SandboxServer
 
 from webhook_service import create_app
 from webhook_service.db import Database, sqlalchemy_url
 from webhook_service.devdb import drop_database, ensure_database, server_url, with_database
 from webhook_service.migrate import upgrade
+from webhook_service.sandbox.server import SandboxServer
 from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN
 
 from .helpers import API_TOKEN, LiveServer, free_port, make_settings

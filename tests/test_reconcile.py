@@ -15,7 +15,7 @@ from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, comp
 from webhook_service.reconcile import RateLimiter, reconcile
 from webhook_service.settings import SANDBOX_AUTH_TOKEN
 
-from .test_webhooks import create_session, forget_callbacks, play, send, snapshot
+from .test_webhooks import assert_daily_totals_match_a_recount, create_session, forget_callbacks, play, send, snapshot
 
 
 def ctx_of(live):
@@ -24,7 +24,8 @@ def ctx_of(live):
 
 def session_row(engine, uuid: str):
     with engine.connect() as conn:
-        return conn.execute(text("SELECT * FROM masking_sessions WHERE session_uuid = :u"), {"u": uuid}).mappings().one()
+        query = text("SELECT * FROM masking_sessions WHERE session_uuid = :u")
+        return conn.execute(query, {"u": uuid}).mappings().one()
 
 
 def legs_of(engine, uuid: str):
@@ -72,6 +73,7 @@ def test_reconciliation_fills_a_missed_leg_and_a_missed_recording(live, sandbox,
     assert (final["call_count"], final["billed_duration"], final["amount"], final["recording_count"]) == (
         after["call_count"], after["billed_duration"], after["amount"], after["recording_count"])
     assert [(leg.party, leg.source) for leg in legs_of(engine, uuid)] == [("first", "callback"), ("second", "callback")]
+    assert_daily_totals_match_a_recount(engine)
     assert reconcile(ctx_of(live)).drift == 0
 
 
@@ -146,6 +148,7 @@ def test_callbacks_and_reconciliation_racing_count_nothing_twice(live, sandbox, 
         stop.set()
         racer.join()
     reconcile(ctx_of(live))
+    assert_daily_totals_match_a_recount(engine)
     for uuid in uuids:
         assert snapshot(engine, uuid) == reference[uuid]
         row = session_row(engine, uuid)

@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from webhook_service import create_app
 from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
+from webhook_service.reporting.daily_totals import recount_daily_totals
 from webhook_service.settings import SANDBOX_AUTH_TOKEN
 
 from .helpers import API_TOKEN, FIRST, SECOND, make_settings, unavailable_database_url
@@ -62,6 +63,21 @@ def snapshot(engine, session_uuid: str) -> dict:
             "OR sum(recordings) <> 0 ORDER BY day")).all()
     return {"session": {k: v for k, v in session.items() if k != "id"}, "legs": legs,
             "recordings": recordings, "daily": daily}
+
+
+DAILY = ("SELECT day, sum(call_legs), sum(answered_legs), sum(billed_duration), sum(answered_billed_duration), "
+         "sum(amount), sum(recordings), sum(sessions_with_calls) FROM daily_call_totals GROUP BY day "
+         "HAVING sum(call_legs) <> 0 OR sum(recordings) <> 0 OR sum(amount) <> 0 ORDER BY day")
+
+
+def assert_daily_totals_match_a_recount(engine) -> None:
+    """The totals kept by deltas equal a full recount from the legs and recordings."""
+    with engine.connect() as conn:
+        kept = conn.execute(text(DAILY)).all()
+        recount_daily_totals(conn)  # inside the connection's transaction, rolled back below
+        recounted = conn.execute(text(DAILY)).all()
+        conn.rollback()
+    assert kept == recounted and kept
 
 
 def forget_callbacks(engine, session_uuid: str) -> None:
@@ -123,6 +139,7 @@ def test_a_full_call_gives_the_right_legs_counters_and_recording(live, sandbox, 
     assert recording["resource_url"] == sent["RecordingResourceURL"]
     assert recording["recording_url"] == sent.get("RecordingURL")  # the latest vocabulary sends none
     assert {r.status for r in inbox_rows(engine)} == {"applied"}
+    assert_daily_totals_match_a_recount(engine)
 
 
 def test_an_unanswered_call_counts_legs_but_bills_only_the_caller(live, sandbox):
@@ -181,6 +198,7 @@ def test_shuffled_orders_give_the_same_result_as_the_natural_order(live, sandbox
         for callback in order:
             assert send(callback).status_code == 200
         assert snapshot(engine, uuid) == natural
+        assert_daily_totals_match_a_recount(engine)
 
 
 def test_eight_threads_delivering_the_same_callbacks_give_exact_totals(live, sandbox, engine):
@@ -210,6 +228,7 @@ def test_eight_threads_delivering_the_same_callbacks_give_exact_totals(live, san
         thread.join()
     assert statuses == [200] * (8 * len(callbacks))
     assert snapshot(engine, uuid) == natural
+    assert_daily_totals_match_a_recount(engine)
     assert [r.status for r in inbox_rows(engine)] == ["applied"] * len(callbacks)
 
 
@@ -394,6 +413,7 @@ def test_replay_after_an_apply_failure_fixes_the_totals(live, sandbox, engine, a
     assert json.loads(result.output.strip().splitlines()[-1]) == {"applied": len(failed)}
     after_replay = snapshot(engine, uuid)
     assert {r.status for r in inbox_rows(engine)} == {"applied"}
+    assert_daily_totals_match_a_recount(engine)
 
     forget_callbacks(engine, uuid)  # the same callbacks delivered cleanly give the same record
     for callback in callbacks:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import psycopg
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -39,11 +40,39 @@ def build_engine(url: str, settings: Settings, **overrides) -> Engine:
 
 
 class Database:
-    """The engine plus a session factory; services open transactions with `db.transaction()`."""
+    """The engine plus a session factory; services open transactions with `db.transaction()`.
 
-    def __init__(self, engine: Engine):
+    `fast` is a second pool of autocommit connections for the webhook path, which drives psycopg
+    directly (pipelines, explicit BEGIN/COMMIT) to need one round trip per step; see `pg()`.
+    """
+
+    def __init__(self, engine: Engine, fast: Engine | None = None):
         self.engine = engine
+        self.fast = fast or create_engine(engine.url, pool_pre_ping=False)
         self.sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @contextmanager
+    def pg(self) -> Iterator[psycopg.Connection]:
+        """A pooled psycopg connection in autocommit mode (the caller writes BEGIN/COMMIT).
+
+        A connection found broken is thrown away with its whole pool: after a database restart
+        every pooled connection is dead, and the next request should not meet another one.
+        """
+        raw = self.fast.raw_connection()
+        pg: psycopg.Connection = raw.driver_connection  # type: ignore[assignment]
+        if not pg.autocommit:  # a raw connection does not get the engine's isolation level
+            pg.autocommit = True
+        try:
+            yield pg
+        except BaseException:
+            if pg.closed or pg.broken:
+                raw.invalidate()
+                self.fast.pool.dispose()
+            elif pg.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                pg.rollback()
+            raise
+        finally:
+            raw.close()
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
@@ -53,11 +82,12 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self.fast.dispose()
 
 
 def is_database_unavailable(exc: BaseException) -> bool:
     """True when the error means Postgres cannot be reached (not a bug in a query)."""
-    if isinstance(exc, OperationalError | InterfaceError):
+    if isinstance(exc, OperationalError | InterfaceError | psycopg.OperationalError | psycopg.InterfaceError):
         return True
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:
         return True

@@ -69,7 +69,6 @@ class MaskingSession(Base):
         Index("ix_masking_sessions_second_party", "second_party"),
         Index("ix_masking_sessions_virtual_number", "virtual_number"),
         Index("ix_masking_sessions_status", "status"),
-        # reporting.call_activity_daily groups and filters sessions by their UTC creation day.
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)

@@ -3,13 +3,15 @@
 Every run (the `worker` process runs one a minute; `flask sessions reconcile` runs one from cron):
 
 1. Sessions whose expiry time has passed are marked expired, even if SessionTimeout never came.
-2. Creates whose outcome was unknown are resolved (`sessions.service.resolve_pending_attempts`).
+2. Creates whose outcome was unknown are resolved (`sessions.service.resolve_pending_attempts`),
+   and callbacks stored but never applied (the database went away in between) are applied.
 3. Sessions that are active, expired recently (until one run has read them settled), or have a
    leg without an end are fetched from Plivo (GET session), oldest reconciliation first, with
    bounded concurrency under Plivo's rate limit (300 requests per 5 s; 429s are retried by the
    client honouring Retry-After). Network calls happen outside any transaction.
-4. Each answer is applied under the session's row lock: Plivo's interactions are stored, legs are
-   re-derived from callbacks and interactions together (`webhooks.legs`), recordings that no
+4. Each answer is applied under the session's row lock (`webhooks.state`): Plivo's interactions
+   are stored, legs are re-derived from callbacks and interactions together (`webhooks.legs`),
+   recordings that no
    callback reported are added, status and expiry move forward only, and Plivo's totals are kept
    beside ours so drift is visible in `reporting.session_summary`.
 
@@ -29,21 +31,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, text
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import func, text
 from sqlalchemy.engine import Connection
 
 from . import metrics
-from .models import MaskingSession, PlivoInteraction
+from .db import Database
+from .models import MaskingSession
 from .plivo.client import PlivoError, PlivoNotFound, PlivoSession, parse_time, to_decimal, to_int
-from .reporting.daily_totals import daily_totals_tracked
 from .sessions.service import Context, resolve_pending_attempts
-from .webhooks.events import refresh_counters, upsert_recording
-from .webhooks.legs import sync_session_legs
+from .webhooks.inbox import replay_stale_pending
+from .webhooks.state import COUNTERS, loaded, plan, queue_load
 
 log = logging.getLogger(__name__)
 sessions = MaskingSession.__table__
-interactions = PlivoInteraction.__table__
 
 _CALL_UUID = re.compile(r"/Call/([^/?#]+)/?$")
 _RECORDING_UUID = re.compile(r"/Recording/([^/?#.]+)(?:\.\w+)?/?$")
@@ -75,6 +75,7 @@ class RateLimiter:
 class ReconcileReport:
     marked_expired: int = 0
     attempts: dict[str, int] = field(default_factory=dict)
+    replayed: dict[str, int] = field(default_factory=dict)
     checked: int = 0
     changed: int = 0
     drift: int = 0
@@ -114,17 +115,17 @@ def _uuid(pattern: re.Pattern[str], url: Any) -> str | None:
     return match.group(1) if match else None
 
 
-def apply_plivo_session(conn: Connection, plivo: PlivoSession, now: datetime) -> bool:
-    """Fold Plivo's view of one session into ours (inside a transaction). True if anything changed."""
-    row = conn.execute(
-        select(sessions.c.id, sessions.c.call_count, sessions.c.billed_duration, sessions.c.amount,
-               sessions.c.recording_count, sessions.c.status)
-        .where(sessions.c.session_uuid == plivo.session_uuid).with_for_update()
-    ).mappings().first()
-    if row is None:
-        return False  # only sessions we know are reconciled; callbacks discover the others
-    session_id = row["id"]
-    with daily_totals_tracked(conn, session_id):
+def apply_plivo_session(db: Database, plivo: PlivoSession, now: datetime) -> tuple[bool, bool]:
+    """Fold Plivo's view of one session into ours, under its row lock. Returns (changed, drift)."""
+    with db.pg() as pg:
+        with pg.pipeline():
+            pg.execute("BEGIN")
+            cursors = queue_load(pg, plivo.session_uuid, None)
+        state = loaded(cursors)
+        if state is None:  # only sessions we know are reconciled; callbacks discover the others
+            pg.rollback()
+            return False, False
+        before = {k: state.session[k] for k in COUNTERS}
         for entry in plivo.interactions:
             started = parse_time(entry.get("start_time"))
             if started is None:
@@ -141,45 +142,34 @@ def apply_plivo_session(conn: Connection, plivo: PlivoSession, now: datetime) ->
                 "amount": to_decimal(entry.get("total_call_amount")),
                 "recording_uuid": _uuid(_RECORDING_UUID, entry.get("recording_resource_url")),
             }
-            stmt = insert(interactions).values(session_id=session_id, started_at=started, **values)
-            # Plivo's latest answer replaces the previous one (an in-progress call gains its end).
-            conn.execute(stmt.on_conflict_do_update(
-                index_elements=["session_id", "started_at"],
-                set_={k: stmt.excluded[k] for k in values} | {"fetched_at": func.now()},
-            ))
+            state.set_interaction(started, values)
             if values["recording_uuid"] and values["ended_at"]:
                 # A recording whose callback never came: Plivo lists it once the call is over.
-                upsert_recording(conn, session_id, values["recording_uuid"], "completed", {
+                state.add_recording(values["recording_uuid"], "completed", {
                     "resource_url": entry.get("recording_resource_url"),
                     "started_at": started, "ended_at": values["ended_at"],
                 })
-        sync_session_legs(conn, session_id)
-    expired = plivo.status == "expired" or (plivo.expiry_time is not None and plivo.expiry_time < now)
-    conn.execute(sessions.update().where(sessions.c.id == session_id).values(
-        status="expired" if expired or row["status"] == "expired" else sessions.c.status,
-        expired_at=func.coalesce(sessions.c.expired_at, plivo.expiry_time if expired else None),
-        expires_at=func.coalesce(plivo.expiry_time, sessions.c.expires_at),
-        virtual_number=func.coalesce(sessions.c.virtual_number, plivo.virtual_number),
-        plivo_call_count=plivo.total_call_count,
-        plivo_billed_duration=plivo.total_call_billed_duration,
-        plivo_amount=plivo.total_call_amount,
-        reconciled_at=now,
-    ))
-    refresh_counters(conn, session_id, None, plivo.last_interaction_time)
-    after = conn.execute(
-        select(sessions.c.call_count, sessions.c.billed_duration, sessions.c.amount, sessions.c.recording_count,
-               sessions.c.status).where(sessions.c.id == session_id)
-    ).mappings().one()
-    return dict(after) != {k: row[k] for k in after}
-
-
-def has_drift(conn: Connection, session_uuid: str) -> bool:
-    return bool(conn.execute(text("""
-        SELECT call_count IS DISTINCT FROM plivo_call_count
-            OR billed_duration IS DISTINCT FROM plivo_billed_duration
-            OR amount IS DISTINCT FROM plivo_amount
-          FROM masking_sessions WHERE session_uuid = :u AND reconciled_at IS NOT NULL
-    """), {"u": session_uuid}).scalar())
+        expired = plivo.status == "expired" or (plivo.expiry_time is not None and plivo.expiry_time < now)
+        session = state.session
+        state.session_updates |= {
+            "expires_at": plivo.expiry_time or session["expires_at"],
+            "virtual_number": session["virtual_number"] or plivo.virtual_number,
+            "plivo_call_count": plivo.total_call_count,
+            "plivo_billed_duration": plivo.total_call_billed_duration,
+            "plivo_amount": plivo.total_call_amount,
+            "reconciled_at": now,
+        }
+        if expired and session["status"] != "expired":  # status only moves forward
+            state.session_updates |= {"status": "expired", "expired_at": session["expired_at"] or plivo.expiry_time}
+        writes = plan(state, interaction_at=plivo.last_interaction_time)
+        with pg.pipeline():
+            for sql, params in writes:
+                pg.execute(sql, params)
+            pg.execute("COMMIT")
+    after = {k: state.session_updates.get(k, before[k]) for k in COUNTERS}
+    drift = (after["call_count"], after["billed_duration"], after["amount"]) != (
+        plivo.total_call_count, plivo.total_call_billed_duration, plivo.total_call_amount)
+    return after != before or "status" in state.session_updates, drift
 
 
 def reconcile(ctx: Context, *, now: datetime | None = None, limit: int = 3000, concurrency: int = 8,
@@ -191,6 +181,7 @@ def reconcile(ctx: Context, *, now: datetime | None = None, limit: int = 3000, c
     with ctx.db.engine.begin() as conn:
         report.marked_expired = mark_overdue_expired(conn, now)
     report.attempts = resolve_pending_attempts(ctx)
+    report.replayed = replay_stale_pending(ctx.db)
     with ctx.db.engine.connect() as conn:
         due = sessions_due(conn, now, recent=recent, limit=limit)
     lock = threading.Lock()
@@ -206,9 +197,7 @@ def reconcile(ctx: Context, *, now: datetime | None = None, limit: int = 3000, c
             outcome = "errors"
         else:
             try:
-                with ctx.db.engine.begin() as conn:
-                    changed = apply_plivo_session(conn, plivo, now)
-                    drift = has_drift(conn, session_uuid)
+                changed, drift = apply_plivo_session(ctx.db, plivo, now)
             except Exception:
                 log.exception("reconcile: could not apply Plivo's record of %s", session_uuid)
                 changed, drift, outcome = False, False, "errors"

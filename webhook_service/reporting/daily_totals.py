@@ -1,98 +1,96 @@
-"""Keep `daily_call_totals` exact: every change to a session's legs or recordings adds its delta.
+"""`daily_call_totals`: call activity per UTC day, kept exact in the transaction of every change.
 
-Usage, inside the transaction that changes the session (holding its row lock):
+Reporting a month must not scan tens of millions of legs, so every transaction that changes a
+session's legs or recordings adds the change of that session's activity (after minus before,
+`activity_delta`) to the day's rows. Deltas telescope, so the totals equal a full recount
+(`RECOUNT`) whatever the order of callbacks, replays and reconciliations; tests compare the two.
+A day is split into `SHARDS` rows (session id modulo 16) so concurrent callbacks for different
+sessions rarely queue on one row; the reporting view sums the shards.
 
-    with daily_totals_tracked(conn, session_id):
-        ...change call_legs / recordings of that session...
-
-The session's per-day activity is read before and after, and the difference is added to the
-day's shard row. Deltas telescope, so the totals equal a full recount whatever the order of
-callbacks, replays and reconciliations (a test checks exactly that).
+Definitions (the same in `session_activity_of` and in SQL below): a leg counts on the UTC day it
+started (its earliest known time); it is answered if it has an answer time; a recording that did
+not fail counts on the day it started.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 SHARDS = 16
-
-# Activity per UTC day: legs by the day they started (the earliest time known for them),
-# recordings by the day they started. `{key}` adds a grouping by session for the full recount.
-_ACTIVITY = """
-    SELECT {key} day, sum(legs) AS legs, sum(answered) AS answered, sum(billed) AS billed,
-           sum(answered_billed) AS answered_billed, sum(amount) AS amount, sum(recordings) AS recordings
-      FROM (SELECT {key} (timezone('UTC', coalesce(LEAST(initiated_at, ringing_at, answered_at, ended_at),
-                                                   created_at)))::date AS day,
-                   1 AS legs, (answered_at IS NOT NULL)::int AS answered, coalesce(billed_duration, 0) AS billed,
-                   CASE WHEN answered_at IS NOT NULL THEN coalesce(billed_duration, 0) ELSE 0 END AS answered_billed,
-                   coalesce(amount, 0) AS amount, 0 AS recordings
-              FROM call_legs WHERE {session_filter}
-            UNION ALL
-            SELECT {key} (timezone('UTC', coalesce(started_at, ended_at, created_at)))::date, 0, 0, 0, 0, 0, 1
-              FROM recordings WHERE status <> 'failed' AND {session_filter}) AS activity
-     GROUP BY {key} day
-"""
-SESSION_ACTIVITY = _ACTIVITY.format(key="", session_filter="session_id = :session_id")
-ALL_ACTIVITY = _ACTIVITY.format(key="session_id,", session_filter="true")
-
-APPLY_DELTA = f"""
-    WITH after AS ({SESSION_ACTIVITY}),
-         before AS (SELECT * FROM jsonb_to_recordset(CAST(:before AS jsonb))
-                           AS b(day date, legs bigint, answered bigint, billed bigint, answered_billed bigint,
-                                amount numeric, recordings bigint)),
-         delta AS (
-            SELECT coalesce(a.day, b.day) AS day,
-                   coalesce(a.legs, 0) - coalesce(b.legs, 0) AS legs,
-                   coalesce(a.answered, 0) - coalesce(b.answered, 0) AS answered,
-                   coalesce(a.billed, 0) - coalesce(b.billed, 0) AS billed,
-                   coalesce(a.answered_billed, 0) - coalesce(b.answered_billed, 0) AS answered_billed,
-                   coalesce(a.amount, 0) - coalesce(b.amount, 0) AS amount,
-                   coalesce(a.recordings, 0) - coalesce(b.recordings, 0) AS recordings,
-                   (coalesce(a.legs, 0) > 0)::int - (coalesce(b.legs, 0) > 0)::int AS sessions_with_calls
-              FROM after a FULL JOIN before b ON a.day = b.day)
-    INSERT INTO daily_call_totals AS t (day, shard, call_legs, answered_legs, billed_duration,
-                                        answered_billed_duration, amount, recordings, sessions_with_calls)
-    SELECT day, :shard, legs, answered, billed, answered_billed, amount, recordings, sessions_with_calls
-      FROM delta
-     WHERE (legs, answered, billed, answered_billed, amount, recordings, sessions_with_calls)
-           IS DISTINCT FROM (0, 0, 0, 0, 0, 0, 0)
-     ORDER BY day  -- one lock order for every transaction: no deadlocks between shards' days
-    ON CONFLICT (day, shard) DO UPDATE SET
-        call_legs = t.call_legs + excluded.call_legs,
-        answered_legs = t.answered_legs + excluded.answered_legs,
-        billed_duration = t.billed_duration + excluded.billed_duration,
-        answered_billed_duration = t.answered_billed_duration + excluded.answered_billed_duration,
-        amount = t.amount + excluded.amount,
-        recordings = t.recordings + excluded.recordings,
-        sessions_with_calls = t.sessions_with_calls + excluded.sessions_with_calls
-"""
+_PHASES = ("initiated_at", "ringing_at", "answered_at", "ended_at")
 
 RECOUNT = f"""
     INSERT INTO daily_call_totals (day, shard, call_legs, answered_legs, billed_duration,
                                    answered_billed_duration, amount, recordings, sessions_with_calls)
     SELECT day, (session_id % {SHARDS})::smallint, sum(legs), sum(answered), sum(billed), sum(answered_billed),
            sum(amount), sum(recordings), count(*) FILTER (WHERE legs > 0)
-      FROM ({ALL_ACTIVITY}) AS per_session
+      FROM (SELECT session_id, day, sum(legs) AS legs, sum(answered) AS answered, sum(billed) AS billed,
+                   sum(answered_billed) AS answered_billed, sum(amount) AS amount, sum(recordings) AS recordings
+              FROM (SELECT session_id,
+                           (timezone('UTC', coalesce(LEAST(initiated_at, ringing_at, answered_at, ended_at),
+                                                     created_at)))::date AS day,
+                           1 AS legs, (answered_at IS NOT NULL)::int AS answered,
+                           coalesce(billed_duration, 0) AS billed,
+                           CASE WHEN answered_at IS NOT NULL THEN coalesce(billed_duration, 0) ELSE 0 END
+                               AS answered_billed,
+                           coalesce(amount, 0) AS amount, 0 AS recordings
+                      FROM call_legs
+                    UNION ALL
+                    SELECT session_id, (timezone('UTC', coalesce(started_at, ended_at, created_at)))::date,
+                           0, 0, 0, 0, 0, 1
+                      FROM recordings WHERE status <> 'failed') AS activity
+             GROUP BY session_id, day) AS per_session
      GROUP BY day, (session_id % {SHARDS})
 """
 
-
-def session_activity(conn: Connection, session_id: int) -> list[dict]:
-    rows = conn.execute(text(SESSION_ACTIVITY), {"session_id": session_id}).mappings()
-    return [{k: (str(v) if k in ("day", "amount") else int(v)) for k, v in row.items()} for row in rows]
+_ZERO = {"legs": 0, "answered": 0, "billed": 0, "answered_billed": 0, "amount": Decimal(0), "recordings": 0}
 
 
-@contextmanager
-def daily_totals_tracked(conn: Connection, session_id: int) -> Iterator[None]:
-    before = session_activity(conn, session_id)
-    yield
-    conn.execute(text(APPLY_DELTA), {"session_id": session_id, "shard": session_id % SHARDS,
-                                     "before": json.dumps(before)})
+def _day(moment: datetime) -> date:
+    return moment.astimezone(UTC).date()
+
+
+def session_activity_of(legs: Iterable[Mapping[str, Any]], recordings: Iterable[Mapping[str, Any]]
+                        ) -> dict[date, dict[str, Any]]:
+    """One session's activity per UTC day, from its legs and recordings (as `RECOUNT` counts it)."""
+    days: dict[date, dict[str, Any]] = {}
+    for leg in legs:
+        times = [leg[c] for c in _PHASES if leg.get(c) is not None]
+        if not times:
+            continue  # every derived leg has at least one time
+        row = days.setdefault(_day(min(times)), dict(_ZERO))
+        billed = leg.get("billed_duration") or 0
+        row["legs"] += 1
+        row["billed"] += billed
+        row["amount"] += leg.get("amount") or Decimal(0)
+        if leg.get("answered_at") is not None:
+            row["answered"] += 1
+            row["answered_billed"] += billed
+    for recording in recordings:
+        if recording["status"] == "failed":
+            continue
+        moment = recording.get("started_at") or recording.get("ended_at") or recording["created_at"]
+        days.setdefault(_day(moment), dict(_ZERO))["recordings"] += 1
+    return days
+
+
+def activity_delta(before: Mapping[date, Mapping[str, Any]], after: Mapping[date, Mapping[str, Any]]
+                   ) -> list[dict[str, Any]]:
+    """The rows to add to the totals (JSON-ready), one per day whose numbers changed."""
+    rows = []
+    for day in sorted(set(before) | set(after)):
+        old, new = before.get(day, _ZERO), after.get(day, _ZERO)
+        row = {key: new[key] - old[key] for key in _ZERO}
+        row["sessions_with_calls"] = int(new["legs"] > 0) - int(old["legs"] > 0)
+        if any(row.values()):
+            rows.append({"day": day.isoformat(), **row, "amount": str(row["amount"])})
+    return rows
 
 
 def recount_daily_totals(conn: Connection) -> None:

@@ -1,4 +1,16 @@
-"""The callback inbox: store each verified callback once, then apply it; replay what failed."""
+"""The callback inbox: store each verified callback once, then apply it; replay what did not apply.
+
+The hot path, in two round trips to Postgres for a new callback (psycopg pipelines):
+
+1. INSERT the callback into the inbox (its own autocommitted statement: the callback is safe
+   from here on, and a redelivery hits the unique dedupe key and stops), then BEGIN, lock the
+   session and read its facts (`state.queue_load`);
+2. write what the event changes (`state.plan`), mark the inbox row applied, COMMIT.
+
+If applying fails, the transaction rolls back and the inbox row keeps the error (`failed`); if the
+database goes away in between, the row stays `pending`. Both are re-applied by `replay`, which
+the worker runs every minute for pending rows and operators run for failed ones after a fix.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +22,35 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, text, update
-from sqlalchemy.dialects.postgresql import insert
+import psycopg
+from psycopg.types.json import Jsonb
+from sqlalchemy import and_, func, or_, select, text
 
 from .. import metrics
 from ..db import Database, is_database_unavailable
 from ..models import CallbackInbox
-from .events import apply_callback
+from .events import NOT_INTERACTIONS, Event, apply_event, handler_for
+from .state import SessionState, loaded, plan, queue_load
 
 log = logging.getLogger(__name__)
 inbox = CallbackInbox.__table__
+
+INSERT_INBOX = """
+    INSERT INTO callback_inbox (endpoint, method, content_type, params, nonce, dedupe_key, event_name,
+                                session_uuid, status)
+    VALUES (%(endpoint)s, %(method)s, %(content_type)s, %(params)s, %(nonce)s, %(dedupe_key)s, %(event_name)s,
+            %(session_uuid)s, %(status)s)
+    ON CONFLICT (dedupe_key) DO NOTHING
+    RETURNING id
+"""
+MARK_APPLIED = """
+    UPDATE callback_inbox SET status = 'applied', error = NULL, attempts = attempts + 1, applied_at = now()
+     WHERE id = %(id)s
+"""
+MARK_IGNORED = "UPDATE callback_inbox SET status = 'ignored', applied_at = now() WHERE id = %(id)s"
+MARK_FAILED = """
+    UPDATE callback_inbox SET status = 'failed', error = %(error)s, attempts = attempts + 1 WHERE id = %(id)s
+"""
 
 
 def dedupe_key(endpoint: str, params: Mapping[str, Any]) -> str:
@@ -33,53 +64,95 @@ def _text(params: Mapping[str, Any], name: str) -> str | None:
     return value[:200] if isinstance(value, str) else None
 
 
+def _apply(pg: psycopg.Connection, state: SessionState | None, endpoint: str, event: Event, inbox_id: int) -> str:
+    """Apply `event` to the loaded, locked `state` and commit; on error keep the error on the row."""
+    try:
+        if state is None:
+            raise LookupError(f"session {event.session_uuid} could not be loaded")
+        apply_event(state, endpoint, event)
+        writes = plan(state, interaction_at=event.at if endpoint == "session" and event.name not in NOT_INTERACTIONS
+                      else None)
+        with pg.pipeline():
+            for sql, params in writes:
+                pg.execute(sql, params)
+            pg.execute(MARK_APPLIED, {"id": inbox_id})
+            pg.execute("COMMIT")
+        return "applied"
+    except Exception as exc:
+        if is_database_unavailable(exc) or pg.broken or pg.closed:
+            raise  # the row stays pending: stored, and replayed once the database is back
+        log.exception("callback %s could not be applied", inbox_id)
+        pg.rollback()
+        pg.execute(MARK_FAILED, {"id": inbox_id, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+        return "failed"
+
+
 def receive(db: Database, endpoint: str, method: str, content_type: str | None, params: Mapping[str, Any],
             nonce: str | None) -> str:
     """Store the callback (committed on its own), then apply it. Returns the outcome.
 
-    Outcomes: "duplicate" (already stored: nothing happens), "applied", "ignored" (unknown event),
-    "failed" (stored with the error, for `flask callbacks replay`), "stored" (the database went
-    away after the row was committed: it is safe, and replay will apply it).
+    Outcomes: "duplicate" (already stored: nothing happens), "applied", "ignored" (an event we
+    do not act on, or no session named), "failed" (stored with the error, for replay), "stored"
+    (the database went away after the row was committed: it is safe, and replay applies it).
     """
     now = datetime.now(UTC)
-    with db.engine.connect() as conn:
-        inbox_id = conn.execute(
-            insert(inbox).values(
-                endpoint=endpoint, method=method, content_type=content_type, params=dict(params), nonce=nonce,
-                dedupe_key=dedupe_key(endpoint, params), event_name=_text(params, "EventName"),
-                session_uuid=_text(params, "SessionUUID"),
-            ).on_conflict_do_nothing(index_elements=["dedupe_key"]).returning(inbox.c.id)
-        ).scalar()
-        conn.commit()
-    if inbox_id is None:
-        metrics.CALLBACKS.labels(endpoint, "duplicate").inc()
-        return "duplicate"
-    outcome = apply_stored(db, inbox_id, endpoint, params, now)
+    event = Event.parse(params, now)
+    handled = handler_for(endpoint, event) is not None
+    row = {
+        "endpoint": endpoint, "method": method, "content_type": content_type, "params": Jsonb(dict(params)),
+        "nonce": nonce, "dedupe_key": dedupe_key(endpoint, params), "event_name": _text(params, "EventName"),
+        "session_uuid": _text(params, "SessionUUID"), "status": "pending" if handled else "ignored",
+    }
+    with db.pg() as pg:
+        with pg.pipeline():
+            # Explicit BEGIN/COMMIT: in a pipeline, statements up to the next sync share one implicit
+            # transaction, which the apply step's BEGIN would otherwise extend over the inbox row.
+            pg.execute("BEGIN")
+            stored = pg.execute(INSERT_INBOX, row)
+            pg.execute("COMMIT")
+            if handled:
+                assert event is not None
+                pg.execute("BEGIN")
+                cursors = queue_load(pg, event.session_uuid, event.discovered())
+        inbox_id = stored.fetchone()
+        if inbox_id is None:
+            if handled:
+                pg.rollback()
+            outcome = "duplicate"
+        elif not handled:
+            outcome = "ignored"
+        else:
+            assert event is not None
+            try:
+                outcome = _apply(pg, loaded(cursors), endpoint, event, inbox_id[0])
+            except Exception as exc:
+                if not is_database_unavailable(exc):
+                    raise
+                log.warning("callback %s stored but not applied: database unavailable", inbox_id[0])
+                outcome = "stored"
     metrics.CALLBACKS.labels(endpoint, outcome).inc()
     return outcome
 
 
 def apply_stored(db: Database, inbox_id: int, endpoint: str, params: Mapping[str, Any],
                  received_at: datetime) -> str:
-    """Apply a stored callback in one transaction; on failure keep the error on its inbox row."""
+    """Apply (again) a stored callback from its stored parameters. Idempotent."""
+    event = Event.parse(params, received_at)
     try:
-        with db.engine.begin() as conn:
-            outcome = apply_callback(conn, endpoint, params, received_at)
-            conn.execute(update(inbox).where(inbox.c.id == inbox_id).values(
-                status=outcome, error=None, attempts=inbox.c.attempts + 1, applied_at=func.now()))
-        return outcome
+        with db.pg() as pg:
+            if handler_for(endpoint, event) is None:
+                pg.execute(MARK_IGNORED, {"id": inbox_id})
+                return "ignored"
+            assert event is not None
+            with pg.pipeline():
+                pg.execute("BEGIN")
+                cursors = queue_load(pg, event.session_uuid, event.discovered())
+            return _apply(pg, loaded(cursors), endpoint, event, inbox_id)
     except Exception as exc:
-        if is_database_unavailable(exc):
-            log.warning("callback %s stored but not applied: database unavailable", inbox_id)
-            return "stored"
-        log.exception("callback %s could not be applied", inbox_id)
-        try:
-            with db.engine.begin() as conn:
-                conn.execute(update(inbox).where(inbox.c.id == inbox_id).values(
-                    status="failed", error=f"{type(exc).__name__}: {exc}"[:2000], attempts=inbox.c.attempts + 1))
-        except Exception:  # noqa: BLE001 - the row stays pending; replay picks it up
-            log.warning("callback %s: could not record the failure either", inbox_id)
-        return "failed"
+        if not is_database_unavailable(exc):
+            raise
+        log.warning("callback %s not replayed: database unavailable", inbox_id)
+        return "stored"
 
 
 def replay(db: Database, *, ids: Iterable[int] = (), failed: bool = False, since: datetime | None = None,
@@ -99,17 +172,23 @@ def replay(db: Database, *, ids: Iterable[int] = (), failed: bool = False, since
     if failed:
         conditions.append(inbox.c.status == "failed")
     if not conditions:
-        stale = datetime.now(UTC) - pending_older_than
-        conditions.append(or_(inbox.c.status == "failed",
-                              (inbox.c.status == "pending") & (inbox.c.received_at < stale)))
+        conditions.append(pending_or_failed(pending_older_than))
+    return _replay_where(db, and_(*conditions))
+
+
+def pending_or_failed(pending_older_than: timedelta, *, include_failed: bool = True):
+    stale = (inbox.c.status == "pending") & (inbox.c.received_at < datetime.now(UTC) - pending_older_than)
+    return or_(inbox.c.status == "failed", stale) if include_failed else stale
+
+
+def _replay_where(db: Database, condition) -> dict[str, int]:
     counts: dict[str, int] = {}
     last_id = 0
     while True:  # in batches, so a large replay never holds a big result in memory
         with db.engine.connect() as conn:
             batch = conn.execute(
                 select(inbox.c.id, inbox.c.endpoint, inbox.c.params, inbox.c.received_at)
-                .where(and_(*conditions), inbox.c.id > last_id)
-                .order_by(inbox.c.id).limit(500)
+                .where(condition, inbox.c.id > last_id).order_by(inbox.c.id).limit(500)
             ).all()
         if not batch:
             return counts
@@ -117,6 +196,11 @@ def replay(db: Database, *, ids: Iterable[int] = (), failed: bool = False, since
             outcome = apply_stored(db, row.id, row.endpoint, row.params, row.received_at)
             counts[outcome] = counts.get(outcome, 0) + 1
             last_id = row.id
+
+
+def replay_stale_pending(db: Database, older_than: timedelta = timedelta(seconds=60)) -> dict[str, int]:
+    """Apply callbacks stored but never applied (the database went away in between); for the worker."""
+    return _replay_where(db, pending_or_failed(older_than, include_failed=False))
 
 
 def failed_count(db: Database) -> int:

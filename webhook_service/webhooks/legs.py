@@ -2,7 +2,7 @@
 
 Facts are the callbacks' leg events (`leg_events`) and Plivo's own interaction records
 (`plivo_interactions`, written by reconciliation). The legs are re-derived from all of them
-whenever one changes, inside the transaction that holds the session's row lock:
+whenever one changes, inside the transaction that holds the session's row lock (`state.py`):
 
 1. Plivo's masking callbacks carry no call UUID, so a leg is known by its party and its end:
    each terminal event (Hangup, Complete, Failed) ends one leg and carries its billing.
@@ -24,15 +24,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import func, select
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.engine import Connection
-
-from ..models import PARTIES, CallLeg, LegEvent, PlivoInteraction
-
-legs_table = CallLeg.__table__
-events_table = LegEvent.__table__
-interactions_table = PlivoInteraction.__table__
+from ..models import PARTIES
 
 MATCH_WINDOW = timedelta(seconds=10)
 PHASE_COLUMNS = {"initiated": "initiated_at", "ringing": "ringing_at", "answered": "answered_at"}
@@ -128,54 +120,3 @@ def build_legs(events: Iterable[Mapping[str, Any]], interactions: Iterable[Mappi
             target.phases.append(phase)
         legs += party_legs + ([open_leg] if open_leg.phases else [])
     return [leg.row() for leg in legs]
-
-
-def _differs(existing: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
-    return any(existing[c] != wanted[c] for c in LEG_COLUMNS)
-
-
-def sync_session_legs(conn: Connection, session_id: int) -> None:
-    """Make the session's `call_legs` rows equal `build_legs` of its facts (the session is locked)."""
-    events = conn.execute(select(events_table).where(events_table.c.session_id == session_id)).mappings().all()
-    interactions = conn.execute(
-        select(interactions_table).where(interactions_table.c.session_id == session_id)
-    ).mappings().all()
-    wanted = build_legs(events, interactions)
-    existing = conn.execute(
-        select(legs_table.c.id, *(legs_table.c[c] for c in LEG_COLUMNS))
-        .where(legs_table.c.session_id == session_id)
-        .order_by(legs_table.c.party, legs_table.c.ended_at.asc().nulls_last(), legs_table.c.id)
-    ).mappings().all()
-    # Pair rows by party and end first, then the rest of a party's rows in order, so most changes
-    # are in-place updates and a row keeps its id when its leg gains an end.
-    remaining = list(existing)
-    pairs: list[tuple[dict[str, Any], Mapping[str, Any] | None]] = []
-    for leg in wanted:
-        row = next((r for r in remaining if (r["party"], r["ended_at"]) == (leg["party"], leg["ended_at"])), None)
-        if row is not None:
-            remaining.remove(row)
-        pairs.append((leg, row))
-    for i, (leg, row) in enumerate(pairs):
-        if row is None:
-            row = next((r for r in remaining if r["party"] == leg["party"]), None)
-            if row is not None:
-                remaining.remove(row)
-                pairs[i] = (leg, row)
-    for leg, row in pairs:
-        if row is None:
-            conn.execute(insert(legs_table).values(session_id=session_id, **leg))
-        elif _differs(row, leg):
-            conn.execute(legs_table.update().where(legs_table.c.id == row["id"]).values(**leg, updated_at=func.now()))
-    if remaining:
-        conn.execute(legs_table.delete().where(legs_table.c.id.in_([r["id"] for r in remaining])))
-
-
-def record_leg_event(conn: Connection, session_id: int, party: str, kind: str, at: datetime,
-                     facts: Mapping[str, Any]) -> None:
-    """Store one callback fact (a replay only fills gaps) and re-derive the session's legs."""
-    values = {k: v for k, v in facts.items() if v is not None}
-    stmt = insert(events_table).values(session_id=session_id, party=party, kind=kind, at=at, **values)
-    fill = {k: func.coalesce(events_table.c[k], stmt.excluded[k]) for k in values}
-    conn.execute(stmt.on_conflict_do_update(index_elements=["session_id", "party", "kind", "at"], set_=fill)
-                 if fill else stmt.on_conflict_do_nothing())
-    sync_session_legs(conn, session_id)
