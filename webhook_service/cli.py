@@ -11,6 +11,8 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup
 
+from .reporting.cli import report_cli
+
 db_cli = AppGroup("db", help="Database schema.")
 sessions_cli = AppGroup("sessions", help="Masking sessions.")
 callbacks_cli = AppGroup("callbacks", help="Stored Plivo callbacks (the inbox).")
@@ -102,3 +104,4 @@ def register_cli(app: Flask) -> None:
     app.cli.add_command(db_cli)
     app.cli.add_command(sessions_cli)
     app.cli.add_command(callbacks_cli)
+    app.cli.add_command(report_cli)

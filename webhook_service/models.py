@@ -69,6 +69,9 @@ class MaskingSession(Base):
         Index("ix_masking_sessions_second_party", "second_party"),
         Index("ix_masking_sessions_virtual_number", "virtual_number"),
         Index("ix_masking_sessions_status", "status"),
+        # reporting.call_activity_daily groups and filters sessions by their UTC creation day.
+        Index("ix_masking_sessions_created_day", text("((timezone('UTC', created_at))::date)"),
+              postgresql_include=["created_at"]),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
