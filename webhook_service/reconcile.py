@@ -154,6 +154,8 @@ def apply_plivo_session(db: Database, plivo: PlivoSession, now: datetime) -> tup
         state.session_updates |= {
             "expires_at": plivo.expiry_time or session["expires_at"],
             "virtual_number": session["virtual_number"] or plivo.virtual_number,
+            # A session discovered by callback learns when Plivo created it.
+            "plivo_created_at": session["plivo_created_at"] or plivo.created_time,
             "plivo_call_count": plivo.total_call_count,
             "plivo_billed_duration": plivo.total_call_billed_duration,
             "plivo_amount": plivo.total_call_amount,

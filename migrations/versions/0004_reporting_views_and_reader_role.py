@@ -120,22 +120,36 @@ def upgrade() -> None:
         op.execute(f"CREATE VIEW reporting.{name} AS {query}")
         op.execute(f"COMMENT ON VIEW reporting.{name} IS '{COMMENTS[name]}'")
     # Roles belong to the cluster, not the database: another database on the server (a test or
-    # staging copy) may have created it already, possibly at the same moment as this one.
+    # staging copy) may have created it already, possibly at the same moment as this one. On a
+    # managed Postgres where the migrating user may not create roles, the views are still made
+    # and a notice says so: an administrator creates the role, then re-runs the grants below.
     op.execute(f"""
         DO $$
         BEGIN
             IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{READER}') THEN
                 CREATE ROLE {READER} NOLOGIN;
             END IF;
-        EXCEPTION WHEN duplicate_object OR unique_violation THEN
-            NULL;  -- created concurrently by another database's migration
+        EXCEPTION
+            WHEN duplicate_object OR unique_violation THEN
+                NULL;  -- created concurrently by another database's migration
+            WHEN insufficient_privilege THEN
+                RAISE NOTICE 'cannot create role {READER} (no CREATEROLE): create it, then grant it '
+                             'USAGE on schema reporting and SELECT on its views';
         END
         $$
     """)
-    op.execute(f"GRANT USAGE ON SCHEMA reporting TO {READER}")
-    op.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA reporting TO {READER}")
-    # Views added to the schema later by this migration's role are readable too.
-    op.execute(f"ALTER DEFAULT PRIVILEGES IN SCHEMA reporting GRANT SELECT ON TABLES TO {READER}")
+    op.execute(f"""
+        DO $$
+        BEGIN
+            IF EXISTS (SELECT FROM pg_roles WHERE rolname = '{READER}') THEN
+                GRANT USAGE ON SCHEMA reporting TO {READER};
+                GRANT SELECT ON ALL TABLES IN SCHEMA reporting TO {READER};
+                -- Views added to the schema later by this migration's role are readable too.
+                ALTER DEFAULT PRIVILEGES IN SCHEMA reporting GRANT SELECT ON TABLES TO {READER};
+            END IF;
+        END
+        $$
+    """)
 
 
 def downgrade() -> None:
