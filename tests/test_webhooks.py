@@ -16,6 +16,7 @@ from webhook_service import create_app
 from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
 from webhook_service.reporting.daily_totals import recount_daily_totals
 from webhook_service.settings import SANDBOX_AUTH_TOKEN
+from webhook_service.webhooks.inbox import dedupe_key
 
 from .helpers import API_TOKEN, FIRST, SECOND, make_settings, unavailable_database_url
 
@@ -170,6 +171,26 @@ def test_every_callback_sent_three_times_counts_once(live, sandbox, engine):
             assert response.status_code == 200 and response.json() == {"status": "duplicate"}
     assert snapshot(engine, uuid) == once
     assert len(inbox_rows(engine)) == len(callbacks)
+
+
+def test_a_redelivery_of_a_callback_stored_but_never_applied_applies_it(live, sandbox, engine):
+    # A worker died (or the database went away) between storing the callback and applying it.
+    uuid = create_session(live)
+    callbacks = play(sandbox, uuid, deliver=False)["callbacks"]
+    cut_off = callbacks[-1]
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO callback_inbox (endpoint, method, params, dedupe_key, event_name, session_uuid) "
+            "VALUES ('session', 'POST', CAST(:params AS jsonb), :key, :name, :uuid)"
+        ), {"params": json.dumps(cut_off["params"]), "key": dedupe_key("session", cut_off["params"]),
+            "name": cut_off["params"]["EventName"], "uuid": uuid})
+    for callback in callbacks[:-1]:
+        assert send(callback).json() == {"status": "applied"}
+    assert send(cut_off).json() == {"status": "applied"}  # Plivo's retry completes the record
+    assert send(cut_off).json() == {"status": "duplicate"}
+    assert [r.status for r in inbox_rows(engine)] == ["applied"] * len(callbacks)
+    body = requests.get(f"{live.url}/v1/sessions/{uuid}", headers=AUTH, timeout=10).json()
+    assert body["call_count"] == 2 and all(leg["ended_at"] for leg in body["call_legs"])
 
 
 def test_a_redelivery_with_a_new_nonce_is_still_a_duplicate(live, sandbox, engine):

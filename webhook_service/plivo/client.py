@@ -3,8 +3,8 @@
 Why not Plivo's SDK: it hard-codes api.plivo.com, keeps per-request retry state on a shared
 client, and retries POST create on 5xx, which can create a duplicate paid session (see the
 reference §12). Here: one pooled `requests.Session` per process, explicit connect/read timeouts,
-reads and expires retried with backoff on 5xx, 429 (honouring Retry-After) and connection
-errors, and creates never retried.
+reads and expires retried with backoff on 5xx, 429 (honouring Retry-After) and dropped
+connections within a total time budget, and creates never retried.
 """
 
 from __future__ import annotations
@@ -197,6 +197,9 @@ class PlivoClient:
     ):
         self.base = f"{base_url.rstrip('/')}/v1/Account/{auth_id}/Masking/Session"
         self.timeout = (connect_timeout, read_timeout)
+        # Every call, retries included, ends within this many seconds: well inside gunicorn's
+        # 30 s worker timeout with the default timeouts (2 × (3.05 + 10) ≈ 26 s).
+        self.budget = 2 * (connect_timeout + read_timeout)
         self.max_retries = max_retries
         self._sleep = sleep
         self.http = requests.Session()
@@ -239,14 +242,25 @@ class PlivoClient:
     # Transport -----------------------------------------------------------------------------
 
     def _call(self, op: str, method: str, url: str, *, retry: bool, **kwargs: Any) -> dict[str, Any]:
+        """One Plivo call with its retries, all within `budget` seconds (2 × connect + read timeout).
+
+        Retried (reads and expires only): 5xx, 429 (after Retry-After) and connections refused,
+        reset or not accepted in time. Not retried: read timeouts, since a Plivo too slow once will not answer the same
+        request faster within the caller's patience; the next request or reconciliation run will.
+        """
         attempts = 1 + (self.max_retries if retry else 0)
+        deadline = time.monotonic() + self.budget
         for attempt in range(1, attempts + 1):
             started = time.perf_counter()
+            remaining = deadline - time.monotonic()
+            timeout = (min(self.timeout[0], remaining), min(self.timeout[1], remaining))
+            retryable = False
             try:
-                response = self.http.request(method, url, timeout=self.timeout, **kwargs)
+                response = self.http.request(method, url, timeout=timeout, **kwargs)
             except requests.ConnectTimeout as exc:
                 error: PlivoError = PlivoUnavailable(f"Plivo did not accept a connection in time ({op})")
-                cause: Exception = exc
+                cause: Exception | None = exc
+                retryable = True
             except requests.ReadTimeout as exc:
                 error, cause = PlivoTimeout(f"Plivo did not answer in time ({op})", sent=True), exc
             except requests.ConnectionError as exc:
@@ -257,29 +271,34 @@ class PlivoClient:
                     error = PlivoUnavailable(f"Plivo could not be reached ({op})")
                 else:
                     error = PlivoTimeout(f"Plivo dropped the connection ({op})", sent=True)
-                cause = exc
+                cause, retryable = exc, True
             else:
                 metrics.PLIVO_LATENCY.labels(op).observe(time.perf_counter() - started)
                 if response.status_code < 400:
                     metrics.PLIVO_CALLS.labels(op, "ok").inc()
                     return self._json(response, op)
-                error = self._http_error(response, op)
-                cause = None  # type: ignore[assignment]
+                error, cause = self._http_error(response, op), None
                 retryable = response.status_code == 429 or response.status_code >= 500
-                if retry and retryable and attempt < attempts:
+                wait = self._backoff(attempt, response.headers.get("Retry-After"))
+                if retry and retryable and attempt < attempts and self._fits(deadline, wait):
                     metrics.PLIVO_CALLS.labels(op, f"retry_{response.status_code}").inc()
-                    self._sleep(self._backoff(attempt, response.headers.get("Retry-After")))
+                    self._sleep(wait)
                     continue
                 metrics.PLIVO_CALLS.labels(op, f"http_{response.status_code}").inc()
                 raise error
             metrics.PLIVO_LATENCY.labels(op).observe(time.perf_counter() - started)
-            if retry and attempt < attempts:
+            wait = self._backoff(attempt, None)
+            if retry and retryable and attempt < attempts and self._fits(deadline, wait):
                 metrics.PLIVO_CALLS.labels(op, "retry_network").inc()
-                self._sleep(self._backoff(attempt, None))
+                self._sleep(wait)
                 continue
             metrics.PLIVO_CALLS.labels(op, type(error).__name__).inc()
             raise error from cause
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _fits(self, deadline: float, wait: float) -> bool:
+        """Is there time for a wait and one more full attempt before the deadline?"""
+        return time.monotonic() + wait + sum(self.timeout) <= deadline
 
     @staticmethod
     def _json(response: requests.Response, op: str) -> dict[str, Any]:
@@ -318,7 +337,7 @@ class PlivoClient:
     def _backoff(attempt: int, retry_after: str | None) -> float:
         if retry_after:
             try:
-                return min(max(float(retry_after), 0.0), 30.0)
+                return min(max(float(retry_after), 0.0), 10.0)
             except ValueError:
                 pass
         # Exponential with full jitter: 0–0.25 s, 0–0.5 s, 0–1 s, … capped at 4 s.

@@ -35,12 +35,16 @@ from .state import SessionState, loaded, plan, queue_load
 log = logging.getLogger(__name__)
 inbox = CallbackInbox.__table__
 
+# A redelivery of a callback already applied (or ignored) returns no row: it is a duplicate. A
+# redelivery of one stored but not applied (its first delivery was cut off by a worker's death
+# or the database going away, or applying it failed) returns the stored row, to apply it now:
+# Plivo's retry then completes the record instead of waiting for the worker's replay.
 INSERT_INBOX = """
-    INSERT INTO callback_inbox (endpoint, method, content_type, params, nonce, dedupe_key, event_name,
-                                session_uuid, status)
+    INSERT INTO callback_inbox AS inbox (endpoint, method, content_type, params, nonce, dedupe_key,
+                                         event_name, session_uuid, status)
     VALUES (%(endpoint)s, %(method)s, %(content_type)s, %(params)s, %(nonce)s, %(dedupe_key)s, %(event_name)s,
             %(session_uuid)s, %(status)s)
-    ON CONFLICT (dedupe_key) DO NOTHING
+    ON CONFLICT (dedupe_key) DO UPDATE SET attempts = inbox.attempts WHERE inbox.status IN ('pending', 'failed')
     RETURNING id
 """
 MARK_APPLIED = """
