@@ -21,9 +21,25 @@ run: install
 test: install
 	$(PY) -m pytest
 
+# The fault drills alone (also part of `test`): Postgres restarted and a worker SIGKILLed mid-load,
+# two instances on one database, Plivo slow or down; each fails if a callback is lost or doubled.
+.PHONY: drills
+drills: install
+	$(PY) -m pytest -m slow tests/drills -v
+
 lint: install
 	$(VENV)/bin/ruff check .
 
 # Stop the embedded development Postgres and delete its data.
 clean-db: install
 	$(PY) -c "from webhook_service.devdb import stop; stop(delete=True)"
+
+# The webhook path's req/s, p50/p99 and worker RSS beside three baselines (bench/webhooks.py), with
+# Debian's wrk as the load tool (installed when missing). Prints one table; takes several minutes.
+bench-webhooks: install
+	command -v wrk || (apt-get update && apt-get install -y wrk)
+	$(PY) bench/webhooks.py
+
+# The reporting queries at 100 000 sessions / 1 000 000 legs, beside the raw tables (bench/reporting.py).
+bench-reporting: install
+	$(PY) bench/reporting.py

@@ -180,8 +180,8 @@ def test_a_redelivery_of_a_callback_stored_but_never_applied_applies_it(live, sa
     cut_off = callbacks[-1]
     with engine.begin() as conn:
         conn.execute(text(
-            "INSERT INTO callback_inbox (endpoint, method, params, dedupe_key, event_name, session_uuid) "
-            "VALUES ('session', 'POST', CAST(:params AS jsonb), :key, :name, :uuid)"
+            "INSERT INTO callback_inbox (received_at, endpoint, method, params, dedupe_key, event_name, session_uuid) "
+            "VALUES (now() - interval '1 minute', 'session', 'POST', CAST(:params AS jsonb), :key, :name, :uuid)"
         ), {"params": json.dumps(cut_off["params"]), "key": dedupe_key("session", cut_off["params"]),
             "name": cut_off["params"]["EventName"], "uuid": uuid})
     for callback in callbacks[:-1]:

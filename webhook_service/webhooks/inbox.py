@@ -38,13 +38,15 @@ inbox = CallbackInbox.__table__
 # A redelivery of a callback already applied (or ignored) returns no row: it is a duplicate. A
 # redelivery of one stored but not applied (its first delivery was cut off by a worker's death
 # or the database going away, or applying it failed) returns the stored row, to apply it now:
-# Plivo's retry then completes the record instead of waiting for the worker's replay.
+# Plivo's retry then completes the record instead of waiting for the worker's replay. A row
+# pending for under 5 s is left alone: its first delivery is most likely being applied right now.
 INSERT_INBOX = """
     INSERT INTO callback_inbox AS inbox (endpoint, method, content_type, params, nonce, dedupe_key,
                                          event_name, session_uuid, status)
     VALUES (%(endpoint)s, %(method)s, %(content_type)s, %(params)s, %(nonce)s, %(dedupe_key)s, %(event_name)s,
             %(session_uuid)s, %(status)s)
-    ON CONFLICT (dedupe_key) DO UPDATE SET attempts = inbox.attempts WHERE inbox.status IN ('pending', 'failed')
+    ON CONFLICT (dedupe_key) DO UPDATE SET attempts = inbox.attempts
+     WHERE inbox.status = 'failed' OR (inbox.status = 'pending' AND inbox.received_at < now() - interval '5 seconds')
     RETURNING id
 """
 MARK_APPLIED = """

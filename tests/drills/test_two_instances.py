@@ -1,0 +1,85 @@
+"""Drill: two gunicorn instances (two machines behind a load balancer) on one database.
+
+Both run with the same PUBLIC_BASE_URL, the load balancer's address, which is what Plivo signs;
+each callback is delivered three times, to either instance, the copies from different sender
+threads at about the same moment, the callbacks of every session interleaved and out of order.
+Each callback must be applied exactly once (one "applied" answer, every other copy a
+"duplicate"), and the totals must be exact.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from .harness import (
+    Load,
+    check_exact,
+    create_sessions,
+    endpoint_of,
+    generate_callbacks,
+    percentile,
+    plivo_totals,
+    received_params,
+    reference_snapshots,
+    service_env,
+    split,
+    tally,
+)
+
+LOAD_BALANCER = "https://masking.drill.invalid"  # signed by Plivo, never connected to
+SESSIONS = 10
+CALLS = 4  # per session: about 270 callbacks, each sent 3 times
+COPIES = 3
+SENDERS = 8
+
+
+@pytest.mark.slow
+def test_two_instances_one_database(drill_cluster, drill_db, drill_engine, drill_sandbox, start_service,
+                                    drill_report):
+    env = service_env(drill_db, drill_sandbox.url, LOAD_BALANCER)
+    instances = [start_service(env, name, wait=False) for name in ("a", "b")]
+    for instance in instances:
+        instance.wait_started()
+    a, b = instances
+    # Sessions created through either instance; all their calls' callbacks are signed for the balancer.
+    uuids = create_sessions(a.url, SESSIONS // 2) + create_sessions(b.url, SESSIONS - SESSIONS // 2,
+                                                                    first=SESSIONS // 2)
+    callbacks = generate_callbacks(drill_sandbox, uuids, CALLS)
+    assert all(c["url"].startswith(LOAD_BALANCER) for c in callbacks)
+    expected = plivo_totals(drill_sandbox, uuids, callbacks)
+    reference = reference_snapshots(drill_cluster, env, [(endpoint_of(c), received_params(c)) for c in callbacks],
+                                    uuids)
+
+    drill_report.phase("setup")
+
+    # The copies of a callback are neighbours in the job list, so `split` deals them to different
+    # senders at the same position: they race each other, to different instances.
+    order = list(range(len(callbacks)))
+    chooser = random.Random(5)
+    chooser.shuffle(order)
+    jobs = []
+    for n, i in enumerate(order):
+        targets = [instances[(n + copy) % 2].url for copy in range(COPIES - 1)] + [chooser.choice(instances).url]
+        jobs += [(i, callbacks[i], target) for target in targets]
+    answers = Load(split(jobs, SENDERS)).start().join()
+    drill_report.phase("load")
+
+    per_instance = {s.name: tally(x for x in answers if x.target == s.url) for s in instances}
+    firsts = [x.index for x in answers if x.outcome != "duplicate"]
+    latencies = [x.latency for x in answers]
+    drill_report.update({
+        "sessions": SESSIONS, "callbacks": len(callbacks), "deliveries": len(answers), "senders": SENDERS,
+        "answers by instance": per_instance,
+        "latency p50 / p99 / max, s": tuple(round(v, 3) for v in (percentile(latencies, 0.5),
+                                                                  percentile(latencies, 0.99), max(latencies))),
+    })
+    assert all(x.kind == "2xx" for x in answers), tally(answers)
+    # Exactly one delivery of each callback applied it; all the others found it already stored.
+    assert sorted(firsts) == list(range(len(callbacks))), tally(answers)
+    assert {x.outcome for x in answers} == {"applied", "duplicate"}, tally(answers)
+
+    problems = check_exact(drill_engine, callbacks, expected, reference)
+    drill_report.phase("verify")
+    assert not problems, "\n".join(problems)
