@@ -58,12 +58,14 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     _register_request_logging(app)
 
     from .health import bp as health_bp
+    from .openapi import bp as openapi_bp
     from .sessions.views import bp as sessions_bp
     from .webhooks.views import bp as webhooks_bp
 
     app.register_blueprint(health_bp)
     app.register_blueprint(sessions_bp)
     app.register_blueprint(webhooks_bp)
+    app.register_blueprint(openapi_bp)
 
     from .cli import register_cli
 

@@ -114,21 +114,22 @@ def normalise_number(value: Any) -> str | None:
 
 
 def to_decimal(value: Any) -> Decimal | None:
+    """A finite decimal (money), or None for anything else ("NaN", "Infinity", "", garbage)."""
     if value is None or value == "":
         return None
     try:
-        return Decimal(str(value))
+        number = Decimal(str(value))
     except InvalidOperation:
         return None
+    return number if number.is_finite() and abs(number) < Decimal("1e9") else None
 
 
 def to_int(value: Any) -> int | None:
-    if value is None or value == "":
+    """A count or a number of seconds: a whole number from 0 to 2**31 - 1, or None."""
+    number = to_decimal(value)
+    if number is None or not 0 <= number <= 2**31 - 1:
         return None
-    try:
-        return int(Decimal(str(value)))
-    except (InvalidOperation, ValueError):
-        return None
+    return int(number)
 
 
 @dataclass(frozen=True)

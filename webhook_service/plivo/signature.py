@@ -107,8 +107,9 @@ def verify_signature(
         return False
     try:
         expected = [compute_signature(method, uri, params, nonce, t).encode() for t in tokens]
-    except TypeError:
-        # Values the SDK cannot sort (a JSON list mixing numbers and strings) cannot be signed.
+    except (TypeError, RecursionError, UnicodeEncodeError):
+        # Values the SDK cannot sort (a JSON list mixing numbers and strings), nest without end
+        # or encode (lone surrogates) cannot have been signed by Plivo.
         return False
     ok = False
     for candidate in header.split(","):

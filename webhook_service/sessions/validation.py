@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import phonenumbers
 
+from .. import jsonbody
 from ..errors import ApiError
 from ..models import SESSION_STATUSES
 
@@ -51,6 +52,9 @@ def _text(max_len: int) -> Check:
             raise ValueError("must be a non-empty string")
         if len(value) > max_len:
             raise ValueError(f"must be at most {max_len} characters")
+        found = jsonbody.text_problem(value)
+        if found:
+            raise ValueError(found)
         return value.strip()
 
     return check
@@ -96,6 +100,9 @@ def phone(name: str, value: Any) -> str:
 def _metadata(name: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError("must be a JSON object")
+    found = jsonbody.problem(value, max_depth=8)
+    if found:
+        raise ValueError(found)
     if len(json.dumps(value)) > 16 * 1024:
         raise ValueError("must be at most 16 KiB when serialised")
     return value

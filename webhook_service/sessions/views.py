@@ -6,7 +6,8 @@ import hmac
 
 from flask import Blueprint, current_app, g, jsonify, request
 
-from ..errors import ApiError, Unauthorized
+from .. import jsonbody
+from ..errors import ApiError, NotFound, Unauthorized
 from . import service
 from .validation import validate_create, validate_list, validate_update
 
@@ -35,10 +36,18 @@ def require_bearer_token() -> None:
 def _json_body():
     if not request.is_json:
         raise ApiError("Send a JSON body with Content-Type: application/json")
-    body = request.get_json(silent=True)
-    if body is None:
-        raise ApiError("The request body is not valid JSON")
-    return body
+    try:
+        return jsonbody.loads(request.get_data(cache=True), max_depth=32)
+    except jsonbody.JsonError as exc:
+        raise ApiError(f"The request body {exc}") from None
+
+
+def _session_uuid(value: str) -> str:
+    # No stored session has such an id; answering here keeps NUL characters away from Postgres.
+    if len(value) > 100 or jsonbody.text_problem(value):
+        raise NotFound("No such session")
+    g.session_uuid = value
+    return value
 
 
 @bp.post("/sessions")
@@ -65,13 +74,12 @@ def list_sessions():
 
 @bp.get("/sessions/<session_uuid>")
 def get_session(session_uuid: str):
-    g.session_uuid = session_uuid
-    return jsonify(service.session_details(ctx(), session_uuid))
+    return jsonify(service.session_details(ctx(), _session_uuid(session_uuid)))
 
 
 @bp.patch("/sessions/<session_uuid>")
 def update_session(session_uuid: str):
-    g.session_uuid = session_uuid
+    session_uuid = _session_uuid(session_uuid)
     body = _json_body()
     row = service.get_session(ctx(), session_uuid)
     single = bool(row.create_params.get("create_session_with_single_party"))
@@ -83,7 +91,7 @@ def update_session(session_uuid: str):
 
 @bp.delete("/sessions/<session_uuid>")
 def expire_session(session_uuid: str):
-    g.session_uuid = session_uuid
+    session_uuid = _session_uuid(session_uuid)
     with ctx().plivo_slot():
         row = service.expire_session(ctx(), session_uuid)
     return jsonify(service.serialize_session(row))

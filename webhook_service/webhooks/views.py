@@ -6,14 +6,13 @@ Order of checks: size (413), signature headers present (403), body parsed (400),
 
 from __future__ import annotations
 
-import json
 import logging
 
 from flask import Blueprint, current_app, g, jsonify, request
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .. import metrics
+from .. import jsonbody, metrics
 from ..db import is_database_unavailable
 from ..errors import ApiError, error_response
 from ..plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, verify_signature
@@ -28,19 +27,25 @@ def _flatten(values: MultiDict) -> dict[str, object]:
     return {k: (v[0] if len(v) == 1 else v) for k, v in values.lists()}
 
 
+# Plivo's callback parameters are flat; a little nesting is tolerated, no more.
+MAX_JSON_DEPTH = 8
+
+
 def _params() -> tuple[dict[str, object], str | None]:
     content_type = request.mimetype or None
-    if request.method == "GET":
-        return _flatten(request.args), content_type
-    if request.is_json:
-        try:
-            body = json.loads(request.get_data(cache=True) or b"null")
-        except (ValueError, RecursionError):
-            raise ApiError("The callback body is not valid JSON", code="invalid_body") from None
-        if not isinstance(body, dict):
-            raise ApiError("The callback body must be a JSON object", code="invalid_body")
-        return body, content_type
-    return _flatten(request.form), content_type
+    if request.method == "GET" or not request.is_json:
+        params = _flatten(request.args if request.method == "GET" else request.form)
+        found = jsonbody.problem(params, MAX_JSON_DEPTH)
+        if found:
+            raise ApiError(f"The callback's parameters: a value {found}", code="invalid_body")
+        return params, content_type
+    try:
+        body = jsonbody.loads(request.get_data(cache=True) or b"null", max_depth=MAX_JSON_DEPTH)
+    except jsonbody.JsonError as exc:
+        raise ApiError(f"The callback body {exc}", code="invalid_body") from None
+    if not isinstance(body, dict):
+        raise ApiError("The callback body must be a JSON object", code="invalid_body")
+    return body, content_type
 
 
 def _reject(kind: str, status: int, code: str, message: str):
