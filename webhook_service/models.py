@@ -182,7 +182,21 @@ class CallbackInbox(Base):
 LEG_EVENT_KINDS = ("initiated", "ringing", "answered", "ended")
 
 
-class LegEvent(Base):
+class LegFacts:
+    """What Plivo says about a leg: its call UUID, how it ended, its billing and its numbers."""
+
+    call_uuid: Mapped[str | None] = mapped_column(Text)
+    end_event: Mapped[str | None] = mapped_column(Text)
+    duration: Mapped[int | None] = mapped_column(Integer)
+    billed_duration: Mapped[int | None] = mapped_column(Integer)
+    amount: Mapped[Decimal | None]
+    hangup_cause: Mapped[str | None] = mapped_column(Text)
+    hangup_cause_code: Mapped[int | None] = mapped_column(Integer)
+    from_number: Mapped[str | None] = mapped_column(Text)
+    to_number: Mapped[str | None] = mapped_column(Text)
+
+
+class LegEvent(LegFacts, Base):
     """One fact about a party's call leg, as a callback reported it.
 
     Append-only and idempotent (one row per session, party, kind and time). A session's
@@ -203,19 +217,10 @@ class LegEvent(Base):
     party: Mapped[str] = mapped_column(Text)
     kind: Mapped[str] = mapped_column(Text)
     at: Mapped[datetime]
-    call_uuid: Mapped[str | None] = mapped_column(Text)
-    end_event: Mapped[str | None] = mapped_column(Text)
-    duration: Mapped[int | None] = mapped_column(Integer)
-    billed_duration: Mapped[int | None] = mapped_column(Integer)
-    amount: Mapped[Decimal | None]
-    hangup_cause: Mapped[str | None] = mapped_column(Text)
-    hangup_cause_code: Mapped[int | None] = mapped_column(Integer)
-    from_number: Mapped[str | None] = mapped_column(Text)
-    to_number: Mapped[str | None] = mapped_column(Text)
     recorded_at: Mapped[datetime] = _now()
 
 
-class CallLeg(Base):
+class CallLeg(LegFacts, Base):
     """One call leg (the first or the second party's) of a call through a session.
 
     Derived from the party's `leg_events` (callbacks carry no call UUID, so a leg is known by
@@ -233,19 +238,10 @@ class CallLeg(Base):
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     session_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("masking_sessions.id", ondelete="CASCADE"))
     party: Mapped[str] = mapped_column(Text)
-    call_uuid: Mapped[str | None] = mapped_column(Text)
     initiated_at: Mapped[datetime | None]
     ringing_at: Mapped[datetime | None]
     answered_at: Mapped[datetime | None]
     ended_at: Mapped[datetime | None]
-    end_event: Mapped[str | None] = mapped_column(Text)
-    duration: Mapped[int | None] = mapped_column(Integer)
-    billed_duration: Mapped[int | None] = mapped_column(Integer)
-    amount: Mapped[Decimal | None]
-    hangup_cause: Mapped[str | None] = mapped_column(Text)
-    hangup_cause_code: Mapped[int | None] = mapped_column(Integer)
-    from_number: Mapped[str | None] = mapped_column(Text)
-    to_number: Mapped[str | None] = mapped_column(Text)
     source: Mapped[str] = mapped_column(Text, server_default="callback")
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()
