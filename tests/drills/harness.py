@@ -858,11 +858,16 @@ def recover_and_verify(engine: Engine, cluster: PgCluster, env: Mapping[str, str
     phase("check after the load")
     assert not problems, "\n".join(problems)
 
+    pending_before_resend = inbox_status_counts(engine).get("pending", 0)
     retried = deliver_all(callbacks, sorted(set(range(len(callbacks))) - accepted))
     again = deliver_all(callbacks, range(len(callbacks)))
     report.update({"re-sent (not 2xx)": tally(retried), "re-sent (everything)": tally(again)})
     assert all(a.kind == "2xx" for a in retried + again), tally(retried + again)
-    assert {a.outcome for a in again} == {"duplicate"}, tally(again)
+    # Everything was stored by now. A callback stored but cut off before it applied (a worker
+    # killed, the database gone: its row is pending) is applied by a redelivery once its row is
+    # over 5 s old; every other one is a duplicate.
+    assert {a.outcome for a in again} <= {"duplicate", "applied"}, tally(again)
+    assert sum(a.outcome == "applied" for a in again) <= pending_before_resend, tally(again)
     phase("re-send")
 
     report["inbox after the re-sends"] = inbox_status_counts(engine)
