@@ -120,7 +120,7 @@ def apply_plivo_session(db: Database, plivo: PlivoSession, now: datetime) -> tup
     with db.pg() as pg:
         with pg.pipeline():
             pg.execute("BEGIN")
-            cursors = queue_load(pg, plivo.session_uuid, None)
+            cursors = queue_load(pg, plivo.session_uuid)
         state = loaded(cursors)
         if state is None:  # only sessions we know are reconciled; callbacks discover the others
             pg.rollback()

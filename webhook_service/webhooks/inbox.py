@@ -1,16 +1,17 @@
-"""The callback inbox: store each verified callback once, then apply it; replay what did not apply.
+"""The callback inbox: store each verified callback once and apply it; replay what did not apply.
 
-The hot path, in two round trips to Postgres for a new callback (psycopg pipelines):
+The hot path is one transaction and two round trips to Postgres (psycopg pipelines):
 
-1. INSERT the callback into the inbox (its own autocommitted statement: the callback is safe
-   from here on, and a redelivery hits the unique dedupe key and stops), then BEGIN, lock the
-   session and read its facts (`state.queue_load`);
-2. write what the event changes (`state.plan`), mark the inbox row applied, COMMIT.
+1. BEGIN; INSERT the callback into the inbox, already marked `applied` (a redelivery hits the
+   unique dedupe key and stops here); lock the session and read its facts (`state.queue_load`);
+2. write what the event changes (`state.plan`); COMMIT.
 
-If applying fails, the transaction rolls back and the inbox row keeps the error (`failed`); if the
-database goes away in between, the row stays `pending`. Both are re-applied by `replay`, which
-the worker runs every minute for pending rows and operators run for failed ones after a fix.
+The callback is stored if and only if the transaction commits, with its effects; the 200 is sent
+after that. If applying raises, the transaction rolls back and the callback is stored again on
+its own, marked `failed` with the error, for `replay` after a fix; if the database goes away
+first, nothing is stored and the answer is a 503. One transaction is one WAL flush per callback.
 """
+
 
 from __future__ import annotations
 
@@ -30,23 +31,32 @@ from .. import metrics
 from ..db import Database, is_database_unavailable
 from ..models import CallbackInbox
 from .events import NOT_INTERACTIONS, Event, apply_event, handler_for
-from .state import SessionState, loaded, plan, queue_load
+from .state import DISCOVER_SESSION, SessionState, loaded, plan, queue_load
 
 log = logging.getLogger(__name__)
 inbox = CallbackInbox.__table__
 
 # A redelivery of a callback already applied (or ignored) returns no row: it is a duplicate. A
-# redelivery of one stored but not applied (its first delivery was cut off by a worker's death
-# or the database going away, or applying it failed) returns the stored row, to apply it now:
-# Plivo's retry then completes the record instead of waiting for the worker's replay. A row
-# pending for under 5 s is left alone: its first delivery is most likely being applied right now.
+# redelivery of one stored but not applied (applying it failed, or it was stored `pending` by a
+# replay cut short) returns the stored row (`inserted` false), to apply it now. A row pending for
+# under 5 s is left alone: it is most likely being applied right now.
 INSERT_INBOX = """
     INSERT INTO callback_inbox AS inbox (endpoint, method, content_type, params, nonce, dedupe_key,
-                                         event_name, session_uuid, status)
+                                         event_name, session_uuid, status, attempts, applied_at)
     VALUES (%(endpoint)s, %(method)s, %(content_type)s, %(params)s, %(nonce)s, %(dedupe_key)s, %(event_name)s,
-            %(session_uuid)s, %(status)s)
+            %(session_uuid)s, %(status)s, 1, now())
     ON CONFLICT (dedupe_key) DO UPDATE SET attempts = inbox.attempts
      WHERE inbox.status = 'failed' OR (inbox.status = 'pending' AND inbox.received_at < now() - interval '5 seconds')
+    RETURNING id, xmax = 0 AS inserted
+"""
+# After a failed apply (rolled back with everything else): store the callback with its error.
+STORE_FAILED = """
+    INSERT INTO callback_inbox AS inbox (endpoint, method, content_type, params, nonce, dedupe_key,
+                                         event_name, session_uuid, status, attempts, error)
+    VALUES (%(endpoint)s, %(method)s, %(content_type)s, %(params)s, %(nonce)s, %(dedupe_key)s, %(event_name)s,
+            %(session_uuid)s, 'failed', 1, %(error)s)
+    ON CONFLICT (dedupe_key) DO UPDATE SET status = 'failed', error = excluded.error, attempts = inbox.attempts + 1
+     WHERE inbox.status <> 'applied'  -- a concurrent redelivery may have applied it meanwhile
     RETURNING id
 """
 MARK_APPLIED = """
@@ -70,36 +80,37 @@ def _text(params: Mapping[str, Any], name: str) -> str | None:
     return value[:200] if isinstance(value, str) else None
 
 
-def _apply(pg: psycopg.Connection, state: SessionState | None, endpoint: str, event: Event, inbox_id: int) -> str:
-    """Apply `event` to the loaded, locked `state` and commit; on error keep the error on the row."""
-    try:
-        if state is None:
-            raise LookupError(f"session {event.session_uuid} could not be loaded")
-        apply_event(state, endpoint, event)
-        writes = plan(state, interaction_at=event.at if endpoint == "session" and event.name not in NOT_INTERACTIONS
-                      else None)
-        with pg.pipeline():
-            for sql, params in writes:
-                pg.execute(sql, params)
-            pg.execute(MARK_APPLIED, {"id": inbox_id})
-            pg.execute("COMMIT")
-        return "applied"
-    except Exception as exc:
-        if is_database_unavailable(exc) or pg.broken or pg.closed:
-            raise  # the row stays pending: stored, and replayed once the database is back
-        log.exception("callback %s could not be applied", inbox_id)
-        pg.rollback()
-        pg.execute(MARK_FAILED, {"id": inbox_id, "error": f"{type(exc).__name__}: {exc}"[:2000]})
-        return "failed"
+def _apply(pg: psycopg.Connection, state: SessionState | None, endpoint: str, event: Event,
+           mark_applied: int | None) -> None:
+    """Apply `event` to the loaded, locked `state` and COMMIT (marking inbox row `mark_applied`)."""
+    if state is None:
+        raise LookupError(f"session {event.session_uuid} could not be loaded")
+    apply_event(state, endpoint, event)
+    writes = plan(state, interaction_at=event.at if endpoint == "session" and event.name not in NOT_INTERACTIONS
+                  else None)
+    with pg.pipeline():
+        for sql, params in writes:
+            pg.execute(sql, params)
+        if mark_applied is not None:
+            pg.execute(MARK_APPLIED, {"id": mark_applied})
+        pg.execute("COMMIT")
+
+
+def _load(pg: psycopg.Connection, event: Event) -> SessionState | None:
+    """Lock and read the session, creating its row first if only this callback knows it."""
+    with pg.pipeline():
+        pg.execute(DISCOVER_SESSION, {"uuid": event.session_uuid} | event.discovered())
+        cursors = queue_load(pg, event.session_uuid)
+    return loaded(cursors)
 
 
 def receive(db: Database, endpoint: str, method: str, content_type: str | None, params: Mapping[str, Any],
             nonce: str | None) -> str:
-    """Store the callback (committed on its own), then apply it. Returns the outcome.
+    """Store the callback and apply it, in one transaction. Returns the outcome.
 
     Outcomes: "duplicate" (already stored: nothing happens), "applied", "ignored" (an event we
-    do not act on, or no session named), "failed" (stored with the error, for replay), "stored"
-    (the database went away after the row was committed: it is safe, and replay applies it).
+    do not act on, or no session named: stored only), "failed" (stored with the error, for
+    replay). If the database is unavailable the error propagates (503) and nothing is stored.
     """
     now = datetime.now(UTC)
     event = Event.parse(params, now)
@@ -107,35 +118,36 @@ def receive(db: Database, endpoint: str, method: str, content_type: str | None, 
     row = {
         "endpoint": endpoint, "method": method, "content_type": content_type, "params": Jsonb(dict(params)),
         "nonce": nonce, "dedupe_key": dedupe_key(endpoint, params), "event_name": _text(params, "EventName"),
-        "session_uuid": _text(params, "SessionUUID"), "status": "pending" if handled else "ignored",
+        "session_uuid": _text(params, "SessionUUID"), "status": "applied" if handled else "ignored",
     }
     with db.pg() as pg:
+        if not handled:  # stored for the record, nothing to apply: one autocommitted statement
+            outcome = "ignored" if pg.execute(INSERT_INBOX, row).fetchone() else "duplicate"
+            metrics.CALLBACKS.labels(endpoint, outcome).inc()
+            return outcome
+        assert event is not None
         with pg.pipeline():
-            # Explicit BEGIN/COMMIT: in a pipeline, statements up to the next sync share one implicit
-            # transaction, which the apply step's BEGIN would otherwise extend over the inbox row.
             pg.execute("BEGIN")
             stored = pg.execute(INSERT_INBOX, row)
-            pg.execute("COMMIT")
-            if handled:
-                assert event is not None
-                pg.execute("BEGIN")
-                cursors = queue_load(pg, event.session_uuid, event.discovered())
-        inbox_id = stored.fetchone()
-        if inbox_id is None:
-            if handled:
-                pg.rollback()
+            cursors = queue_load(pg, event.session_uuid)
+        inserted = stored.fetchone()
+        if inserted is None:
+            pg.rollback()
             outcome = "duplicate"
-        elif not handled:
-            outcome = "ignored"
         else:
-            assert event is not None
             try:
-                outcome = _apply(pg, loaded(cursors), endpoint, event, inbox_id[0])
+                state = loaded(cursors)
+                if state is None:  # a session this service never heard of
+                    state = _load(pg, event)
+                _apply(pg, state, endpoint, event, mark_applied=None if inserted[1] else inserted[0])
+                outcome = "applied"
             except Exception as exc:
-                if not is_database_unavailable(exc):
-                    raise
-                log.warning("callback %s stored but not applied: database unavailable", inbox_id[0])
-                outcome = "stored"
+                if is_database_unavailable(exc) or pg.broken or pg.closed:
+                    raise  # nothing was stored: the view answers 503
+                log.exception("callback could not be applied", extra={"endpoint": endpoint})
+                pg.rollback()
+                pg.execute(STORE_FAILED, row | {"error": f"{type(exc).__name__}: {exc}"[:2000]})
+                outcome = "failed"
     metrics.CALLBACKS.labels(endpoint, outcome).inc()
     return outcome
 
@@ -150,10 +162,17 @@ def apply_stored(db: Database, inbox_id: int, endpoint: str, params: Mapping[str
                 pg.execute(MARK_IGNORED, {"id": inbox_id})
                 return "ignored"
             assert event is not None
-            with pg.pipeline():
-                pg.execute("BEGIN")
-                cursors = queue_load(pg, event.session_uuid, event.discovered())
-            return _apply(pg, loaded(cursors), endpoint, event, inbox_id)
+            pg.execute("BEGIN")
+            try:
+                _apply(pg, _load(pg, event), endpoint, event, mark_applied=inbox_id)
+                return "applied"
+            except Exception as exc:
+                if is_database_unavailable(exc) or pg.broken or pg.closed:
+                    raise
+                log.exception("callback %s could not be applied", inbox_id)
+                pg.rollback()
+                pg.execute(MARK_FAILED, {"id": inbox_id, "error": f"{type(exc).__name__}: {exc}"[:2000]})
+                return "failed"
     except Exception as exc:
         if not is_database_unavailable(exc):
             raise

@@ -38,6 +38,8 @@ _RECORDING_RANK = {"initiated": 1, "failed": 2, "completed": 3}
 
 # -- Loading ------------------------------------------------------------------------------------
 
+# A session this service did not create (or whose create answer was lost): record what the
+# callback says, and that a callback is where we learnt of it.
 DISCOVER_SESSION = """
     INSERT INTO masking_sessions (session_uuid, origin, status, first_party, second_party, virtual_number)
     VALUES (%(uuid)s, 'callback', 'active', %(first_party)s, %(second_party)s, %(virtual_number)s)
@@ -115,18 +117,13 @@ class SessionState:
         self.new_interactions.append({"started_at": started_at, **values})
 
 
-def queue_load(pg: psycopg.Connection, session_uuid: str,
-               discovered: Mapping[str, Any] | None) -> list[psycopg.Cursor]:
+def queue_load(pg: psycopg.Connection, session_uuid: str) -> list[psycopg.Cursor]:
     """Queue (in the caller's pipeline) the statements that lock and read one session.
 
-    `discovered`: the parties and number a callback names, to create the session's row if this
-    service never heard of it; None to only read sessions that exist (reconciliation). Read the
-    result with `loaded(cursors)` once the pipeline has synced.
+    Read the result with `loaded(cursors)` once the pipeline has synced (None: no such session;
+    a callback then creates it with DISCOVER_SESSION and loads again).
     """
     params = {"uuid": session_uuid}
-    if discovered is not None:
-        pg.execute(DISCOVER_SESSION, params | {k: discovered.get(k) for k in
-                                               ("first_party", "second_party", "virtual_number")})
     return [pg.cursor(row_factory=dict_row).execute(query, params)
             for query in (LOCK_SESSION, LOAD_EVENTS, LOAD_INTERACTIONS, LOAD_LEGS, LOAD_RECORDINGS)]
 
