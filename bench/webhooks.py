@@ -1,0 +1,895 @@
+"""Benchmark the real webhook path side by side with three baselines, with wrk, on this machine.
+
+    .venv/bin/python bench/webhooks.py [--duration 15] [--warmup 3] [--connections 16] [--threads 2] [-h]
+    make bench-webhooks          # installs Debian's wrk first if it is missing
+
+Targets, all on 127.0.0.1, each under gunicorn with `-c gunicorn.conf.py` and the same overrides
+(WEB_CONCURRENCY=2, GUNICORN_BIND, LOG_LEVEL=WARNING, GUNICORN_MAX_REQUESTS=0), so they all have the
+same worker class, workers and threads:
+
+* three yardsticks from `bench/baselines.py`: a bare view (200); parse + HMAC (the form, then the
+  service's own `verify_signature`); a naive ORM handler (that, then one INSERT and one counter
+  read-modify-write through an ORM Session, committed);
+* the service, `webhook_service:create_app()`, on a database of its own (`webhook_service_bench_webhooks`
+  on DATABASE_URL's server, else on the embedded PostgreSQL; recreated by the migrations on every run),
+  with a sandbox Plivo (`python -m webhook_service.sandbox`) for POST /v1/sessions. PLIVO_MAX_CONCURRENCY
+  is set to the thread count, or the sessions run would measure the 503s that setting exists to give.
+
+Load: every request is generated beforehand and read by `bench/wrk_feed.lua`, one line per request,
+each wrk thread from its own file. Callbacks are form-encoded with Plivo's 16 session-callback fields,
+from simulated calls (legacy and latest vocabularies, mostly leg events, hangups with billing,
+realistic timestamps, SequenceNumber increasing per session) on thousands of sessions whose events
+interleave in time. Every callback the service is sent is distinct (its dedupe never short-circuits)
+and has its own nonce and V3 signature for that target's URL; half the sessions exist beforehand,
+the others are discovered from their first callback.
+
+Runs, in this order: each target, a warm-up then a measured run as fast as it answers (same duration,
+connections and wrk threads for all); the service at a fixed rate (paced with wrk's delay() hook), for
+its latency; POST /v1/sessions on the service and the same create requests on the bare view; then
+callbacks until the service has received `--callbacks` in all, with each worker's RSS at 0, half and
+all of them. Before each measured run: a CHECKPOINT, and a wait (up to `--quiet-timeout`) for the
+machine to be quiet, as other processes on these 2 cores lower every number. During it, the CPU time
+of the target, of its Postgres backends and of everything else is taken: the table shows the CPU per
+request, which shows where the time goes and depends little on the machine's other load.
+
+Checks (a failed one makes the exit status 1): no socket errors, no non-2xx answers, no feed ran out;
+every inbox row applied; the service's inbox rows, and the naive baseline's rows, number at least the
+2xx answers and at most those plus the requests wrk had sent but not seen answered when it stopped.
+The issue's goals are printed as met or not; they do not change the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from urllib.parse import urlencode
+
+import psutil
+import psycopg
+import requests
+from baselines import CALLBACK_PATH, create_tables
+from sqlalchemy import create_engine
+
+from webhook_service.db import sqlalchemy_url
+from webhook_service.devdb import drop_database, ensure_database, server_url, with_database
+from webhook_service.migrate import upgrade
+from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
+
+ROOT = Path(__file__).resolve().parent.parent
+WRK_SCRIPT = ROOT / "bench" / "wrk_feed.lua"
+DATABASE = "webhook_service_bench_webhooks"
+AUTH_ID = "MASANDBOX00000000000"
+AUTH_TOKEN = "sandbox-auth-token"
+API_TOKEN = "bench-token-123"
+SESSIONS_PATH = "/v1/sessions"
+INBOX_ROWS = "SELECT count(*) FROM callback_inbox"
+FORM = "application/x-www-form-urlencoded"
+
+# Plivo's session-callback attributes (reference §8.2: the legacy list, plus the latest FirstParty/SecondParty).
+CALLBACK_FIELDS = (
+    "EventName", "EventTimestamp", "SessionUUID", "FirstParty", "SecondParty", "From", "To", "VirtualNumber",
+    "SequenceNumber", "Duration", "BilledDuration", "Amount", "PlivoHangupCause", "PlivoHangupCauseCode",
+    "PinAuthenticationStatus", "PinRetryCounter",
+)
+RATE_PER_MINUTE = Decimal("0.00850")
+VIRTUAL_NUMBERS = tuple(f"+1650555{n:04d}" for n in range(100, 140))
+SESSION_SPACING_S = 0.5  # sessions start this far apart, so many calls overlap and their events interleave
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr; the results table alone goes to stdout."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# Simulated calls -> callback parameters -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedSession:
+    """A masking session of the simulated traffic."""
+
+    uuid: str
+    first_party: str
+    second_party: str
+    virtual_number: str
+    created_at: datetime
+    existing: bool  # created through the API before the run; else the service learns of it from a callback
+
+
+def _billing(seconds: int, cause: tuple[str, str]) -> dict[str, str]:
+    minutes = -(-seconds // 60)
+    return {"Duration": str(seconds), "BilledDuration": str(minutes * 60), "Amount": f"{RATE_PER_MINUTE * minutes:.5f}",
+            "PlivoHangupCause": cause[0], "PlivoHangupCauseCode": cause[1]}
+
+
+def call_events(session: PlannedSession, start: datetime, rng: random.Random) -> list[tuple[datetime, dict[str, str]]]:
+    """The session callbacks of one call, as Plivo sends them (legacy or latest vocabulary)."""
+    legacy = rng.random() < 0.75
+    first_calls = rng.random() < 0.7
+    answered = rng.random() < 0.9
+    a, b = ("First", "Second") if first_calls else ("Second", "First")  # caller's and callee's names
+    caller, callee = (session.first_party, session.second_party)[:: 1 if first_calls else -1]
+    common = dict.fromkeys(CALLBACK_FIELDS, "") | {
+        "SessionUUID": session.uuid, "FirstParty": session.first_party, "SecondParty": session.second_party,
+        "From": caller, "To": callee, "VirtualNumber": session.virtual_number, "PinRetryCounter": "0",
+    }
+    events: list[tuple[datetime, dict[str, str]]] = []
+
+    def event(name: str, at: datetime, **extra: str) -> None:
+        events.append((at, common | {"EventName": name, "EventTimestamp": at.strftime("%Y-%m-%d %H:%M:%S")} | extra))
+
+    if legacy:
+        event(f"Session{a}PartyAnswer", start, PinAuthenticationStatus="AuthorizedCaller")
+        ring_at = start + timedelta(seconds=1)
+    else:
+        event("SessionVirtualNumberAnswer", start)
+        event(f"Session{b}PartyInitiated", start + timedelta(seconds=1))
+        ring_at = start + timedelta(seconds=2)
+    event(f"Session{b}PartyRing" + ("ing" if not legacy and b == "First" else ""), ring_at)
+    if answered:
+        answer_at = ring_at + timedelta(seconds=rng.randint(3, 15))
+        talk = rng.randint(5, 900)
+        end = answer_at + timedelta(seconds=talk)
+        event(f"Session{b}PartyAnswer", answer_at)
+        callee_billing = _billing(talk, ("NORMAL_CLEARING", "4000"))
+    else:
+        end = ring_at + timedelta(seconds=45)
+        callee_billing = _billing(0, ("NO_ANSWER", "3000"))
+    hangup = "Hangup" if legacy else "Complete"
+    event(f"Session{b}Party{hangup if legacy or answered else 'Failed'}", end, **callee_billing)
+    event(f"Session{a}Party{hangup}", end, **_billing(int((end - start).total_seconds()),
+                                                       ("NORMAL_CLEARING", "4000")))
+    return events
+
+
+def callback_stream(count: int, seed: int) -> tuple[list[dict[str, str]], list[PlannedSession]]:
+    """`count` distinct callbacks, in event-time order, and the sessions they belong to.
+
+    Sessions start SESSION_SPACING_S apart and have one to three calls each, minutes apart, so at
+    any moment a few hundred sessions are active and one session's events are far apart in the
+    stream: concurrent requests rarely touch the same session, as with real traffic.
+    """
+    rng = random.Random(seed)
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=8)
+    sessions: list[PlannedSession] = []
+    timeline: list[tuple[datetime, int, int, dict[str, str]]] = []
+    while len(timeline) < count:
+        i = len(sessions)
+        session = PlannedSession(
+            uuid=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            first_party=f"+1415{2_000_000 + i:07d}", second_party=f"+1628{3_000_000 + i:07d}",
+            virtual_number=rng.choice(VIRTUAL_NUMBERS),
+            created_at=start + timedelta(seconds=i * SESSION_SPACING_S), existing=i % 2 == 0,
+        )
+        sessions.append(session)
+        at = session.created_at + timedelta(seconds=rng.uniform(5, 900))
+        events: list[tuple[datetime, dict[str, str]]] = []
+        for _ in range(rng.choice((1, 1, 2, 2, 3))):
+            events += call_events(session, at, rng)
+            at = events[-1][0] + timedelta(seconds=rng.uniform(60, 1800))
+        for seq, (moment, params) in enumerate(events, 1):
+            params["SequenceNumber"] = str(seq)
+            timeline.append((moment, i, seq, params))
+    timeline.sort(key=lambda e: e[:3])
+    stream = [params for *_, params in timeline[:count]]
+    assert len({(p["SessionUUID"], p["SequenceNumber"]) for p in stream}) == count, "callbacks must be distinct"
+    return stream, sessions
+
+
+# Feeds: the request files wrk_feed.lua reads ---------------------------------------------------------
+
+
+@dataclass
+class Feed:
+    """Pre-generated requests in one file per wrk thread, and where the next run resumes in each."""
+
+    prefix: Path
+    threads: int
+    wrap: bool = False  # start the files over at their end (baselines only: the service never sees a repeat)
+    offsets: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.offsets = self.offsets or [0] * self.threads
+
+    def reuse(self, *, wrap: bool) -> Feed:
+        """The same files read from the start by another target."""
+        return Feed(self.prefix, self.threads, wrap)
+
+
+def write_feed(prefix: Path, threads: int, header_names: Sequence[str], lines: Iterator[str], *,
+               wrap: bool = False) -> Feed:
+    """Deal request lines round-robin into `prefix.0` … `prefix.N-1`, each starting with the header names."""
+    with ExitStack() as stack:
+        files = [stack.enter_context(open(f"{prefix}.{t}", "w", encoding="utf-8")) for t in range(threads)]
+        for f in files:
+            f.write("\t".join(header_names) + "\n")
+        for i, line in enumerate(lines):
+            files[i % threads].write(line + "\n")
+    return Feed(prefix, threads, wrap)
+
+
+def _sign_chunk(job: tuple[str, int, list[dict[str, str]]]) -> list[str]:
+    """Sign a chunk of callbacks for `url`: one `nonce <TAB> signature <TAB> form body` line each."""
+    url, seed, chunk = job
+    rng = random.Random(seed)
+    lines = []
+    for params in chunk:
+        nonce = "".join(rng.choices(string.digits, k=20))  # Plivo's nonces are 20 digits
+        signature = compute_signature("POST", url, params, nonce, AUTH_TOKEN)
+        lines.append(f"{nonce}\t{signature}\t{urlencode(params)}")
+    return lines
+
+
+def write_callback_feed(prefix: Path, threads: int, url: str, stream: Sequence[dict[str, str]], seed: int,
+                        pool: ProcessPoolExecutor, *, wrap: bool) -> Feed:
+    """Signed, form-encoded callbacks for a target whose callback URL is `url` (signing runs on every core)."""
+    size = 2000
+    jobs = [(url, seed + i, list(stream[i:i + size])) for i in range(0, len(stream), size)]
+    lines = (line for chunk in pool.map(_sign_chunk, jobs) for line in chunk)
+    return write_feed(prefix, threads, (NONCE_HEADER, SIGNATURE_HEADER), lines, wrap=wrap)
+
+
+def write_sessions_feed(prefix: Path, threads: int, count: int, run_id: str) -> Feed:
+    """Distinct POST /v1/sessions bodies (valid E.164 pairs never used twice) with distinct Idempotency-Keys."""
+    def lines() -> Iterator[str]:
+        for i in range(count):
+            body = {"first_party": f"+1212{2_000_000 + i:07d}", "second_party": f"+1646{2_000_000 + i:07d}",
+                    "session_expiry": 3600, "external_ref": f"bench-{run_id}-{i}"}
+            yield f"bench-{run_id}-{i:07d}\t{json.dumps(body, separators=(',', ':'))}"
+
+    return write_feed(prefix, threads, ("Idempotency-Key",), lines())
+
+
+# wrk -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    """What one wrk run measured and what its Lua feed counted."""
+
+    requests: int  # responses received
+    duration_s: float
+    p50_ms: float
+    p99_ms: float
+    socket_errors: int  # connect, read, write and timeout errors
+    sent: int  # requests taken from the feed and written
+    ok: int  # 2xx answers
+    failed: int  # other answers
+    exhausted: int  # requests the feed could not supply (it ran out)
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.duration_s
+
+    @property
+    def unanswered(self) -> int:
+        """Requests written but not answered before wrk stopped (the server may or may not have handled them)."""
+        return self.sent - self.ok - self.failed
+
+
+def run_wrk(url: str, method: str, path: str, feed: Feed, *, headers: Sequence[str], duration: float,
+            connections: int, rate: float = 0, quotas: Sequence[int] | None = None,
+            until: Callable[[], bool] | None = None) -> WrkResult:
+    """One wrk run reading `feed` from where the last run stopped; advances the feed.
+
+    With `quotas`, each thread stops after its quota and `until()` is polled; once it is true wrk
+    is interrupted (SIGINT makes it print its summary), so the run ends when the server has done
+    the work rather than when `duration` runs out.
+    """
+    threads = feed.threads
+    command = [
+        "wrk", "-t", str(threads), "-c", str(connections), "-d", f"{math.ceil(duration)}s", "--latency",
+        "--timeout", "10s", "-s", str(WRK_SCRIPT),
+    ]
+    for header in headers:
+        command += ["-H", header]
+    command += [url, "--", method, path, str(feed.prefix), ",".join(map(str, feed.offsets)),
+                "1" if feed.wrap else "0", f"{rate / threads:.6f}",
+                ",".join(map(str, quotas or [0] * threads))]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        if until is not None:
+            while proc.poll() is None and not until():
+                time.sleep(0.1)
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=duration + 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    line = next((x for x in out.splitlines() if x.startswith("WRK_RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {err.strip() or out.strip()}")
+    data = json.loads(line.removeprefix("WRK_RESULT "))
+    per_thread = data["threads"]
+    feed.offsets = [t["pos"] for t in per_thread]
+    errors = data["errors"]
+    result = WrkResult(
+        requests=data["requests"], duration_s=data["duration_us"] / 1e6,
+        p50_ms=data["p50_us"] / 1000, p99_ms=data["p99_us"] / 1000,
+        socket_errors=errors["connect"] + errors["read"] + errors["write"] + errors["timeout"],
+        sent=sum(t["sent"] for t in per_thread), ok=sum(t["ok"] for t in per_thread),
+        failed=sum(t["failed"] for t in per_thread), exhausted=sum(t["exhausted"] for t in per_thread),
+    )
+    log(f"  {url}{path}: {result.rate:.0f} req/s over {result.duration_s:.1f} s, p50 {result.p50_ms:.2f} ms, "
+        f"p99 {result.p99_ms:.2f} ms; sent {result.sent}, 2xx {result.ok}, other {result.failed}, "
+        f"socket errors {result.socket_errors}")
+    return result
+
+
+# Servers -------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A process we started (gunicorn or the sandbox), its log, and how to stop it."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], port: int, health_path: str,
+                 workdir: Path) -> None:
+        self.name, self.port, self.health_path = name, port, health_path
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = workdir / f"{name}.log"
+        with open(self.log_path, "wb") as out:
+            # Its own session: Ctrl-C on the driver does not hit it, and stop() reaches all its processes.
+            self.proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + self.health_path, timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{self.name} did not answer {self.health_path} within {timeout:.0f} s:\n{self.log_tail()}")
+
+    def workers(self) -> list[psutil.Process]:
+        """gunicorn's workers: the children of the master, by pid."""
+        return sorted(psutil.Process(self.proc.pid).children(), key=lambda p: p.pid)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        """SIGTERM (gunicorn finishes in-flight requests), then SIGKILL to the process group if it lingers."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=25)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group we created: stray workers too
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+def gunicorn_env(port: int, workers: int, workdir: Path, name: str, **extra: str) -> dict[str, str]:
+    """The same gunicorn overrides for every target, plus that target's own settings."""
+    metrics_dir = workdir / f"prometheus-{name}"
+    metrics_dir.mkdir()
+    return os.environ | {
+        "WEB_CONCURRENCY": str(workers), "GUNICORN_BIND": f"127.0.0.1:{port}", "GUNICORN_MAX_REQUESTS": "0",
+        "LOG_LEVEL": "WARNING", "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    } | extra
+
+
+def start_gunicorn(name: str, app: str, env: dict[str, str], port: int, workdir: Path) -> Server:
+    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", app]
+    return Server(name, command, env, port, "/healthz", workdir)
+
+
+# Database ------------------------------------------------------------------------------------------
+
+
+def admin_url() -> str:
+    """DATABASE_URL's server (its `postgres` database), else the embedded PostgreSQL."""
+    url = os.environ.get("DATABASE_URL")
+    return with_database(url, "postgres") if url else server_url()
+
+
+def prepare_database(admin: str, sessions: Sequence[PlannedSession]) -> str:
+    """Recreate the bench database: migrations, the naive baseline's tables, the sessions that already exist."""
+    url = ensure_database(admin, DATABASE, recreate=True)
+    upgrade(url)
+    engine = create_engine(sqlalchemy_url(url))
+    try:
+        create_tables(engine)
+    finally:
+        engine.dispose()
+    with psycopg.connect(url) as conn:
+        with conn.cursor().copy(
+            "COPY masking_sessions (session_uuid, origin, status, first_party, second_party, virtual_number, record,"
+            " session_expiry, plivo_created_at, expires_at, created_at, updated_at) FROM STDIN"
+        ) as copy:
+            for s in sessions:
+                if s.existing:
+                    copy.write_row((s.uuid, "api", "active", s.first_party, s.second_party, s.virtual_number,
+                                    False, 86400, s.created_at, s.created_at + timedelta(days=1), s.created_at,
+                                    s.created_at))
+        with conn.cursor().copy("COPY bench_session_counters (session_uuid, callbacks) FROM STDIN") as copy:
+            for s in sessions:
+                copy.write_row((s.uuid, 0))
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")
+    return url
+
+
+def checkpoint(admin: str) -> None:
+    """Flush dirty pages now, so no run pays for the previous run's writes (needs superuser; skipped otherwise)."""
+    try:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
+    except psycopg.Error as exc:
+        log(f"CHECKPOINT skipped: {exc}")
+
+
+def scalar(url: str, sql: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(sql).fetchone()[0]
+
+
+def server_facts(url: str) -> str:
+    with psycopg.connect(url, autocommit=True) as conn:
+        values = {name: conn.execute(f"SHOW {name}").fetchone()[0]
+                  for name in ("server_version", "synchronous_commit", "fsync", "wal_sync_method", "shared_buffers")}
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+# Other load on the machine ---------------------------------------------------------------------------
+
+
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (Linux counts guest time inside user and nice)."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+
+
+def _cpu_seconds(pids: set[int]) -> dict[int, float]:
+    seconds = {}
+    for pid in pids:
+        try:
+            t = psutil.Process(pid).cpu_times()
+            seconds[pid] = t.user + t.system
+        except psutil.Error:
+            pass
+    return seconds
+
+
+class OtherLoad:
+    """Who used the CPU during a run: the target, Postgres for it, and processes that are not ours.
+
+    Ours: this driver, wrk (its usage as a reaped child), every server we started and its workers,
+    and the Postgres processes on the bench database (its client backends are the "postgres" CPU;
+    autovacuum there is ours but nobody's in particular). Everything else busy on the machine,
+    such as someone's test suite, shares the cores with the target and makes its numbers low; the
+    target's own CPU per request does not depend much on that, so it is reported too.
+    """
+
+    def __init__(self, servers: Sequence[Server], db_url: str) -> None:
+        self.servers, self.db_url = servers, db_url
+
+    def _backends(self) -> tuple[set[int], set[int]]:
+        """The bench database's client backends, and its other Postgres processes (autovacuum)."""
+        with psycopg.connect(self.db_url, autocommit=True) as conn:
+            rows = conn.execute("SELECT pid, backend_type = 'client backend' FROM pg_stat_activity"
+                                " WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchall()
+        return {pid for pid, client in rows if client}, {pid for pid, client in rows if not client}
+
+    @staticmethod
+    def _tree(server: Server) -> set[int]:
+        try:
+            return {server.proc.pid} | {p.pid for p in psutil.Process(server.proc.pid).children(recursive=True)}
+        except psutil.Error:
+            return set()
+
+    def wait_quiet(self, max_percent: float, timeout: float) -> float:
+        """Wait (up to `timeout`) until the machine, with our servers idle, is at most `max_percent` busy."""
+        deadline = time.monotonic() + timeout
+        while (busy := psutil.cpu_percent(interval=1.0)) > max_percent and time.monotonic() < deadline:
+            log(f"  machine {busy:.0f}% busy with other work; waiting for it to calm down")
+            time.sleep(2)
+        return busy
+
+    @contextmanager
+    def measure(self) -> Iterator[dict[str, float]]:
+        """Yield a dict that holds, after the block, the CPU seconds used meanwhile by each server (by
+        name), by the bench database's backends (`postgres`), and `other`: the percent of all cores
+        that processes not ours used."""
+        result: dict[str, float] = {}
+        trees = {server.name: self._tree(server) for server in self.servers}
+        servers = set().union(*trees.values()) | {os.getpid()}
+        backends, helpers = self._backends()
+        before = _cpu_seconds(servers | backends | helpers)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        busy, start = _busy_seconds(), time.monotonic()
+        yield result
+        busy, wall = _busy_seconds() - busy, time.monotonic() - start
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+        more_backends, more_helpers = self._backends()
+        backends, helpers = backends | more_backends, helpers | more_helpers
+        after = _cpu_seconds(servers | backends | helpers)
+        used = {pid: seconds - before.get(pid, 0.0) for pid, seconds in after.items()}
+        wrk = (reaped.ru_utime - children.ru_utime) + (reaped.ru_stime - children.ru_stime)
+        result |= {name: sum(used.get(pid, 0.0) for pid in pids) for name, pids in trees.items()}
+        result["postgres"] = sum(used.get(pid, 0.0) for pid in backends)
+        result["other"] = max(0.0, 100 * (busy - sum(used.values()) - wrk) / (wall * (os.cpu_count() or 1)))
+
+
+# The benchmark -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    """Everything one target was sent, to check against what it stored."""
+
+    sent: int = 0
+    ok: int = 0
+    failed: int = 0
+    unanswered: int = 0
+    socket_errors: int = 0
+    exhausted: int = 0
+
+    def add(self, result: WrkResult) -> WrkResult:
+        self.sent += result.sent
+        self.ok += result.ok
+        self.failed += result.failed
+        self.unanswered += result.unanswered
+        self.socket_errors += result.socket_errors
+        self.exhausted += result.exhausted
+        return result
+
+
+@dataclass
+class Target:
+    """One server under test, the feed it is sent, and what it was sent in all."""
+
+    label: str
+    server: Server
+    feed: Feed
+    tally: Tally = field(default_factory=Tally)
+
+
+RssSample = tuple[int, list[psutil.Process], list[int]]  # callbacks received, the workers, their RSS (bytes)
+
+
+@dataclass
+class Measured:
+    """A measured run, the target's CPU per request and the share of the machine other processes took."""
+
+    result: WrkResult
+    other_cpu: float  # percent of all cores
+    cpu_ms: dict[str, float]  # CPU per answered request: of each server (by name), of Postgres ("postgres")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=15, help="seconds of each measured throughput run")
+    parser.add_argument("--warmup", type=float, default=3, help="seconds of warm-up before each measured run")
+    parser.add_argument("--connections", type=int, default=16, help="wrk connections for the callback runs")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads for every run")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers of every server (WEB_CONCURRENCY)")
+    parser.add_argument("--rate", type=float, default=300, help="requests per second of the latency run")
+    parser.add_argument("--rate-duration", type=float, default=15, help="seconds of the latency run")
+    parser.add_argument("--sessions-duration", type=float, default=10, help="seconds of each POST /v1/sessions run")
+    parser.add_argument("--sessions-connections", type=int, default=8)
+    parser.add_argument("--callbacks", type=int, default=100_000,
+                        help="callbacks the service receives in all; worker RSS is shown at 0, half and all")
+    parser.add_argument("--baseline-feed", type=int, default=30_000,
+                        help="distinct signed callbacks per baseline (their feeds start over at the end)")
+    parser.add_argument("--max-other-cpu", type=float, default=15,
+                        help="before each measured run, wait until other processes use at most this %% of the CPU")
+    parser.add_argument("--quiet-timeout", type=float, default=60,
+                        help="seconds to wait for that before measuring anyway (the report shows the load)")
+    parser.add_argument("--seed", type=int, default=20260101)
+    args = parser.parse_args(argv)
+    if args.connections < args.threads or args.sessions_connections < args.threads:
+        parser.error("every run needs at least one connection per wrk thread")
+    return args
+
+
+class Bench:
+    """One benchmark run: its servers, feeds and database, the runs, the checks and the report."""
+
+    def __init__(self, args: argparse.Namespace, stack: ExitStack) -> None:
+        self.args, self.stack = args, stack
+        self.threads = args.threads
+        self.workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-webhooks-")))
+        self.ports = {name: free_port() for name in ("bare", "hmac", "orm", "service", "sandbox")}
+        self.urls = {name: f"http://127.0.0.1:{port}" for name, port in self.ports.items()}
+        self.servers: list[Server] = []
+        stack.callback(self._stop_servers)
+        self.admin = admin_url()
+        self.problems: list[str] = []
+
+    def _stop_servers(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+
+    # Setup ----------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """Simulate and sign the traffic, build the database, start every server."""
+        args = self.args
+        # Enough distinct callbacks for every run against the service, with slack for uneven threads.
+        count = int(args.callbacks * 1.03) + 1000 * self.threads
+        log(f"simulating {count} callbacks")
+        stream, sessions = callback_stream(count, args.seed)
+        log(f"signing them for each target, in {self.workdir}")
+        with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+            def feed(name: str, callbacks: Sequence[dict[str, str]], seed: int, wrap: bool) -> Feed:
+                url = self.urls[name] + CALLBACK_PATH
+                return write_callback_feed(self.workdir / name, self.threads, url, callbacks, seed, pool, wrap=wrap)
+
+            service_feed = feed("service", stream, args.seed, wrap=False)
+            hmac_feed = feed("hmac", stream[:args.baseline_feed], args.seed + 1, wrap=True)
+            orm_feed = feed("orm", stream[:args.baseline_feed], args.seed + 2, wrap=True)
+        self.sessions_feed = write_sessions_feed(self.workdir / "sessions", self.threads, 50_000,
+                                                 uuid.uuid4().hex[:8])
+
+        log(f"recreating database {DATABASE}: {len(sessions)} sessions, {sum(s.existing for s in sessions)} "
+            "of them existing before the run")
+        self.db_url = prepare_database(self.admin, sessions)
+        self.stack.callback(lambda: drop_database(self.admin, DATABASE))
+
+        log("starting the sandbox Plivo, the baselines and the service")
+        self.sandbox = self._start(Server(
+            "sandbox", [sys.executable, "-m", "webhook_service.sandbox", "--port", str(self.ports["sandbox"])],
+            os.environ | {"LOG_LEVEL": "WARNING", "PLIVO_AUTH_ID": AUTH_ID, "PLIVO_AUTH_TOKEN": AUTH_TOKEN},
+            self.ports["sandbox"], "/sandbox/healthz", self.workdir))
+        signing = {"PLIVO_AUTH_TOKEN": AUTH_TOKEN}
+        bare = self._gunicorn("bare", "bench.baselines:create_bare_app()")
+        hmac = self._gunicorn("hmac", "bench.baselines:create_hmac_app()", PUBLIC_BASE_URL=self.urls["hmac"],
+                              **signing)
+        orm = self._gunicorn("orm", "bench.baselines:create_orm_app()", PUBLIC_BASE_URL=self.urls["orm"],
+                             DATABASE_URL=self.db_url, **signing)
+        self.service = self._gunicorn(
+            "service", "webhook_service:create_app()", DATABASE_URL=self.db_url, PLIVO_AUTH_ID=AUTH_ID,
+            PUBLIC_BASE_URL=self.urls["service"], API_TOKENS=API_TOKEN, PLIVO_API_BASE_URL=self.urls["sandbox"],
+            # One Plivo slot per thread: with the default (2 per worker) the sessions run's extra
+            # connections get 503 plivo_busy by design, and a benchmark of 503s measures nothing.
+            PLIVO_MAX_CONCURRENCY=os.environ.get("GUNICORN_THREADS", "4"), **signing)
+        for server in self.servers:
+            server.wait_ready()
+        self.targets = {
+            "bare": Target("bare Flask view (200)", bare, hmac_feed.reuse(wrap=True)),
+            "hmac": Target("parse form + HMAC-SHA256", hmac, hmac_feed),
+            "orm": Target("naive ORM (+INSERT, +UPDATE)", orm, orm_feed),
+            "service": Target("webhook path (service)", self.service, service_feed),
+        }
+        self.load = OtherLoad(self.servers, self.db_url)
+
+    def _start(self, server: Server) -> Server:
+        self.servers.append(server)
+        return server
+
+    def _gunicorn(self, name: str, app: str, **settings: str) -> Server:
+        env = gunicorn_env(self.ports[name], self.args.workers, self.workdir, name, **settings)
+        return self._start(start_gunicorn(name, app, env, self.ports[name], self.workdir))
+
+    # Runs -----------------------------------------------------------------------------------------
+
+    def _callbacks(self, target: Target, seconds: float, **options) -> WrkResult:
+        return target.tally.add(run_wrk(target.server.url, "POST", CALLBACK_PATH, target.feed,
+                                        headers=[f"Content-Type: {FORM}"], duration=seconds,
+                                        connections=self.args.connections, **options))
+
+    def _measured(self, warmup: Callable[[], object], run: Callable[[], WrkResult]) -> Measured:
+        """Checkpoint, wait for a quiet machine, warm up, then measure while watching who uses the CPU."""
+        checkpoint(self.admin)
+        self.load.wait_quiet(self.args.max_other_cpu, self.args.quiet_timeout)
+        warmup()
+        with self.load.measure() as cpu:
+            result = run()
+        answered = max(result.requests, 1)
+        other = cpu.pop("other")
+        return Measured(result, other, {name: 1000 * seconds / answered for name, seconds in cpu.items()})
+
+    def throughput(self) -> dict[str, Measured]:
+        """Each target as fast as it answers: same duration, connections and wrk threads for all."""
+        args, results = self.args, {}
+        for key, target in self.targets.items():
+            log(f"{target.label}: {args.warmup:g} s warm-up, then {args.duration:g} s measured")
+            results[key] = self._measured(lambda t=target: self._callbacks(t, args.warmup),
+                                          lambda t=target: self._callbacks(t, args.duration))
+        return results
+
+    def paced(self) -> Measured:
+        """The webhook path at a fixed rate, for its latency."""
+        args = self.args
+        log(f"webhook path at {args.rate:g} req/s for {args.rate_duration:g} s")
+        service = self.targets["service"]
+        return self._measured(lambda: None, lambda: self._callbacks(service, args.rate_duration, rate=args.rate))
+
+    def sessions_api(self) -> dict[str, Measured]:
+        """POST /v1/sessions on the service (which calls the sandbox Plivo), and the same requests to the bare view."""
+        args, results = self.args, {}
+        headers = ["Content-Type: application/json", f"Authorization: Bearer {API_TOKEN}"]
+        for key, server, feed in (("service", self.service, self.sessions_feed),
+                                  ("bare", self.targets["bare"].server, self.sessions_feed.reuse(wrap=True))):
+            log(f"POST /v1/sessions on {key}: {args.warmup:g} s warm-up, then {args.sessions_duration:g} s measured")
+            tally = Tally()
+
+            def run(seconds: float, server: Server = server, feed: Feed = feed, tally: Tally = tally) -> WrkResult:
+                return tally.add(run_wrk(server.url, "POST", SESSIONS_PATH, feed, headers=headers, duration=seconds,
+                                         connections=args.sessions_connections))
+
+            results[key] = self._measured(lambda run=run: run(args.warmup), lambda run=run: run(args.sessions_duration))
+            if tally.failed or tally.socket_errors or tally.exhausted:
+                self.problems.append(f"POST /v1/sessions on {key}: {tally.failed} non-2xx answers, "
+                                     f"{tally.socket_errors} socket errors, feed ran out {tally.exhausted} times")
+        return results
+
+    def memory(self, samples: list[RssSample]) -> list[RssSample]:
+        """Add the workers' RSS once the service has received half of `--callbacks`, then all of them."""
+        service = self.targets["service"]
+        for share in (self.args.callbacks // 2, self.args.callbacks):
+            need = share - scalar(self.db_url, INBOX_ROWS)
+            if need > 0:
+                log(f"memory: {need} more callbacks to the service, to {share} in all")
+                quotas = [need // self.threads + (1 if t < need % self.threads else 0) for t in range(self.threads)]
+                self._callbacks(service, 3600, quotas=quotas, until=_progress_watch(self.db_url, share))
+            samples.append(self.rss_sample())
+        return samples
+
+    def rss_sample(self) -> RssSample:
+        """(callbacks received so far, the service's workers, their RSS in bytes)."""
+        workers = self.service.workers()
+        return scalar(self.db_url, INBOX_ROWS), workers, [w.memory_info().rss for w in workers]
+
+    # Checks and report ----------------------------------------------------------------------------
+
+    def check(self) -> list[str]:
+        """Everything that would make the numbers meaningless (empty: all good)."""
+        wait_until(lambda: scalar(self.db_url, "SELECT count(*) FROM callback_inbox WHERE status = 'pending'") == 0,
+                   60, "the service to apply every stored callback")
+        problems = list(self.problems)
+        for key, target in self.targets.items():
+            t = target.tally
+            if t.failed or t.socket_errors:
+                problems.append(f"{key}: {t.failed} non-2xx answers, {t.socket_errors} socket errors")
+            if t.exhausted:
+                problems.append(f"{key}: its feed ran out {t.exhausted} times (raise --callbacks or --baseline-feed)")
+        with psycopg.connect(self.db_url, autocommit=True) as conn:
+            self.inbox = dict(conn.execute("SELECT status, count(*) FROM callback_inbox GROUP BY status").fetchall())
+            naive_rows = conn.execute("SELECT count(*) FROM bench_callbacks").fetchone()[0]
+        if set(self.inbox) - {"applied"}:
+            problems.append(f"service: inbox rows not applied: {self.inbox}")
+        for key, stored in (("service", sum(self.inbox.values())), ("orm", naive_rows)):
+            t = self.targets[key].tally
+            # Requests wrk wrote but had no answer to when it stopped may or may not have been handled.
+            if not t.ok <= stored <= t.ok + t.unanswered:
+                problems.append(f"{key}: {stored} rows stored for {t.ok} 2xx answers (+{t.unanswered} unanswered)")
+        return problems
+
+    def report(self, throughput: dict[str, Measured], paced: Measured, sessions: dict[str, Measured],
+               rss: list[RssSample], problems: list[str]) -> None:
+        """The one table, then the latency, sessions API, RSS and check lines (stdout)."""
+        args = self.args
+        hmac_rate, orm_rate = throughput["hmac"].result.rate, throughput["orm"].result.rate
+        threads = os.environ.get("GUNICORN_THREADS", "4")
+        print(f"\nwebhook benchmark: {os.cpu_count()} cores; every target under gunicorn -c gunicorn.conf.py, "
+              f"{args.workers} workers x {threads} threads (gthread); wrk {args.threads} threads, "
+              f"{args.connections} connections, {args.duration:g} s after a {args.warmup:g} s warm-up")
+        print(f"postgres: {server_facts(self.db_url)}\n")
+        print(f"{'target':<30} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'x parse+HMAC':>13} {'x naive ORM':>12}"
+              f"   {'CPU ms/req: app':>15} {'postgres':>8}")
+        for key, target in self.targets.items():
+            r, cpu = throughput[key].result, throughput[key].cpu_ms
+            print(f"{target.label:<30} {r.rate:7.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {r.rate / hmac_rate:13.2f} "
+                  f"{r.rate / orm_rate:12.2f}   {cpu[target.server.name]:15.2f} {cpu['postgres']:8.2f}")
+        service = throughput["service"].result.rate
+        met = {True: "met", False: "NOT met"}
+        print(f"\ngoals: webhook path >= 0.5 x parse+HMAC: {service / hmac_rate:.2f} "
+              f"({met[service >= hmac_rate / 2]}); >= 2 x naive ORM: {service / orm_rate:.2f} "
+              f"({met[service >= 2 * orm_rate]})")
+        p = paced.result
+        behind = "; it could not keep up, so this is its latency when saturated" if p.rate < 0.95 * args.rate else ""
+        print(f"webhook path at {args.rate:g} req/s: achieved {p.rate:.1f} req/s, p50 {p.p50_ms:.2f} ms, "
+              f"p99 {p.p99_ms:.2f} ms (goal p99 < 20 ms: {met[p.p99_ms < 20]}{behind})")
+        s, b, cpu = sessions["service"].result, sessions["bare"].result, sessions["service"].cpu_ms
+        print(f"POST /v1/sessions ({args.sessions_connections} connections, {args.sessions_duration:g} s): service "
+              f"(-> sandbox Plivo) {s.rate:.0f} req/s, p50 {s.p50_ms:.2f} ms, p99 {s.p99_ms:.2f} ms (CPU ms/req: "
+              f"service {cpu['service']:.2f}, postgres {cpu['postgres']:.2f}, sandbox {cpu['sandbox']:.2f}); "
+              f"bare view, same requests: {b.rate:.0f} req/s, p50 {b.p50_ms:.2f} ms, p99 {b.p99_ms:.2f} ms")
+        for count, workers, sizes in rss:
+            text = ", ".join(f"worker {w.pid} {size / 2**20:6.1f} MB" for w, size in zip(workers, sizes, strict=True))
+            print(f"service RSS after {count:>7,} callbacks: {text}")
+        (_, first_workers, half), (_, last_workers, full) = rss[-2], rss[-1]
+        if [w.pid for w in first_workers] == [w.pid for w in last_workers]:
+            growth = ", ".join(f"{(after - before) / 2**20:+.1f} MB" for before, after in zip(half, full, strict=True))
+            print(f"service RSS growth over the second half: {growth}")
+        else:
+            problems.append("the service's workers changed during the run (one was restarted): RSS not comparable")
+        others = [(self.targets[k].label, m.other_cpu) for k, m in throughput.items()]
+        others += [(f"{args.rate:g} req/s", paced.other_cpu)]
+        others += [(f"sessions on {k}", m.other_cpu) for k, m in sessions.items()]
+        print("other processes' CPU during each measured run (share of all cores): "
+              + ", ".join(f"{label} {share:.0f}%" for label, share in others)
+              + ("  <- too busy: rerun on a quieter machine" if max(x for _, x in others) > args.max_other_cpu else ""))
+        t = self.targets["service"].tally
+        print(f"checks: the service answered {t.ok} callbacks 2xx and {t.failed} otherwise ({t.unanswered} were in "
+              f"flight when wrk stopped); inbox {sum(self.inbox.values())} rows {self.inbox}; "
+              + ("all good" if not problems else "PROBLEMS:"))
+        for problem in problems:
+            print(f"  - {problem}")
+
+    def run(self) -> int:
+        self.prepare()
+        rss = [self.rss_sample()]  # before any traffic
+        throughput = self.throughput()
+        paced = self.paced()
+        sessions = self.sessions_api()
+        rss = self.memory(rss)
+        log("checking what the servers stored")
+        problems = self.check()
+        self.report(throughput, paced, sessions, rss, problems)
+        return 1 if problems else 0
+
+
+def _progress_watch(db_url: str, target: int, stall_s: float = 30) -> Callable[[], bool]:
+    """A predicate: has the service's inbox reached `target` rows? Raises if the count stops moving."""
+    state = {"count": -1, "since": time.monotonic()}
+
+    def reached() -> bool:
+        count = scalar(db_url, INBOX_ROWS)
+        if count != state["count"]:
+            state.update(count=count, since=time.monotonic())
+        elif time.monotonic() - state["since"] > stall_s:
+            raise RuntimeError(f"the service stopped storing callbacks at {count} (wanted {target})")
+        return count >= target
+
+    return reached
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if shutil.which("wrk") is None:
+        log("wrk is not installed: apt-get install -y wrk (or run `make bench-webhooks`)")
+        return 2
+    with ExitStack() as stack:  # stops every server, drops the database and deletes the feeds, whatever happens
+        return Bench(args, stack).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
