@@ -95,3 +95,12 @@ def test_phone_numbers_are_masked_in_log_lines():
     line = JsonFormatter().format(record)
     assert "+14155552345" not in line and "14155550123" not in line and "447700900123" not in line
     assert "+1415***2345" in line and mask_phone("+14155552345") == "+1415***2345"
+
+
+def test_session_uuids_that_start_with_digits_are_not_mistaken_for_phone_numbers():
+    record = logging.makeLogRecord({"msg": "session %s", "args": ("08040334-dde7-4d1b-9c9e-b4b653233c03",),
+                                    "levelno": logging.INFO, "levelname": "INFO",
+                                    "session_uuid": "12345678-dde7-4d1b-9c9e-b4b653233c03"})
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "session 08040334-dde7-4d1b-9c9e-b4b653233c03"
+    assert line["session_uuid"] == "12345678-dde7-4d1b-9c9e-b4b653233c03"

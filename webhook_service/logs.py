@@ -9,8 +9,9 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-# E.164-looking runs of digits (with or without '+'), 8 to 15 digits long.
-_PHONE_RE = re.compile(r"(?<![\w/.-])\+?\d{8,15}(?![\w/])")
+# E.164-looking runs of digits (with or without '+'), 8 to 15 digits long, not part of an id such as a
+# UUID (`08040334-dde7-…`) or a path.
+_PHONE_RE = re.compile(r"(?<![\w/.-])\+?\d{8,15}(?![\w/]|-\w)")
 
 
 def mask_phone(number: str | None) -> str | None:
