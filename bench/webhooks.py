@@ -27,8 +27,9 @@ Runs, in this order: each target, a warm-up then a measured run as fast as it an
 connections and wrk threads for all); the service at a fixed rate (paced with wrk's delay() hook), for
 its latency; POST /v1/sessions on the service and the same create requests on the bare view; then
 callbacks until the service has received `--callbacks` in all, with each worker's RSS at 0, half and
-all of them. Before each measured run: a CHECKPOINT, and a wait (up to `--quiet-timeout`) for the
-machine to be quiet, as other processes on these 2 cores lower every number. During it, the CPU time
+all of them. Before each measured run: a CHECKPOINT, a wait (up to `--quiet-timeout`) for the
+machine to be quiet, as other processes on these 2 cores lower every number, the warm-up, then an
+ANALYZE (the statistics autovacuum would have by then). During it, the CPU time
 of the target, of its Postgres backends and of everything else is taken: the table shows the CPU per
 request, which shows where the time goes and depends little on the machine's other load.
 
@@ -456,6 +457,17 @@ def checkpoint(admin: str) -> None:
         log(f"CHECKPOINT skipped: {exc}")
 
 
+def analyze(url: str) -> None:
+    """Bring the planner's statistics up to date, as autovacuum keeps them on a database in service.
+
+    The tables start empty and grow by thousands of rows in a warm-up; autovacuum's analyze comes
+    within its one-minute nap, longer than a run. Until then each backend keeps plans made for
+    empty tables (sequential scans). ANALYZE invalidates them, so the run measures steady state.
+    """
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("ANALYZE")
+
+
 def scalar(url: str, sql: str) -> int:
     with psycopg.connect(url, autocommit=True) as conn:
         return conn.execute(sql).fetchone()[0]
@@ -711,6 +723,7 @@ class Bench:
         checkpoint(self.admin)
         self.load.wait_quiet(self.args.max_other_cpu, self.args.quiet_timeout)
         warmup()
+        analyze(self.db_url)
         with self.load.measure() as cpu:
             result = run()
         answered = max(result.requests, 1)
