@@ -1,9 +1,11 @@
 """Drill: gunicorn workers killed with SIGKILL in the middle of a load of callbacks.
 
-A killed worker's in-flight requests get no answer, and its open transactions are rolled back by
-Postgres: no callback may be half-applied. The master must start a new worker in its place. After
-re-delivery (and the operator's replay of rows left pending) the totals must be exact, with no
-inbox row left pending or failed. See `harness.recover_and_verify`.
+Each kill hits a worker while callbacks it handles wait inside their transactions (the drill holds
+their session's row lock), so requests are certainly cut short. They get no answer; each of their
+callbacks is applied whole or not at all (a transaction), never half. A worker killed between two
+steps of the Python path leaves its transaction to be rolled back by Postgres. The master must
+start a new worker in its place. After re-delivery (and the operator's replay of rows left
+pending) the totals must be exact, with no inbox row left pending or failed. See `harness.recover_and_verify`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import random
 import signal
 import time
 
+import psutil
 import pytest
+from sqlalchemy import text
 
 from .harness import (
     Load,
@@ -36,23 +40,35 @@ PACE = 0.03  # keeps the load going for a few seconds, past the replacement of t
 KILLS = (0.25, 0.5, 0.75)  # fractions of the load sent when a worker is killed
 
 
-def busiest_worker(service, wait: float = 2.0) -> tuple[int, int]:
-    """The worker with the most requests in flight (at least two if that happens within `wait` seconds).
+def worker_blocked_in_a_transaction(service, engine, session_uuid: str, wait: float = 15.0) -> tuple[int, int]:
+    """Hold the session's row lock until callbacks for it wait inside their transactions; return the
+    worker that has the most of them waiting, and how many.
 
-    Killing a worker that happens to be idle would test nothing: its requests must die mid-way.
+    A request takes a millisecond or two: killing a worker that merely looks busy often kills it
+    between requests, which tests nothing. A request blocked on the lock is certainly mid-way.
     """
-    started = time.monotonic()
-    while True:
-        in_flight = service.in_flight()
-        waited = time.monotonic() - started
-        if in_flight:
-            pid = max(in_flight, key=in_flight.get)
-            # Two or more at once if that comes within `wait`, else one; after twice as long, any.
-            if in_flight[pid] >= 2 or (in_flight[pid] and waited > wait) or waited > 2 * wait:
-                return pid, in_flight[pid]
-        elif waited > 2 * wait:
-            raise TimeoutError("no gunicorn worker to kill")
-        time.sleep(0.002)
+    blocked = text("SELECT client_port FROM pg_stat_activity"
+                   " WHERE datname = current_database() AND wait_event_type = 'Lock' AND client_port > 0")
+    deadline = time.monotonic() + wait
+    with engine.connect() as holder, holder.begin():
+        holder.execute(text("SELECT 1 FROM masking_sessions WHERE session_uuid = :uuid FOR UPDATE"),
+                       {"uuid": session_uuid})
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                ports = {port for (port,) in conn.execute(blocked)}
+            waiting = {}
+            for pid in service.worker_pids():
+                try:
+                    connections = psutil.Process(pid).net_connections(kind="tcp")
+                except psutil.NoSuchProcess:
+                    continue
+                waiting[pid] = sum(1 for c in connections if c.laddr and c.laddr.port in ports)
+            if waiting and max(waiting.values()) > 0:
+                victim = max(waiting, key=waiting.get)
+                os.kill(victim, signal.SIGKILL)  # before the lock is released: its requests are mid-way
+                return victim, waiting[victim]
+            time.sleep(0.005)
+    raise TimeoutError(f"no callback for session {session_uuid} came to wait on its lock")
 
 
 @pytest.mark.slow
@@ -73,12 +89,11 @@ def test_worker_killed_mid_load(drill_cluster, drill_db, drill_engine, drill_san
     for fraction in KILLS:
         load.wait_for(fraction)
         workers = service.worker_pids()
-        victim, busy = busiest_worker(service)
-        os.kill(victim, signal.SIGKILL)
+        victim, busy = worker_blocked_in_a_transaction(service, drill_engine, uuids[len(kills)])
         killed_at = time.monotonic()
         # The master notices the death and forks a replacement: a new pid, and as many workers as before.
         replaced = service.wait_workers(len(workers), timeout=30, excluding={victim})
-        kills.append(f"pid {victim} with {busy} requests in flight -> {sorted(replaced - workers)} "
+        kills.append(f"pid {victim} with {busy} requests waiting in a transaction -> {sorted(replaced - workers)} "
                      f"in {time.monotonic() - killed_at:.2f} s")
     answers = load.join()
 
