@@ -1,15 +1,20 @@
-"""Leg derivation (`webhooks.legs.build_legs`), tested with plain dicts like a handler."""
+"""Leg derivation (`webhooks.legs.build_legs`), tested with plain dicts like a handler, and its SQL twin."""
 
 from __future__ import annotations
 
 import random
+import re
+import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
+import psycopg
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from psycopg.types.json import Jsonb
 
-from webhook_service.webhooks.legs import build_legs
+from webhook_service.webhooks.inbox import APPLY_LEG_CALLBACK
+from webhook_service.webhooks.legs import LEG_COLUMNS, build_legs
 
 T0 = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
 
@@ -117,3 +122,55 @@ def test_phases_with_no_end_yet_form_one_open_leg():
     [leg] = build_legs([fact("ringing", 3), fact("initiated", 1)])
     assert leg["ended_at"] is None
     assert (leg["initiated_at"], leg["ringing_at"]) == (T0 + timedelta(seconds=1), T0 + timedelta(seconds=3))
+
+
+# The webhook path derives legs in Postgres (`apply_leg_callback`, migration 0005) for sessions
+# without interaction records: whatever order the facts arrive in, one at a time, the stored legs
+# must be exactly `build_legs`' legs, and the counters and daily totals must follow them.
+
+leg_event_strategy = st.fixed_dictionaries({
+    "party": st.sampled_from(("first", "second")),
+    "kind": st.sampled_from(("initiated", "ringing", "answered", "ended")),
+    "at": st.integers(0, 40).map(lambda s: T0 + timedelta(seconds=s)),
+    "call_uuid": st.one_of(st.none(), st.sampled_from(("c-1", "c-2"))),
+    "from_number": st.one_of(st.none(), st.sampled_from(("+14155550100", "+14155550111"))),
+    "to_number": st.one_of(st.none(), st.just("+14155550122")),
+    "billed_duration": st.one_of(st.none(), st.integers(0, 600)),
+    "amount": st.one_of(st.none(), st.decimals(0, 10, places=5)),
+    "end_event": st.one_of(st.none(), st.sampled_from(("hangup", "complete", "failed"))),
+    "hangup_cause": st.one_of(st.none(), st.just("NORMAL_CLEARING")),
+})
+ARGUMENTS = re.findall(r"%\((\w+)\)s", APPLY_LEG_CALLBACK)
+TOTALS = """SELECT sum(call_legs), sum(answered_legs), sum(billed_duration), sum(answered_billed_duration), sum(amount),
+                  coalesce(sum(sessions_with_calls), 0) FROM daily_call_totals"""
+RECOUNTED = """SELECT sum(legs), sum(answered), sum(billed), sum(answered_billed), sum(amount),
+                     count(*) FILTER (WHERE legs > 0) FROM session_daily_activity"""
+
+
+def _comparable(legs) -> list[tuple]:
+    return sorted((tuple(leg[c] for c in LEG_COLUMNS) for leg in legs), key=repr)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=st.lists(leg_event_strategy, max_size=14, unique_by=lambda e: (e["party"], e["kind"], e["at"])))
+def test_postgres_derives_the_same_legs_as_build_legs(database_url, events):
+    session_uuid = str(uuid.uuid4())
+    with psycopg.connect(database_url, autocommit=True) as pg:
+        for event in events:
+            assert pg.execute(APPLY_LEG_CALLBACK, dict.fromkeys(ARGUMENTS) | event | {
+                "endpoint": "session", "method": "POST", "params": Jsonb({}), "dedupe_key": str(uuid.uuid4()),
+                "uuid": session_uuid, "caller": None,
+            }).fetchone()[0] == "applied"
+        sid = pg.execute("SELECT id FROM masking_sessions WHERE session_uuid = %s", [session_uuid]).fetchone()
+        stored = pg.execute("SELECT * FROM call_legs WHERE session_id = %s", [sid[0] if sid else None])
+        stored = [dict(zip([c.name for c in stored.description], row, strict=True)) for row in stored]
+        counters = pg.execute("SELECT call_count, answered_call_count, billed_duration, amount"
+                              " FROM masking_sessions WHERE id = %s", [sid[0] if sid else None]).fetchall()
+        totals, recounted = pg.execute(TOTALS).fetchone(), pg.execute(RECOUNTED).fetchone()
+    legs = build_legs(events)
+    assert _comparable(stored) == _comparable(legs)
+    if events:
+        assert counters == [(len(legs), sum(1 for leg in legs if leg["answered_at"]),
+                             sum(leg["billed_duration"] or 0 for leg in legs),
+                             sum((leg["amount"] or 0 for leg in legs), Decimal(0)))]
+    assert totals == recounted

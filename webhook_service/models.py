@@ -201,7 +201,8 @@ class LegEvent(LegFacts, Base):
 
     Append-only and idempotent (one row per session, party, kind and time). A session's
     `call_legs` are a pure function of these rows and of Plivo's interaction records
-    (`webhooks.legs.build_legs`), so the legs come out the same whatever order facts arrived in.
+    (`webhooks.legs.build_legs`, and its SQL twin in `apply_leg_callback`, migration 0005), so the
+    legs come out the same whatever order facts arrived in.
     """
 
     __tablename__ = "leg_events"

@@ -7,9 +7,9 @@ session's legs or recordings adds the change of that session's activity (after m
 A day is split into `SHARDS` rows (session id modulo 16) so concurrent callbacks for different
 sessions rarely queue on one row; the reporting view sums the shards.
 
-Definitions (the same in `session_activity_of` and in SQL below): a leg counts on the UTC day it
-started (its earliest known time); it is answered if it has an answer time; a recording that did
-not fail counts on the day it started.
+Definitions (the same in `session_activity_of` and in the view `session_daily_activity`): a leg
+counts on the UTC day it started (its earliest known time); it is answered if it has an answer
+time; a recording that did not fail counts on the day it started.
 """
 
 from __future__ import annotations
@@ -25,27 +25,14 @@ from sqlalchemy.engine import Connection
 SHARDS = 16
 _PHASES = ("initiated_at", "ringing_at", "answered_at", "ended_at")
 
+# The SQL definition is the view `session_daily_activity` (migration 0005), which the webhook
+# path's `apply_leg_callback` also reads for one session; the totals are its sum per day and shard.
 RECOUNT = f"""
     INSERT INTO daily_call_totals (day, shard, call_legs, answered_legs, billed_duration,
                                    answered_billed_duration, amount, recordings, sessions_with_calls)
     SELECT day, (session_id % {SHARDS})::smallint, sum(legs), sum(answered), sum(billed), sum(answered_billed),
            sum(amount), sum(recordings), count(*) FILTER (WHERE legs > 0)
-      FROM (SELECT session_id, day, sum(legs) AS legs, sum(answered) AS answered, sum(billed) AS billed,
-                   sum(answered_billed) AS answered_billed, sum(amount) AS amount, sum(recordings) AS recordings
-              FROM (SELECT session_id,
-                           (timezone('UTC', coalesce(LEAST(initiated_at, ringing_at, answered_at, ended_at),
-                                                     created_at)))::date AS day,
-                           1 AS legs, (answered_at IS NOT NULL)::int AS answered,
-                           coalesce(billed_duration, 0) AS billed,
-                           CASE WHEN answered_at IS NOT NULL THEN coalesce(billed_duration, 0) ELSE 0 END
-                               AS answered_billed,
-                           coalesce(amount, 0) AS amount, 0 AS recordings
-                      FROM call_legs
-                    UNION ALL
-                    SELECT session_id, (timezone('UTC', coalesce(started_at, ended_at, created_at)))::date,
-                           0, 0, 0, 0, 0, 1
-                      FROM recordings WHERE status <> 'failed') AS activity
-             GROUP BY session_id, day) AS per_session
+      FROM session_daily_activity
      GROUP BY day, (session_id % {SHARDS})
 """
 

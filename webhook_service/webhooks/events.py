@@ -3,7 +3,9 @@
 Dispatch is by `EventName` through two tables covering both of Plivo's documented vocabularies
 (legacy `…Hangup`, latest `…Complete`; reference §8–§9). Handlers change a `SessionState` in
 memory (`state.py` loads it under the session's row lock and saves the difference), and each is
-idempotent and indifferent to order:
+idempotent and indifferent to order. Leg facts (`LegFact`, most callbacks) are plain values, so the
+webhook path applies them in one statement instead (`apply_leg_callback`, migration 0005), the
+same cycle done by Postgres:
 
 * call legs are derived from all the session's leg facts (`legs.py`), never patched in place;
 * counters and the daily totals are recomputed from the derived legs, never incremented;
@@ -19,7 +21,7 @@ from datetime import datetime
 from typing import Any
 
 from ..plivo.client import normalise_number, parse_time, to_decimal, to_int
-from .state import SessionState
+from .state import LEG_EVENT_FIELDS, SessionState
 
 
 @dataclass(frozen=True)
@@ -62,39 +64,47 @@ Handler = Callable[[SessionState, Event], None]
 # Call legs ------------------------------------------------------------------------------------
 
 
-def _leg_facts(event: Event) -> dict[str, Any]:
-    return {"from_number": event.number("From"), "to_number": event.number("To"), "call_uuid": event.get("CallUUID")}
+@dataclass(frozen=True)
+class LegFact:
+    """A handler for a callback that reports one fact about a party's leg.
 
+    Its facts are plain values, so the webhook path can apply it in one statement
+    (`apply_leg_callback`, migration 0005) as well as through `SessionState` (replays, and
+    sessions with Plivo interaction records).
+    """
 
-def _phase(party: str, kind: str) -> Handler:
-    def handler(state: SessionState, event: Event) -> None:
-        state.add_leg_event(party, kind, event.at, _leg_facts(event))
+    party: str | None  # None: the caller, whom the latest vocabulary names only by number
+    kind: str  # initiated, ringing, answered or ended
+    end_event: str | None = None  # for kind "ended": hangup, complete or failed
 
-    return handler
+    def facts(self, event: Event) -> dict[str, Any]:
+        facts: dict[str, Any] = dict.fromkeys(LEG_EVENT_FIELDS) | {
+            "from_number": event.number("From"), "to_number": event.number("To"), "call_uuid": event.get("CallUUID"),
+        }
+        if self.kind == "ended":
+            facts |= {
+                "end_event": self.end_event,
+                "duration": to_int(event.get("Duration")),
+                "billed_duration": to_int(event.get("BilledDuration")),
+                "amount": to_decimal(event.get("Amount")),
+                "hangup_cause": event.get("PlivoHangupCause"),
+                "hangup_cause_code": to_int(event.get("PlivoHangupCauseCode")),
+            }
+        return facts
 
+    def party_of(self, event: Event, session: Mapping[str, Any]) -> str | None:
+        if self.party is not None:
+            return self.party
+        caller = event.number("From")
+        for party in ("first", "second"):
+            if caller and caller in (event.number(f"{party.title()}Party"), session[f"{party}_party"]):
+                return party
+        return None
 
-def _end(party: str, end_event: str) -> Handler:
-    def handler(state: SessionState, event: Event) -> None:
-        state.add_leg_event(party, "ended", event.at, _leg_facts(event) | {
-            "end_event": end_event,
-            "duration": to_int(event.get("Duration")),
-            "billed_duration": to_int(event.get("BilledDuration")),
-            "amount": to_decimal(event.get("Amount")),
-            "hangup_cause": event.get("PlivoHangupCause"),
-            "hangup_cause_code": to_int(event.get("PlivoHangupCauseCode")),
-        })
-
-    return handler
-
-
-def caller_reached_virtual_number(state: SessionState, event: Event) -> None:
-    """The latest vocabulary names the caller only by number: find which party it is."""
-    caller = event.number("From")
-    session = state.session
-    for party in ("first", "second"):
-        if caller and caller in (event.number(f"{party.title()}Party"), session[f"{party}_party"]):
-            state.add_leg_event(party, "answered", event.at, _leg_facts(event))
-            return
+    def __call__(self, state: SessionState, event: Event) -> None:
+        party = self.party_of(event, state.session)
+        if party is not None:
+            state.add_leg_event(party, self.kind, event.at, self.facts(event))
 
 
 # Session-level events -------------------------------------------------------------------------
@@ -156,26 +166,26 @@ def _recording(status: str) -> Handler:
 
 SESSION_EVENTS: dict[str, Handler] = {
     # Legacy vocabulary (reference §8.1, D-CB-LEG)
-    "SessionFirstPartyAnswer": _phase("first", "answered"),  # first party's leg answered (or reached the number)
-    "SessionFirstPartyRing": _phase("first", "ringing"),  # first party's phone rings (second party called)
-    "SessionSecondPartyRing": _phase("second", "ringing"),  # second party's phone rings
-    "SessionSecondPartyAnswer": _phase("second", "answered"),  # second party answered
-    "SessionFirstPartyHangup": _end("first", "hangup"),  # first party's leg ended; carries billing
-    "SessionSecondPartyHangup": _end("second", "hangup"),  # second party's leg ended; carries billing
+    "SessionFirstPartyAnswer": LegFact("first", "answered"),  # first party's leg answered (or reached the number)
+    "SessionFirstPartyRing": LegFact("first", "ringing"),  # first party's phone rings (second party called)
+    "SessionSecondPartyRing": LegFact("second", "ringing"),  # second party's phone rings
+    "SessionSecondPartyAnswer": LegFact("second", "answered"),  # second party answered
+    "SessionFirstPartyHangup": LegFact("first", "ended", "hangup"),  # first party's leg ended; carries billing
+    "SessionSecondPartyHangup": LegFact("second", "ended", "hangup"),  # second party's leg ended; carries billing
     "SessionPinAuthenticationStatus": pin_authentication,  # a caller entered (or failed) a PIN
     "SessionTimeout": session_timed_out,  # the session reached its expiry
     "SessionVirtualNumberReplaced": virtual_number_replaced,  # Plivo swapped in a working number
     "SessionPartiesHangup": nothing_to_record,  # the session's call is done (D-MD only)
     # Latest vocabulary (reference §8.1, D-CB-NEW)
-    "SessionFirstPartyInitiated": _phase("first", "initiated"),  # Plivo dialled the first party
-    "SessionFirstPartyRinging": _phase("first", "ringing"),  # first party's phone rings
-    "SessionFirstPartyComplete": _end("first", "complete"),  # first party's leg ended normally
-    "SessionFirstPartyFailed": _end("first", "failed"),  # first party's leg could not be connected
-    "SessionSecondPartyInitiated": _phase("second", "initiated"),  # Plivo dialled the second party
-    "SessionSecondPartyRinging": _phase("second", "ringing"),  # tolerated spelling of …Ring
-    "SessionSecondPartyComplete": _end("second", "complete"),  # second party's leg ended normally
-    "SessionSecondPartyFailed": _end("second", "failed"),  # second party's leg could not be connected
-    "SessionVirtualNumberAnswer": caller_reached_virtual_number,  # a party called the number (auto-answer)
+    "SessionFirstPartyInitiated": LegFact("first", "initiated"),  # Plivo dialled the first party
+    "SessionFirstPartyRinging": LegFact("first", "ringing"),  # first party's phone rings
+    "SessionFirstPartyComplete": LegFact("first", "ended", "complete"),  # first party's leg ended normally
+    "SessionFirstPartyFailed": LegFact("first", "ended", "failed"),  # first party's leg could not be connected
+    "SessionSecondPartyInitiated": LegFact("second", "initiated"),  # Plivo dialled the second party
+    "SessionSecondPartyRinging": LegFact("second", "ringing"),  # tolerated spelling of …Ring
+    "SessionSecondPartyComplete": LegFact("second", "ended", "complete"),  # second party's leg ended normally
+    "SessionSecondPartyFailed": LegFact("second", "ended", "failed"),  # second party's leg could not be connected
+    "SessionVirtualNumberAnswer": LegFact(None, "answered"),  # a party called the number (auto-answer)
 }
 
 RECORDING_EVENTS: dict[str, Handler] = {

@@ -1,15 +1,19 @@
 """The callback inbox: store each verified callback once and apply it; replay what did not apply.
 
-The hot path is one transaction and two round trips to Postgres (psycopg pipelines):
+Each callback is stored and applied in one transaction, so it is stored if and only if its
+effects are (one WAL flush per callback), and the 200 is sent after the commit:
 
-1. BEGIN; INSERT the callback into the inbox, already marked `applied` (a redelivery hits the
-   unique dedupe key and stops here); lock the session and read its facts (`state.queue_load`);
-2. write what the event changes (`state.plan`); COMMIT.
+* a callback about a leg (most of them) is one statement and one round trip:
+  `SELECT apply_leg_callback(...)` (migration 0005) stores it in the inbox (a redelivery hits the
+  unique dedupe key and stops there), locks the session, records the fact and re-derives the
+  session's legs, counters and daily totals;
+* any other callback, or one for a session with Plivo interaction records, goes through
+  `state.py` in two round trips (psycopg pipelines): BEGIN; INSERT into the inbox, already marked
+  `applied`; lock the session and read its facts | write what the event changes; COMMIT.
 
-The callback is stored if and only if the transaction commits, with its effects; the 200 is sent
-after that. If applying raises, the transaction rolls back and the callback is stored again on
-its own, marked `failed` with the error, for `replay` after a fix; if the database goes away
-first, nothing is stored and the answer is a 503. One transaction is one WAL flush per callback.
+If applying raises, the transaction rolls back and the callback is stored again on its own,
+marked `failed` with the error, for `replay` after a fix; if the database goes away first,
+nothing is stored and the answer is a 503.
 """
 
 
@@ -30,7 +34,7 @@ from sqlalchemy import and_, func, or_, select, text
 from .. import metrics
 from ..db import Database, is_database_unavailable
 from ..models import CallbackInbox
-from .events import NOT_INTERACTIONS, Event, apply_event, handler_for
+from .events import NOT_INTERACTIONS, Event, LegFact, apply_event, handler_for
 from .state import DISCOVER_SESSION, SessionState, loaded, plan, queue_load
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,20 @@ MARK_APPLIED = """
     UPDATE callback_inbox SET status = 'applied', error = NULL, attempts = attempts + 1, applied_at = now()
      WHERE id = %(id)s
 """
+# One round trip for a leg callback; 'deferred' (or SQLSTATE WS001) sends it through `state.py`.
+APPLY_LEG_CALLBACK = """
+    SELECT apply_leg_callback(
+        p_endpoint => %(endpoint)s, p_method => %(method)s, p_content_type => %(content_type)s,
+        p_params => %(params)s, p_nonce => %(nonce)s, p_dedupe_key => %(dedupe_key)s,
+        p_event_name => %(event_name)s, p_inbox_session_uuid => %(session_uuid)s,
+        p_session_uuid => %(uuid)s, p_at => %(at)s, p_party => %(party)s, p_kind => %(kind)s,
+        p_caller => %(caller)s, p_first_party => %(first_party)s, p_second_party => %(second_party)s,
+        p_virtual_number => %(virtual_number)s, p_call_uuid => %(call_uuid)s, p_end_event => %(end_event)s,
+        p_duration => %(duration)s, p_billed_duration => %(billed_duration)s, p_amount => %(amount)s,
+        p_hangup_cause => %(hangup_cause)s, p_hangup_cause_code => %(hangup_cause_code)s,
+        p_from_number => %(from_number)s, p_to_number => %(to_number)s)
+"""
+DEFERRED = "WS001"  # apply_leg_callback: the session has interaction records (rolled back)
 MARK_IGNORED = "UPDATE callback_inbox SET status = 'ignored', applied_at = now() WHERE id = %(id)s"
 MARK_FAILED = """
     UPDATE callback_inbox SET status = 'failed', error = %(error)s, attempts = attempts + 1 WHERE id = %(id)s
@@ -126,30 +144,48 @@ def receive(db: Database, endpoint: str, method: str, content_type: str | None, 
             metrics.CALLBACKS.labels(endpoint, outcome).inc()
             return outcome
         assert event is not None
-        with pg.pipeline():
-            pg.execute("BEGIN")
-            stored = pg.execute(INSERT_INBOX, row)
-            cursors = queue_load(pg, event.session_uuid)
-        inserted = stored.fetchone()
-        if inserted is None:
+        try:
+            outcome = _receive(pg, row, endpoint, event)
+        except Exception as exc:
+            if is_database_unavailable(exc) or pg.broken or pg.closed:
+                raise  # nothing was stored: the view answers 503
+            log.exception("callback could not be applied", extra={"endpoint": endpoint})
             pg.rollback()
-            outcome = "duplicate"
-        else:
-            try:
-                state = loaded(cursors)
-                if state is None:  # a session this service never heard of
-                    state = _load(pg, event)
-                _apply(pg, state, endpoint, event, mark_applied=None if inserted[1] else inserted[0])
-                outcome = "applied"
-            except Exception as exc:
-                if is_database_unavailable(exc) or pg.broken or pg.closed:
-                    raise  # nothing was stored: the view answers 503
-                log.exception("callback could not be applied", extra={"endpoint": endpoint})
-                pg.rollback()
-                pg.execute(STORE_FAILED, row | {"error": f"{type(exc).__name__}: {exc}"[:2000]})
-                outcome = "failed"
+            pg.execute(STORE_FAILED, row | {"error": f"{type(exc).__name__}: {exc}"[:2000]})
+            outcome = "failed"
     metrics.CALLBACKS.labels(endpoint, outcome).inc()
     return outcome
+
+
+def _receive(pg: psycopg.Connection, row: dict[str, Any], endpoint: str, event: Event) -> str:
+    """Store and apply one callback that has a handler: "applied" or "duplicate"; raises on failure."""
+    handler = handler_for(endpoint, event)
+    if isinstance(handler, LegFact):
+        facts = handler.facts(event) | event.discovered()
+        try:
+            outcome = pg.execute(APPLY_LEG_CALLBACK, row | facts | {
+                "uuid": event.session_uuid, "at": event.at, "party": handler.party, "kind": handler.kind,
+                "caller": event.number("From"),
+            }).fetchone()[0]  # type: ignore[index]
+        except psycopg.Error as exc:
+            if exc.sqlstate != DEFERRED:
+                raise
+            outcome = "deferred"
+        if outcome != "deferred":
+            return outcome
+    with pg.pipeline():
+        pg.execute("BEGIN")
+        stored = pg.execute(INSERT_INBOX, row)
+        cursors = queue_load(pg, event.session_uuid)
+    inserted = stored.fetchone()
+    if inserted is None:
+        pg.rollback()
+        return "duplicate"
+    state = loaded(cursors)
+    if state is None:  # a session this service never heard of
+        state = _load(pg, event)
+    _apply(pg, state, endpoint, event, mark_applied=None if inserted[1] else inserted[0])
+    return "applied"
 
 
 def apply_stored(db: Database, inbox_id: int, endpoint: str, params: Mapping[str, Any],

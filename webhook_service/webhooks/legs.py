@@ -52,8 +52,9 @@ class _Leg:
             row[column] = min(times) if times else None
         if row["answered_at"] is None and self.end is not None:
             row["answered_at"] = self.end.get("answered_at")  # Plivo's start time for a connected leg
-        facts = ([self.end] if self.end else []) + sorted(self.phases, key=lambda e: e["at"])
-        for name in FACT_FIELDS:  # the first fact that knows the value, terminal first
+        # The first fact that knows the value: the terminal one, then by time (and kind, for ties).
+        facts = ([self.end] if self.end else []) + sorted(self.phases, key=lambda e: (e["at"], e["kind"]))
+        for name in FACT_FIELDS:
             row[name] = next((f[name] for f in facts if f.get(name) is not None), None)
         row["source"] = self.end.get("source", "callback") if self.end else "callback"
         return row
