@@ -37,8 +37,10 @@ LEG_COLUMNS = ("party", "initiated_at", "ringing_at", "answered_at", "ended_at",
 LEG_DAY = """
 CREATE FUNCTION leg_day(initiated_at timestamptz, ringing_at timestamptz, answered_at timestamptz,
                         ended_at timestamptz, created_at timestamptz) RETURNS date
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    RETURN (timezone('UTC', coalesce(LEAST(initiated_at, ringing_at, answered_at, ended_at), created_at)))::date
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE  -- a one-expression SQL function: the planner inlines it
+    AS $$
+        SELECT (timezone('UTC', coalesce(LEAST(initiated_at, ringing_at, answered_at, ended_at), created_at)))::date
+    $$
 """
 
 SESSION_DAILY_ACTIVITY = """
