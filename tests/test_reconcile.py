@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from urllib.parse import urlencode
@@ -12,10 +13,18 @@ import requests
 from sqlalchemy import text
 
 from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
-from webhook_service.reconcile import RateLimiter, reconcile
+from webhook_service.reconcile import RateLimiter, apply_plivo_session, reconcile
 from webhook_service.settings import SANDBOX_AUTH_TOKEN
 
-from .test_webhooks import assert_daily_totals_match_a_recount, create_session, forget_callbacks, play, send, snapshot
+from .test_webhooks import (
+    assert_daily_totals_match_a_recount,
+    create_session,
+    forget_callbacks,
+    inbox_rows,
+    play,
+    send,
+    snapshot,
+)
 
 
 def ctx_of(live):
@@ -204,3 +213,73 @@ def test_only_sessions_that_can_still_change_are_fetched(live, sandbox, engine):
                for r in requests.get(f"{sandbox.url}/sandbox/requests", timeout=5).json()["requests"]
                if r["method"] == "GET"}
     assert active in fetched and old not in fetched
+
+
+def test_a_leg_callback_waiting_behind_a_reconciliation_sees_the_interactions_it_committed(live, sandbox, engine):
+    """The callback's transaction must read the interactions once it holds the session's lock.
+
+    Reconciliation is held (by an advisory lock in a trigger) after it has stored Plivo's record
+    of the call and derived the second party's leg from it; the second party's own answer callback
+    then waits on the session's lock. Once reconciliation commits, the callback must derive legs
+    from the interactions too, or it turns the reconciled leg back into an open one and the
+    session loses that leg's billing.
+    """
+    uuid = create_session(live)
+    result = play(sandbox, uuid, deliver=False, duration=70)
+    second = [c for c in result["callbacks"] if "SecondParty" in c["params"]["EventName"]]
+    for callback in result["callbacks"]:
+        if callback not in second:
+            assert send(callback).status_code == 200
+    with engine.begin() as conn:
+        conn.execute(text("""
+            CREATE FUNCTION hold_reconciliation() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NEW; END $$;
+            CREATE TRIGGER hold_reconciliation AFTER INSERT ON plivo_interactions
+               FOR EACH ROW EXECUTE FUNCTION hold_reconciliation();
+        """))
+    waiting = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                   " AND wait_event_type = :kind AND query LIKE :query")
+    plivo_session = ctx_of(live).plivo.get_session(uuid)
+    outcomes: dict[str, object] = {}
+    try:
+        with engine.connect() as holder:
+            holder.execute(text("SELECT pg_advisory_lock(4242)"))
+            reconciliation = threading.Thread(target=lambda: outcomes.update(
+                reconciled=apply_plivo_session(ctx_of(live).db, plivo_session, datetime.now(UTC))))
+            reconciliation.start()
+            answer = next(c for c in second if c["params"]["EventName"] == "SessionSecondPartyAnswer")
+            callback = threading.Thread(target=lambda: outcomes.update(answer=send(answer).json()["status"]))
+            for kind, query, then in (("Lock", "%INSERT INTO plivo_interactions%", callback.start),
+                                      ("Lock", "%apply_leg_callback%", None)):
+                for _ in range(500):  # until reconciliation waits in its trigger, then the callback on the lock
+                    with engine.connect() as conn:
+                        if conn.execute(waiting, {"kind": kind, "query": query}).scalar():
+                            break
+                    time.sleep(0.01)
+                else:
+                    raise AssertionError(f"nothing came to wait on {query}")
+                if then:
+                    then()
+            holder.execute(text("SELECT pg_advisory_unlock(4242)"))
+            holder.commit()
+            reconciliation.join(10)
+            callback.join(10)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER hold_reconciliation ON plivo_interactions;"
+                              " DROP FUNCTION hold_reconciliation();"))
+    assert outcomes["answer"] == "applied" and outcomes["reconciled"][1] is False  # no drift
+    plivo = result["session"]
+    after = session_row(engine, uuid)
+    assert (after["call_count"], after["billed_duration"], after["amount"]) == (
+        plivo["total_call_count"], plivo["total_call_billed_duration"], Decimal(str(plivo["total_call_amount"])))
+    assert [(leg.party, leg.source, leg.ended_at is not None) for leg in legs_of(engine, uuid)] == [
+        ("first", "callback", True), ("second", "reconcile", True)]
+    for callback in second:  # the rest of the second party's callbacks change nothing
+        assert send(callback).status_code == 200
+    final = session_row(engine, uuid)
+    assert (final["call_count"], final["billed_duration"], final["amount"]) == (
+        after["call_count"], after["billed_duration"], after["amount"])
+    # The callbacks that took the Python path are stored once each, applied.
+    assert [row.status for row in inbox_rows(engine)] == ["applied"] * len(result["callbacks"])
+    assert_daily_totals_match_a_recount(engine)

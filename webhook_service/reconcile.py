@@ -16,7 +16,9 @@ Every run (the `worker` process runs one a minute; `flask sessions reconcile` ru
    beside ours so drift is visible in `reporting.session_summary`.
 
 Callbacks and reconciliation take the same lock and derive legs from the same facts, so running
-both at once for one session gives the same result as either order, with nothing counted twice.
+both at once for one session gives the same result as either order, with nothing counted twice
+(a leg callback read after the lock sees the interactions, and then takes the Python path:
+tests/test_reconcile.py holds one waiting behind a reconciliation).
 """
 
 from __future__ import annotations

@@ -7,18 +7,23 @@ Create Date: 2026-11-27 05:20:00.000000
 Most callbacks report a fact about a party's leg (initiated, ringing, answered, ended). For those,
 `webhooks/inbox.py` makes one call, `SELECT apply_leg_callback(...)`: one round trip and one
 transaction that stores the callback in the inbox (deduplicated), locks the session, records the
-leg fact, re-derives the session's legs (`derive_call_legs`), adds the change of its activity to
-the daily totals and updates its counters. It is the same cycle as `webhooks/state.py`'s, done by
-Postgres; a hypothesis test holds `derive_call_legs` equal to `webhooks/legs.build_legs`.
+leg fact, re-derives the session's legs (the statement `DERIVE_LEGS`), adds the change of its
+activity to the daily totals and updates its counters. It is the cycle of `webhooks/state.py`,
+done by Postgres; a hypothesis test (tests/test_legs.py) holds its legs equal to
+`webhooks/legs.build_legs`' and its counters and daily totals equal to what the Python path
+computes from them.
 
-Sessions with Plivo interaction records (reconciliation's facts, which need `build_legs`' matching
-of calls to legs) are not handled here: the function raises SQLSTATE WS001, which rolls back
-everything it did, and the caller applies the callback through the Python path instead. A
-redelivery of a callback whose earlier apply failed is answered 'deferred' for the same reason.
+What the function leaves to the Python path:
+* sessions with Plivo interaction records (reconciliation's facts, which need `build_legs`'
+  matching of calls to legs): it takes back the inbox row it inserted and answers 'deferred'
+  (having changed nothing), and the caller applies the callback through `state.py` instead;
+* a redelivery of a callback stored but not applied (its apply failed, or was cut short): it
+  answers 'deferred' having written nothing, and `state.py` applies the stored row again.
 
-`session_daily_activity` is the one SQL definition of a session's activity per UTC day (the
-Python twin is `reporting.daily_totals.session_activity_of`): `RECOUNT` sums it for every session,
-`apply_leg_callback` reads it for one session before and after the change.
+The UTC day a leg counts on is `leg_day`, used by the view `session_daily_activity` (a session's
+activity per day, which `reporting.daily_totals.RECOUNT` sums for a full recount) and by
+`DERIVE_LEGS` (the change of one session's activity). The Python twin, for `state.py`, is
+`reporting.daily_totals.session_activity_of`; tests hold the three equal.
 """
 
 from alembic import op
@@ -163,7 +168,7 @@ DERIVE_LEGS = """
 )
 
 # One callback about a leg, stored and applied in one transaction (see the module's docstring).
-# Returns 'applied', 'duplicate' or 'deferred' (apply it through the Python path).
+# Returns 'applied', 'duplicate' or 'deferred' (nothing changed: apply it through the Python path).
 APPLY_LEG_CALLBACK = """
 CREATE FUNCTION apply_leg_callback(
     p_endpoint text, p_method text, p_content_type text, p_params jsonb, p_nonce text, p_dedupe_key text,
@@ -174,6 +179,7 @@ CREATE FUNCTION apply_leg_callback(
     p_hangup_cause text, p_hangup_cause_code integer, p_from_number text, p_to_number text
 ) RETURNS text LANGUAGE plpgsql AS $$
 DECLARE
+    inbox_id bigint;
     stored_status text;
     stored_at timestamptz;
     s record;
@@ -188,7 +194,8 @@ BEGIN
                                 status, attempts, applied_at)
     VALUES (p_endpoint, p_method, p_content_type, p_params, p_nonce, p_dedupe_key, p_event_name,
             p_inbox_session_uuid, 'applied', 1, now())
-    ON CONFLICT (dedupe_key) DO NOTHING;
+    ON CONFLICT (dedupe_key) DO NOTHING
+    RETURNING id INTO inbox_id;
     IF NOT FOUND THEN
         SELECT status, received_at INTO stored_status, stored_at FROM callback_inbox WHERE dedupe_key = p_dedupe_key;
         IF stored_status = 'failed' OR (stored_status = 'pending' AND stored_at < now() - interval '5 seconds') THEN
@@ -197,21 +204,23 @@ BEGIN
         RETURN 'duplicate';
     END IF;
 
-    SELECT id, first_party, second_party,
-           EXISTS (SELECT FROM plivo_interactions i WHERE i.session_id = m.id) AS has_interactions
-      INTO s FROM masking_sessions m WHERE session_uuid = p_session_uuid FOR UPDATE;
+    SELECT id, first_party, second_party INTO s FROM masking_sessions WHERE session_uuid = p_session_uuid FOR UPDATE;
     IF NOT FOUND THEN  -- a session this service never heard of: record what the callback says
         INSERT INTO masking_sessions (session_uuid, origin, status, first_party, second_party, virtual_number)
         VALUES (p_session_uuid, 'callback', 'active', p_first_party, p_second_party, p_virtual_number)
         ON CONFLICT (session_uuid) DO NOTHING;
-        SELECT id, first_party, second_party,
-               EXISTS (SELECT FROM plivo_interactions i WHERE i.session_id = m.id) AS has_interactions
-          INTO STRICT s FROM masking_sessions m WHERE session_uuid = p_session_uuid FOR UPDATE;
-    END IF;
-    IF s.has_interactions THEN  -- reconciliation's facts: legs need build_legs' matching
-        RAISE EXCEPTION 'session % has Plivo interaction records', p_session_uuid USING ERRCODE = 'WS001';
+        SELECT id, first_party, second_party INTO STRICT s
+          FROM masking_sessions WHERE session_uuid = p_session_uuid FOR UPDATE;
     END IF;
     sid := s.id;
+    -- Reconciliation's facts need build_legs' matching of calls to legs. This must be a statement
+    -- of its own, after the lock: its snapshot then holds everything committed before the lock
+    -- was granted (a subquery of the locking statement would read the snapshot from before it
+    -- waited, and miss the interactions of a reconciliation it waited for).
+    IF EXISTS (SELECT FROM plivo_interactions WHERE session_id = sid) THEN
+        DELETE FROM callback_inbox WHERE id = inbox_id;  -- the Python path stores it with its effects
+        RETURN 'deferred';
+    END IF;
 
     IF leg_party IS NULL THEN  -- the caller, named only by number (SessionVirtualNumberAnswer)
         leg_party := CASE WHEN p_caller IN (p_first_party, s.first_party) THEN 'first'

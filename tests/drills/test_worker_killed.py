@@ -1,9 +1,10 @@
 """Drill: gunicorn workers killed with SIGKILL in the middle of a load of callbacks.
 
 Each kill hits a worker while callbacks it handles wait inside their transactions (the drill holds
-their session's row lock), so requests are certainly cut short. They get no answer; each of their
-callbacks is applied whole or not at all (a transaction), never half. A worker killed between two
-steps of the Python path leaves its transaction to be rolled back by Postgres. The master must
+their session's row lock), so requests are certainly cut short. They get no answer, and each of
+their callbacks is applied whole or not at all, never half: a leg callback's single statement has
+reached Postgres and completes once the lock is released (its re-delivery is then a duplicate);
+a callback on the Python path killed between its two round trips is rolled back. The master must
 start a new worker in its place. After re-delivery (and the operator's replay of rows left
 pending) the totals must be exact, with no inbox row left pending or failed. See `harness.recover_and_verify`.
 """

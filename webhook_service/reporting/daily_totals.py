@@ -25,8 +25,8 @@ from sqlalchemy.engine import Connection
 SHARDS = 16
 _PHASES = ("initiated_at", "ringing_at", "answered_at", "ended_at")
 
-# The SQL definition is the view `session_daily_activity` (migration 0005), which the webhook
-# path's `apply_leg_callback` also reads for one session; the totals are its sum per day and shard.
+# The SQL definition is the view `session_daily_activity` (migration 0005; the day of a leg is the
+# function `leg_day`, which `apply_leg_callback` also uses); the totals are its sum per day and shard.
 RECOUNT = f"""
     INSERT INTO daily_call_totals (day, shard, call_legs, answered_legs, billed_duration,
                                    answered_billed_duration, amount, recordings, sessions_with_calls)

@@ -67,7 +67,7 @@ MARK_APPLIED = """
     UPDATE callback_inbox SET status = 'applied', error = NULL, attempts = attempts + 1, applied_at = now()
      WHERE id = %(id)s
 """
-# One round trip for a leg callback; 'deferred' (or SQLSTATE WS001) sends it through `state.py`.
+# One round trip for a leg callback; 'deferred' (nothing changed) sends it through `state.py`.
 APPLY_LEG_CALLBACK = """
     SELECT apply_leg_callback(
         p_endpoint => %(endpoint)s, p_method => %(method)s, p_content_type => %(content_type)s,
@@ -80,7 +80,6 @@ APPLY_LEG_CALLBACK = """
         p_hangup_cause => %(hangup_cause)s, p_hangup_cause_code => %(hangup_cause_code)s,
         p_from_number => %(from_number)s, p_to_number => %(to_number)s)
 """
-DEFERRED = "WS001"  # apply_leg_callback: the session has interaction records (rolled back)
 MARK_IGNORED = "UPDATE callback_inbox SET status = 'ignored', applied_at = now() WHERE id = %(id)s"
 MARK_FAILED = """
     UPDATE callback_inbox SET status = 'failed', error = %(error)s, attempts = attempts + 1 WHERE id = %(id)s
@@ -162,15 +161,10 @@ def _receive(pg: psycopg.Connection, row: dict[str, Any], endpoint: str, event: 
     handler = handler_for(endpoint, event)
     if isinstance(handler, LegFact):
         facts = handler.facts(event) | event.discovered()
-        try:
-            outcome = pg.execute(APPLY_LEG_CALLBACK, row | facts | {
-                "uuid": event.session_uuid, "at": event.at, "party": handler.party, "kind": handler.kind,
-                "caller": event.number("From"),
-            }).fetchone()[0]  # type: ignore[index]
-        except psycopg.Error as exc:
-            if exc.sqlstate != DEFERRED:
-                raise
-            outcome = "deferred"
+        outcome = pg.execute(APPLY_LEG_CALLBACK, row | facts | {
+            "uuid": event.session_uuid, "at": event.at, "party": handler.party, "kind": handler.kind,
+            "caller": event.number("From"),
+        }).fetchone()[0]  # type: ignore[index]
         if outcome != "deferred":
             return outcome
     with pg.pipeline():

@@ -1,7 +1,8 @@
 """A session's facts in memory: load them under the row lock, change them, save the difference.
 
 Every change to a session's call activity (a callback, a replay, a reconciliation) goes through
-one cycle, in one transaction that holds the session's row lock:
+one cycle, in one transaction that holds the session's row lock (a leg callback's is done by
+Postgres, in `apply_leg_callback`, migration 0005, unless the session has interaction records):
 
     load  → the session row (locked), its leg events, Plivo interactions, legs and recordings;
     plan  → handlers add facts in memory; legs are re-derived (`legs.build_legs`); counters and
