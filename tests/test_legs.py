@@ -217,3 +217,23 @@ def test_postgres_derives_the_same_legs_as_build_legs(database_url, events, dupl
             expected[day, sid % SHARDS, name] += activity[name]
         expected[day, sid % SHARDS, "with_calls"] += int(activity["legs"] > 0)
     assert {k: v for k, v in change.items() if v} == {k: v for k, v in expected.items() if v}
+
+
+def test_facts_at_the_same_second_give_the_same_leg_in_any_order_in_both_paths(database_url):
+    """A tie on time is broken by kind (answered, initiated, ringing), not by arrival order."""
+    ringing = {"party": "first", "kind": "ringing", "at": T0, "from_number": "+14155550111"}
+    initiated = {"party": "first", "kind": "initiated", "at": T0, "from_number": "+14155550100"}
+    for order in ([ringing, initiated], [initiated, ringing]):
+        [leg] = build_legs(order)
+        assert leg["from_number"] == "+14155550100"
+        session_uuid = str(uuid.uuid4())
+        with psycopg.connect(database_url, autocommit=True) as pg:
+            # Read the facts in arrival (heap) order, not the unique index's (which sorts by kind).
+            pg.execute("SET enable_indexscan = off")
+            pg.execute("SET enable_bitmapscan = off")
+            for i, fact in enumerate(order):
+                pg.execute(APPLY_LEG_CALLBACK, dict.fromkeys(ARGUMENTS) | fact | {
+                    "endpoint": "session", "method": "POST", "params": Jsonb({}),
+                    "dedupe_key": f"{session_uuid}-{i}", "uuid": session_uuid})
+            assert pg.execute("SELECT l.from_number FROM call_legs l JOIN masking_sessions s ON s.id = l.session_id"
+                              " WHERE s.session_uuid = %s", [session_uuid]).fetchall() == [("+14155550100",)]
