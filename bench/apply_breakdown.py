@@ -30,19 +30,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import multiprocessing
-import os
 import sys
 import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import psutil
 import psycopg
-from psycopg.types.json import Jsonb
-from webhooks import callback_stream
+from webhooks import _cpu_seconds, callback_stream
 
-from webhook_service.devdb import drop_database, ensure_database, server_url, with_database
+from webhook_service.devdb import admin_url, drop_database, ensure_database
 from webhook_service.migrate import upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,18 +73,13 @@ def variant_sql(name: str) -> str | None:
 
 
 def arguments(params: dict[str, str]) -> dict:
-    """`APPLY_LEG_CALLBACK`'s arguments for one callback, as `inbox._receive` builds them."""
+    """`APPLY_LEG_CALLBACK`'s arguments for one callback, built as the webhook path builds them."""
     from webhook_service.webhooks.events import Event, handler_for
-    from webhook_service.webhooks.inbox import _text, dedupe_key
+    from webhook_service.webhooks.inbox import inbox_row, leg_callback_arguments
 
     event = Event.parse(params, datetime.now(UTC))
-    handler = handler_for("session", event)
-    row = {"endpoint": "session", "method": "POST", "content_type": "application/x-www-form-urlencoded",
-           "params": Jsonb(dict(params)), "nonce": "bench", "dedupe_key": dedupe_key("session", params),
-           "event_name": _text(params, "EventName"), "session_uuid": _text(params, "SessionUUID")}
-    return row | handler.facts(event) | event.discovered() | {  # type: ignore[union-attr]
-        "uuid": event.session_uuid, "at": event.at, "party": handler.party, "kind": handler.kind,  # type: ignore
-        "caller": event.number("From")}
+    row = inbox_row("session", "POST", "application/x-www-form-urlencoded", params, "bench", handled=True)
+    return leg_callback_arguments(row, handler_for("session", event), event)  # type: ignore[arg-type]
 
 
 def worker(url: str, callbacks: list, threads: int, batch: int, ready, go, report, done) -> None:
@@ -128,14 +120,7 @@ def worker(url: str, callbacks: list, threads: int, batch: int, ready, go, repor
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            times = psutil.Process(pid).cpu_times()
-            total += times.user + times.system
-        except psutil.Error:
-            pass
-    return total
+    return sum(_cpu_seconds(set(pids)).values())
 
 
 def run_variant(admin: str, name: str, stream: list, processes: int, threads: int, batch: int) -> dict:
@@ -180,8 +165,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--batch", type=int, default=4, help="callbacks per transaction in the batched run")
     args = parser.parse_args()
-    url = os.environ.get("DATABASE_URL")
-    admin = with_database(url, "postgres") if url else server_url()
+    admin = admin_url()
     stream, _ = callback_stream(args.callbacks + WARMUP * args.processes, seed=20260101)
     results = {}
     for name in ("store", "+ leg fact", "+ legs", "full", "batched"):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import statistics
 import sys
 import time
@@ -29,7 +28,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
 from webhook_service.db import sqlalchemy_url
-from webhook_service.devdb import ensure_database, server_url, with_database
+from webhook_service.devdb import admin_url, ensure_database
 from webhook_service.migrate import upgrade
 from webhook_service.reporting.daily_totals import recount_daily_totals
 
@@ -187,9 +186,7 @@ class Case:
 
 
 def database_url() -> str:
-    configured = os.environ.get("DATABASE_URL")
-    admin = with_database(configured, "postgres") if configured else server_url()
-    return ensure_database(admin, DATABASE, recreate=True)
+    return ensure_database(admin_url(), DATABASE, recreate=True)
 
 
 def step(label: str, engine: Engine, statement: str, **params) -> None:

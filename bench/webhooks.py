@@ -72,7 +72,7 @@ from baselines import CALLBACK_PATH, create_tables
 from sqlalchemy import create_engine
 
 from webhook_service.db import sqlalchemy_url
-from webhook_service.devdb import drop_database, ensure_database, server_url, with_database
+from webhook_service.devdb import admin_url, drop_database, ensure_database
 from webhook_service.migrate import upgrade
 from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
 
@@ -413,12 +413,6 @@ def start_gunicorn(name: str, app: str, env: dict[str, str], port: int, workdir:
 
 
 # Database ------------------------------------------------------------------------------------------
-
-
-def admin_url() -> str:
-    """DATABASE_URL's server (its `postgres` database), else the embedded PostgreSQL."""
-    url = os.environ.get("DATABASE_URL")
-    return with_database(url, "postgres") if url else server_url()
 
 
 def prepare_database(admin: str, sessions: Sequence[PlannedSession]) -> str:

@@ -18,7 +18,7 @@ from sqlalchemy import create_engine, text
 
 from webhook_service import create_app
 from webhook_service.db import Database, sqlalchemy_url
-from webhook_service.devdb import drop_database, ensure_database, server_url, with_database
+from webhook_service.devdb import admin_url, drop_database, ensure_database
 from webhook_service.migrate import upgrade
 from webhook_service.sandbox.server import SandboxServer
 from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN
@@ -29,20 +29,22 @@ from .helpers import API_TOKEN, LiveServer, free_port, make_settings
 TEST_DATABASE = f"webhook_service_test_{os.getpid()}"
 
 
-def _admin_url() -> str:
-    url = os.environ.get("DATABASE_URL")
-    if not url:
-        return server_url()
-    return with_database(url, "postgres")
-
-
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
-    admin = _admin_url()
+    admin = admin_url()
     url = ensure_database(admin, TEST_DATABASE, recreate=True)
     upgrade(url)
     yield url
     drop_database(admin, TEST_DATABASE)
+
+
+@pytest.fixture
+def scratch_url(request) -> Iterator[str]:
+    """A database of the test module's own, empty (for migrating up and down), dropped afterwards."""
+    admin = admin_url()
+    name = f"webhook_service_{request.module.__name__.rsplit('.', 1)[-1]}_{os.getpid()}"
+    yield ensure_database(admin, name, recreate=True)
+    drop_database(admin, name)
 
 
 @pytest.fixture(scope="session")

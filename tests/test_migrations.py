@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-import os
-
-import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
 from webhook_service.db import sqlalchemy_url
-from webhook_service.devdb import drop_database, ensure_database, server_url, with_database
 from webhook_service.migrate import alembic_config
 from webhook_service.models import Base
-
-
-@pytest.fixture
-def scratch_url():
-    """A database of its own (migrations are run on it from nothing), dropped afterwards."""
-    admin = with_database(os.environ["DATABASE_URL"], "postgres") if os.environ.get("DATABASE_URL") else server_url()
-    name = f"webhook_service_migrations_{os.getpid()}"
-    yield ensure_database(admin, name, recreate=True)
-    drop_database(admin, name)
 
 
 def test_upgrade_head_then_check_finds_nothing_to_generate(scratch_url):

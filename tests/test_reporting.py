@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,12 +25,11 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ProgrammingError
 
 from webhook_service.db import Database, sqlalchemy_url
-from webhook_service.devdb import drop_database, ensure_database, server_url, with_database
 from webhook_service.migrate import alembic_config
 from webhook_service.models import MaskingSession
 from webhook_service.webhooks.inbox import receive
 
-from .helpers import FIRST, SECOND
+from .helpers import FIRST, SECOND, make_settings
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "reporting.md"
 READER = "reporting_reader"
@@ -180,10 +178,10 @@ def build_dataset(engine: Engine) -> None:
         ])
     s4_timeout = ("session", {"EventName": "SessionTimeout", "EventTimestamp": "2026-11-02 16:00:00",
                               "SessionUUID": S4, "VirtualNumber": VN4})
-    db = Database(engine)
+    db = Database.connect(engine.url.render_as_string(hide_password=False), make_settings("http://127.0.0.1:9"))
     outcomes = [receive(db, endpoint, "POST", "application/x-www-form-urlencoded", params, None)
                 for endpoint, params in [*_s1_callbacks(), *_s2_callbacks(), *_s3_callbacks(), s4_timeout]]
-    db.fast.dispose()
+    db.dispose()
     assert outcomes.count("duplicate") == 1 and set(outcomes) == {"applied", "duplicate"}  # S1's redelivery
     with engine.begin() as conn:
         # A discovered session is created when its first callback is applied (now); pin that to
@@ -501,15 +499,6 @@ def test_reader_can_read_views_added_to_the_schema_later(engine):
 
 
 # The migration -------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def scratch_url() -> Iterator[str]:
-    """A database of its own for migrating up and down, dropped afterwards."""
-    admin = with_database(os.environ["DATABASE_URL"], "postgres") if os.environ.get("DATABASE_URL") else server_url()
-    name = f"webhook_service_reporting_{os.getpid()}"
-    yield ensure_database(admin, name, recreate=True)
-    drop_database(admin, name)
 
 
 def test_downgrade_keeps_the_role_but_leaves_nothing_referring_to_it(database_url, scratch_url):

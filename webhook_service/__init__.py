@@ -11,7 +11,7 @@ from typing import Any
 from flask import Flask, g, request
 
 from . import metrics
-from .db import Database, build_engine
+from .db import Database
 from .errors import register_error_handlers
 from .logs import configure_logging
 from .plivo.client import PlivoClient
@@ -35,12 +35,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         from .devdb import embedded_database_url
 
         database_url = embedded_database_url()
-    db = Database(
-        build_engine(database_url, settings),
-        # The webhook path's pool: autocommit, no pre-ping round trip (a dead connection is
-        # detected by its first statement, and `Database.pg` then replaces the whole pool).
-        build_engine(database_url, settings, pool_pre_ping=False),
-    )
+    db = Database.connect(database_url, settings)
     plivo = PlivoClient(
         settings.plivo_api_base_url,
         settings.plivo_auth_id,

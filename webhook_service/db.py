@@ -46,10 +46,17 @@ class Database:
     directly (pipelines, explicit BEGIN/COMMIT) to need one round trip per step; see `pg()`.
     """
 
-    def __init__(self, engine: Engine, fast: Engine | None = None):
+    def __init__(self, engine: Engine, fast: Engine):
         self.engine = engine
-        self.fast = fast or create_engine(engine.url, pool_pre_ping=False)
+        self.fast = fast
         self.sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    def connect(cls, url: str, settings: Settings) -> Database:
+        """Both pools on `url`, with the settings' timeouts and pool size. The webhook path's pool
+        has no pre-ping round trip: a dead connection is detected by its first statement, and
+        `pg()` then replaces the whole pool."""
+        return cls(build_engine(url, settings), build_engine(url, settings, pool_pre_ping=False))
 
     @contextmanager
     def pg(self) -> Iterator[psycopg.Connection]:

@@ -39,6 +39,13 @@ def with_database(url: str, name: str) -> str:
     return make_url(url).set(database=name).render_as_string(hide_password=False)
 
 
+def admin_url() -> str:
+    """The maintenance database (`postgres`) of DATABASE_URL's server, else of the embedded server:
+    where the tests and benchmarks create and drop databases of their own."""
+    url = os.environ.get("DATABASE_URL")
+    return with_database(url, "postgres") if url else server_url()
+
+
 def ensure_database(admin_url: str, name: str, *, recreate: bool = False) -> str:
     """Create database `name` on the server at `admin_url` if needed; return its URL."""
     if recreate:

@@ -36,7 +36,7 @@ import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection, Engine
 
-from webhook_service.db import Database, build_engine, sqlalchemy_url
+from webhook_service.db import Database, sqlalchemy_url
 from webhook_service.devdb import drop_database, with_database
 from webhook_service.migrate import upgrade
 from webhook_service.reporting.daily_totals import recount_daily_totals
@@ -289,16 +289,15 @@ class GunicornService:
                 pass
         return pids
 
-    def in_flight(self) -> dict[int, int]:
-        """Each worker's open client connections (requests being read, handled or answered)."""
+    def connections_from(self, ports: set[int]) -> dict[int, int]:
+        """Each worker's TCP connections from one of `ports` (e.g. the client ports of Postgres backends)."""
         counts = {}
         for pid in self.worker_pids():
             try:
                 connections = psutil.Process(pid).net_connections(kind="tcp")
             except psutil.NoSuchProcess:
                 continue
-            counts[pid] = sum(1 for c in connections if c.laddr and c.laddr.port == self.port
-                              and c.status == psutil.CONN_ESTABLISHED)
+            counts[pid] = sum(1 for c in connections if c.laddr and c.laddr.port in ports)
         return counts
 
     def wait_workers(self, count: int, timeout: float = 30.0, *, excluding: Iterable[int] = ()) -> set[int]:
@@ -601,7 +600,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 def replay_pending(env: Mapping[str, str]) -> dict[str, int]:
     """`flask callbacks replay` for failed rows and *every* pending one (stranded when the database went away)."""
     settings = drill_settings(env)
-    db = Database(build_engine(settings.database_url, settings))
+    db = Database.connect(settings.database_url, settings)
     try:
         return inbox.replay(db, pending_older_than=timedelta(0))
     finally:
@@ -711,7 +710,7 @@ def reference_snapshots(cluster: PgCluster, env: Mapping[str, str], items: Itera
     name = f"drill_reference_{os.getpid()}_{_reference_count}"
     url = cluster.create_database(name)
     settings = drill_settings(dict(env) | {"DATABASE_URL": url})
-    db = Database(build_engine(url, settings))
+    db = Database.connect(url, settings)
     try:
         for endpoint, params in items:
             outcome = inbox.receive(db, endpoint, "POST", None, params, None)
@@ -742,11 +741,9 @@ def check_inbox(engine: Engine, callbacks: Sequence[Callback], accepted: Iterabl
         doubles = conn.execute(text(
             "SELECT endpoint, params->>'EventName', count(*) FROM callback_inbox GROUP BY endpoint, params "
             "HAVING count(*) > 1")).all()
-    stored = Counter(r.dedupe_key for r in rows)
     status = {r.dedupe_key: (r.status, r.error) for r in rows}
     pending_ok = set(allow_pending)
     problems = [f"callback stored {n} times: {endpoint} {event}" for endpoint, event, n in doubles]
-    problems += [f"inbox key stored {n} times" for key, n in stored.items() if n > 1]
     wanted = range(len(callbacks)) if complete else sorted(set(accepted))
     for i in wanted:
         event = callbacks[i]["params"]["EventName"]

@@ -16,7 +16,6 @@ import random
 import signal
 import time
 
-import psutil
 import pytest
 from sqlalchemy import text
 
@@ -57,13 +56,7 @@ def worker_blocked_in_a_transaction(service, engine, session_uuid: str, wait: fl
         while time.monotonic() < deadline:
             with engine.connect() as conn:
                 ports = {port for (port,) in conn.execute(blocked)}
-            waiting = {}
-            for pid in service.worker_pids():
-                try:
-                    connections = psutil.Process(pid).net_connections(kind="tcp")
-                except psutil.NoSuchProcess:
-                    continue
-                waiting[pid] = sum(1 for c in connections if c.laddr and c.laddr.port in ports)
+            waiting = service.connections_from(ports)
             if waiting and max(waiting.values()) > 0:
                 victim = max(waiting, key=waiting.get)
                 os.kill(victim, signal.SIGKILL)  # before the lock is released: its requests are mid-way

@@ -34,7 +34,7 @@ from sqlalchemy import and_, func, or_, select, text
 from .. import metrics
 from ..db import Database, is_database_unavailable
 from ..models import CallbackInbox
-from .events import NOT_INTERACTIONS, Event, LegFact, apply_event, handler_for
+from .events import NOT_INTERACTIONS, Event, Handler, LegFact, apply_event, handler_for
 from .state import DISCOVER_SESSION, SessionState, loaded, plan, queue_load
 
 log = logging.getLogger(__name__)
@@ -129,22 +129,17 @@ def receive(db: Database, endpoint: str, method: str, content_type: str | None, 
     do not act on, or no session named: stored only), "failed" (stored with the error, for
     replay). If the database is unavailable the error propagates (503) and nothing is stored.
     """
-    now = datetime.now(UTC)
-    event = Event.parse(params, now)
-    handled = handler_for(endpoint, event) is not None
-    row = {
-        "endpoint": endpoint, "method": method, "content_type": content_type, "params": Jsonb(dict(params)),
-        "nonce": nonce, "dedupe_key": dedupe_key(endpoint, params), "event_name": _text(params, "EventName"),
-        "session_uuid": _text(params, "SessionUUID"), "status": "applied" if handled else "ignored",
-    }
+    event = Event.parse(params, datetime.now(UTC))
+    handler = handler_for(endpoint, event)
+    row = inbox_row(endpoint, method, content_type, params, nonce, handled=handler is not None)
     with db.pg() as pg:
-        if not handled:  # stored for the record, nothing to apply: one autocommitted statement
+        if handler is None:  # stored for the record, nothing to apply: one autocommitted statement
             outcome = "ignored" if pg.execute(INSERT_INBOX, row).fetchone() else "duplicate"
             metrics.CALLBACKS.labels(endpoint, outcome).inc()
             return outcome
         assert event is not None
         try:
-            outcome = _receive(pg, row, endpoint, event)
+            outcome = _receive(pg, row, endpoint, event, handler)
         except Exception as exc:
             if is_database_unavailable(exc) or pg.broken or pg.closed:
                 raise  # nothing was stored: the view answers 503
@@ -156,15 +151,27 @@ def receive(db: Database, endpoint: str, method: str, content_type: str | None, 
     return outcome
 
 
-def _receive(pg: psycopg.Connection, row: dict[str, Any], endpoint: str, event: Event) -> str:
+def inbox_row(endpoint: str, method: str, content_type: str | None, params: Mapping[str, Any],
+              nonce: str | None, *, handled: bool) -> dict[str, Any]:
+    """The callback's inbox columns (the parameters of INSERT_INBOX and STORE_FAILED)."""
+    return {
+        "endpoint": endpoint, "method": method, "content_type": content_type, "params": Jsonb(dict(params)),
+        "nonce": nonce, "dedupe_key": dedupe_key(endpoint, params), "event_name": _text(params, "EventName"),
+        "session_uuid": _text(params, "SessionUUID"), "status": "applied" if handled else "ignored",
+    }
+
+
+def leg_callback_arguments(row: Mapping[str, Any], handler: LegFact, event: Event) -> dict[str, Any]:
+    """The parameters of APPLY_LEG_CALLBACK: the inbox row, the event's leg fact and its numbers."""
+    return {**row, **handler.facts(event), **event.discovered(), "uuid": event.session_uuid, "at": event.at,
+            "party": handler.party, "kind": handler.kind, "caller": event.number("From")}
+
+
+def _receive(pg: psycopg.Connection, row: dict[str, Any], endpoint: str, event: Event, handler: Handler) -> str:
     """Store and apply one callback that has a handler: "applied" or "duplicate"; raises on failure."""
-    handler = handler_for(endpoint, event)
     if isinstance(handler, LegFact):
-        facts = handler.facts(event) | event.discovered()
-        outcome = pg.execute(APPLY_LEG_CALLBACK, row | facts | {
-            "uuid": event.session_uuid, "at": event.at, "party": handler.party, "kind": handler.kind,
-            "caller": event.number("From"),
-        }).fetchone()[0]  # type: ignore[index]
+        arguments = leg_callback_arguments(row, handler, event)
+        [outcome] = pg.execute(APPLY_LEG_CALLBACK, arguments).fetchone()  # type: ignore[misc]
         if outcome != "deferred":
             return outcome
     with pg.pipeline():

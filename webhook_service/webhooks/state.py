@@ -17,7 +17,7 @@ transaction, so they see every fact committed before the lock was granted.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -194,14 +194,15 @@ ADD_DAILY_DELTA = """
 """
 
 
-def _counters(legs: Iterable[Mapping[str, Any]], recordings: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    legs = list(legs)
+def _counters(activity: Mapping[Any, Mapping[str, Any]]) -> dict[str, Any]:
+    """The session's counters: its activity summed over the days (every derived leg has a day)."""
+    days = activity.values()
     return {
-        "call_count": len(legs),
-        "answered_call_count": sum(1 for leg in legs if leg["answered_at"] is not None),
-        "billed_duration": sum(leg["billed_duration"] or 0 for leg in legs),
-        "amount": sum((leg["amount"] or Decimal(0) for leg in legs), Decimal(0)),
-        "recording_count": sum(1 for r in recordings if r["status"] != "failed"),
+        "call_count": sum(day["legs"] for day in days),
+        "answered_call_count": sum(day["answered"] for day in days),
+        "billed_duration": sum(day["billed"] for day in days),
+        "amount": sum((day["amount"] for day in days), Decimal(0)),
+        "recording_count": sum(day["recordings"] for day in days),
     }
 
 
@@ -245,10 +246,11 @@ def plan(state: SessionState, *, interaction_at: datetime | None = None) -> list
             writes.append((DELETE_LEGS, {"ids": [r["id"] for r in leftover]}))
         state.legs = [dict(leg, id=row["id"] if row else None) for leg, row in pairs]
     if changed_activity:
-        delta = activity_delta(state.activity_before, session_activity_of(state.legs, state.recordings))
+        activity = session_activity_of(state.legs, state.recordings)
+        delta = activity_delta(state.activity_before, activity)
         if delta:
             writes.append((ADD_DAILY_DELTA, {"shard": sid % SHARDS, "delta": Jsonb(delta)}))
-        state.session_updates |= _counters(state.legs, state.recordings)
+        state.session_updates |= _counters(activity)
     if interaction_at is not None:
         last = state.session.get("last_interaction_at")
         state.session_updates["last_interaction_at"] = max(t for t in (last, interaction_at) if t is not None)
