@@ -216,6 +216,26 @@ class Feed:
         """The same files read from the start by another target."""
         return Feed(self.prefix, self.threads, wrap)
 
+    def remaining(self) -> list[int]:
+        """Requests left in each thread's file after its offset (the first run skips the header line)."""
+        left = []
+        for t, offset in enumerate(self.offsets):
+            with open(f"{self.prefix}.{t}", "rb") as f:
+                f.seek(offset)
+                left.append(f.read().count(b"\n") - (1 if offset == 0 else 0))
+        return left
+
+
+def share_out(need: int, remaining: Sequence[int]) -> list[int]:
+    """`need` requests split as evenly as the threads' remaining requests allow."""
+    if need > sum(remaining):
+        raise RuntimeError(f"the feed has {sum(remaining)} requests left, {need} are needed: raise --callbacks")
+    quotas, left, open_threads = [0] * len(remaining), need, sorted(range(len(remaining)), key=remaining.__getitem__)
+    for i, t in enumerate(open_threads):  # the threads with the fewest left first; the others take up the rest
+        quotas[t] = min(remaining[t], -(-left // (len(open_threads) - i)))
+        left -= quotas[t]
+    return quotas
+
 
 def write_feed(prefix: Path, threads: int, header_names: Sequence[str], lines: Iterator[str], *,
                wrap: bool = False) -> Feed:
@@ -766,7 +786,7 @@ class Bench:
             need = share - scalar(self.db_url, INBOX_ROWS)
             if need > 0:
                 log(f"memory: {need} more callbacks to the service, to {share} in all")
-                quotas = [need // self.threads + (1 if t < need % self.threads else 0) for t in range(self.threads)]
+                quotas = share_out(need, service.feed.remaining())
                 self._callbacks(service, 3600, quotas=quotas, until=_progress_watch(self.db_url, share))
             samples.append(self.rss_sample())
         return samples
