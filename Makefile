@@ -34,7 +34,7 @@ lint: install
 clean-db: install
 	$(PY) -c "from webhook_service.devdb import stop; stop(delete=True)"
 
-# The webhook path's req/s, p50/p99 and worker RSS beside three baselines (bench/webhooks.py), with
+# The webhook path's req/s, p50/p99 and worker RSS beside four baselines (bench/webhooks.py), with
 # Debian's wrk as the load tool (installed when missing). Prints one table; takes several minutes.
 bench-webhooks: install
 	command -v wrk || (apt-get update && apt-get install -y wrk)

@@ -1,8 +1,9 @@
-"""The yardsticks for `bench/webhooks.py`: three tiny Flask apps, each a factory for gunicorn.
+"""The yardsticks for `bench/webhooks.py`: four tiny Flask apps, each a factory for gunicorn.
 
     gunicorn -c gunicorn.conf.py 'bench.baselines:create_bare_app()'
     gunicorn -c gunicorn.conf.py 'bench.baselines:create_hmac_app()'
     gunicorn -c gunicorn.conf.py 'bench.baselines:create_orm_app()'
+    gunicorn -c gunicorn.conf.py 'bench.baselines:create_store_app()'
 
 They are served exactly like the service (same config file, so the same worker class, workers and
 threads), and each does a little more than the one before:
@@ -13,6 +14,10 @@ threads), and each does a little more than the one before:
 * orm: hmac, then a naive ORM handler: an ORM Session per request, one INSERT of the callback into
   `bench_callbacks` and a read-modify-write of the session's row in `bench_session_counters`, then
   commit. The tables are the bench's own (`create_tables`); the engine is SQLAlchemy's default.
+* store: hmac, then the least any handler that keeps each callback before answering must do: one
+  INSERT of the callback into `bench_stored`, one statement in autocommit on a pooled psycopg
+  connection, as the service's webhook path uses it, and nothing applied. Its throughput is a
+  ceiling for the service on this machine, whatever the service does beyond it.
 
 Settings come from the same environment variables as the service's. Every app also answers
 `GET /healthz`, which the driver polls until the server is up.
@@ -25,6 +30,7 @@ from datetime import datetime
 from typing import Any
 
 from flask import Flask, request
+from psycopg.types.json import Jsonb
 from sqlalchemy import BigInteger, DateTime, Identity, Integer, Text, create_engine, func
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine
@@ -59,6 +65,16 @@ class BenchSessionCounter(Base):
 
     session_uuid: Mapped[str] = mapped_column(Text, primary_key=True)
     callbacks: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class BenchStored(Base):
+    """One received callback, as the store-only handler keeps it."""
+
+    __tablename__ = "bench_stored"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    params: Mapped[dict[str, Any]] = mapped_column(JSONB)
 
 
 def create_tables(engine: Engine) -> None:
@@ -124,6 +140,28 @@ def create_orm_app() -> Flask:
                 db.add(counter)
             counter.callbacks += 1
             db.commit()
+        return {"status": "ok"}
+
+    return app
+
+
+def create_store_app() -> Flask:
+    """(d) (b), then one INSERT of the callback, committed (autocommit), on a pooled connection."""
+    app = _app()
+    engine = create_engine(sqlalchemy_url(os.environ["DATABASE_URL"]))
+
+    @app.post(CALLBACK_PATH)
+    def store_only():
+        params = _verified_params()
+        if params is None:
+            return {"error": "signature_invalid"}, 403
+        raw = engine.raw_connection()
+        try:
+            pg = raw.driver_connection
+            pg.autocommit = True  # a raw connection does not get the engine's isolation level
+            pg.execute("INSERT INTO bench_stored (params) VALUES (%s)", [Jsonb(params)])
+        finally:
+            raw.close()
         return {"status": "ok"}
 
     return app

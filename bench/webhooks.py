@@ -1,15 +1,17 @@
 """Benchmark the real webhook path side by side with three baselines, with wrk, on this machine.
 
-    .venv/bin/python bench/webhooks.py [--duration 15] [--warmup 3] [--connections 16] [--threads 2] [-h]
+    .venv/bin/python bench/webhooks.py [--duration 8] [--rounds 3] [--warmup 3] [--connections 16] [-h]
     make bench-webhooks          # installs Debian's wrk first if it is missing
 
 Targets, all on 127.0.0.1, each under gunicorn with `-c gunicorn.conf.py` and the same overrides
 (WEB_CONCURRENCY=2, GUNICORN_BIND, LOG_LEVEL=WARNING, GUNICORN_MAX_REQUESTS=0), so they all have the
 same worker class, workers and threads:
 
-* three yardsticks from `bench/baselines.py`: a bare view (200); parse + HMAC (the form, then the
+* four yardsticks from `bench/baselines.py`: a bare view (200); parse + HMAC (the form, then the
   service's own `verify_signature`); a naive ORM handler (that, then one INSERT and one counter
-  read-modify-write through an ORM Session, committed);
+  read-modify-write through an ORM Session, committed); store only (parse + HMAC, then one INSERT
+  in autocommit on a pooled connection, nothing applied: the least a handler that keeps each
+  callback before answering does, so a ceiling for the service on this machine);
 * the service, `webhook_service:create_app()`, on a database of its own (`webhook_service_bench_webhooks`
   on DATABASE_URL's server, else on the embedded PostgreSQL; recreated by the migrations on every run),
   with a sandbox Plivo (`python -m webhook_service.sandbox`) for POST /v1/sessions. PLIVO_MAX_CONCURRENCY
@@ -23,8 +25,10 @@ interleave in time. Every callback the service is sent is distinct (its dedupe n
 and has its own nonce and V3 signature for that target's URL; half the sessions exist beforehand,
 the others are discovered from their first callback.
 
-Runs, in this order: each target, a warm-up then a measured run as fast as it answers (same duration,
-connections and wrk threads for all); the service at a fixed rate (paced with wrk's delay() hook), for
+Runs, in this order: `--rounds` rounds of each target in turn, a warm-up then a measured run as fast
+as it answers (same duration, connections and wrk threads for all); the table shows each target's
+median round, and its ratios are of medians, so one busy moment of this shared machine does not
+skew a ratio; then the service at a fixed rate (paced with wrk's delay() hook), for
 its latency; POST /v1/sessions on the service and the same create requests on the bare view; then
 callbacks until the service has received `--callbacks` in all, with each worker's RSS at 0, half and
 all of them. Before each measured run: a CHECKPOINT, a wait (up to `--quiet-timeout`) for the
@@ -622,7 +626,9 @@ class Measured:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=15, help="seconds of each measured throughput run")
+    parser.add_argument("--duration", type=float, default=8, help="seconds of each measured throughput run")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="throughput runs of each target, interleaved; the table shows each one's median")
     parser.add_argument("--warmup", type=float, default=3, help="seconds of warm-up before each measured run")
     parser.add_argument("--connections", type=int, default=16, help="wrk connections for the callback runs")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads for every run")
@@ -653,7 +659,7 @@ class Bench:
         self.args, self.stack = args, stack
         self.threads = args.threads
         self.workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-webhooks-")))
-        self.ports = {name: free_port() for name in ("bare", "hmac", "orm", "service", "sandbox")}
+        self.ports = {name: free_port() for name in ("bare", "hmac", "orm", "store", "service", "sandbox")}
         self.urls = {name: f"http://127.0.0.1:{port}" for name, port in self.ports.items()}
         self.servers: list[Server] = []
         stack.callback(self._stop_servers)
@@ -701,6 +707,9 @@ class Bench:
                               **signing)
         orm = self._gunicorn("orm", "bench.baselines:create_orm_app()", PUBLIC_BASE_URL=self.urls["orm"],
                              DATABASE_URL=self.db_url, **signing)
+        # The hmac feed's signatures are over the hmac app's URL: the store app checks them over it.
+        store = self._gunicorn("store", "bench.baselines:create_store_app()", PUBLIC_BASE_URL=self.urls["hmac"],
+                               DATABASE_URL=self.db_url, **signing)
         self.service = self._gunicorn(
             "service", "webhook_service:create_app()", DATABASE_URL=self.db_url, PLIVO_AUTH_ID=AUTH_ID,
             PUBLIC_BASE_URL=self.urls["service"], API_TOKENS=API_TOKEN, PLIVO_API_BASE_URL=self.urls["sandbox"],
@@ -713,6 +722,7 @@ class Bench:
             "bare": Target("bare Flask view (200)", bare, hmac_feed.reuse(wrap=True)),
             "hmac": Target("parse form + HMAC-SHA256", hmac, hmac_feed),
             "orm": Target("naive ORM (+INSERT, +UPDATE)", orm, orm_feed),
+            "store": Target("store only (+1 INSERT, commit)", store, hmac_feed.reuse(wrap=True)),
             "service": Target("webhook path (service)", self.service, service_feed),
         }
         self.load = OtherLoad(self.servers, self.db_url)
@@ -744,14 +754,18 @@ class Bench:
         other = cpu.pop("other")
         return Measured(result, other, {name: 1000 * seconds / answered for name, seconds in cpu.items()})
 
-    def throughput(self) -> dict[str, Measured]:
-        """Each target as fast as it answers: same duration, connections and wrk threads for all."""
-        args, results = self.args, {}
-        for key, target in self.targets.items():
-            log(f"{target.label}: {args.warmup:g} s warm-up, then {args.duration:g} s measured")
-            results[key] = self._measured(lambda t=target: self._callbacks(t, args.warmup),
-                                          lambda t=target: self._callbacks(t, args.duration))
-        return results
+    def throughput(self) -> dict[str, list[Measured]]:
+        """Each target as fast as it answers (same duration, connections and wrk threads for all), in
+        `--rounds` interleaved rounds: a busy moment of this shared machine then spoils one round of one
+        target, not a target's only number. Each target's rounds, slowest first."""
+        args, results = self.args, {key: [] for key in self.targets}
+        for round_ in range(1, args.rounds + 1):
+            for key, target in self.targets.items():
+                log(f"{target.label}, round {round_}/{args.rounds}: {args.warmup:g} s warm-up, "
+                    f"then {args.duration:g} s measured")
+                results[key].append(self._measured(lambda t=target: self._callbacks(t, args.warmup),
+                                                   lambda t=target: self._callbacks(t, args.duration)))
+        return {key: sorted(rounds, key=lambda m: m.result.rate) for key, rounds in results.items()}
 
     def paced(self) -> Measured:
         """The webhook path at a fixed rate, for its latency."""
@@ -812,24 +826,27 @@ class Bench:
         with psycopg.connect(self.db_url, autocommit=True) as conn:
             self.inbox = dict(conn.execute("SELECT status, count(*) FROM callback_inbox GROUP BY status").fetchall())
             naive_rows = conn.execute("SELECT count(*) FROM bench_callbacks").fetchone()[0]
+            store_rows = conn.execute("SELECT count(*) FROM bench_stored").fetchone()[0]
         if set(self.inbox) - {"applied"}:
             problems.append(f"service: inbox rows not applied: {self.inbox}")
-        for key, stored in (("service", sum(self.inbox.values())), ("orm", naive_rows)):
+        for key, stored in (("service", sum(self.inbox.values())), ("orm", naive_rows), ("store", store_rows)):
             t = self.targets[key].tally
             # Requests wrk wrote but had no answer to when it stopped may or may not have been handled.
             if not t.ok <= stored <= t.ok + t.unanswered:
                 problems.append(f"{key}: {stored} rows stored for {t.ok} 2xx answers (+{t.unanswered} unanswered)")
         return problems
 
-    def report(self, throughput: dict[str, Measured], paced: Measured, sessions: dict[str, Measured],
+    def report(self, rounds: dict[str, list[Measured]], paced: Measured, sessions: dict[str, Measured],
                rss: list[RssSample], problems: list[str]) -> None:
         """The one table, then the latency, sessions API, RSS and check lines (stdout)."""
         args = self.args
+        throughput = {key: runs[len(runs) // 2] for key, runs in rounds.items()}  # each target's median round
         hmac_rate, orm_rate = throughput["hmac"].result.rate, throughput["orm"].result.rate
         threads = os.environ.get("GUNICORN_THREADS", "4")
         print(f"\nwebhook benchmark: {os.cpu_count()} cores; every target under gunicorn -c gunicorn.conf.py, "
               f"{args.workers} workers x {threads} threads (gthread); wrk {args.threads} threads, "
-              f"{args.connections} connections, {args.duration:g} s after a {args.warmup:g} s warm-up")
+              f"{args.connections} connections, {args.duration:g} s after a {args.warmup:g} s warm-up, "
+              f"{args.rounds} interleaved rounds: each target's median round")
         print(f"postgres: {server_facts(self.db_url)}\n")
         print(f"{'target':<30} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'x parse+HMAC':>13} {'x naive ORM':>12}"
               f"   {'CPU ms/req: app':>15} {'postgres':>8}")
@@ -837,6 +854,9 @@ class Bench:
             r, cpu = throughput[key].result, throughput[key].cpu_ms
             print(f"{target.label:<30} {r.rate:7.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {r.rate / hmac_rate:13.2f} "
                   f"{r.rate / orm_rate:12.2f}   {cpu[target.server.name]:15.2f} {cpu['postgres']:8.2f}")
+        print("rounds, req/s (slowest first): " + "; ".join(
+            f"{self.targets[key].label} {', '.join(f'{m.result.rate:.0f}' for m in runs)}"
+            for key, runs in rounds.items()))
         service = throughput["service"].result.rate
         met = {True: "met", False: "NOT met"}
         print(f"\ngoals: webhook path >= 0.5 x parse+HMAC: {service / hmac_rate:.2f} "
@@ -860,7 +880,7 @@ class Bench:
             print(f"service RSS growth over the second half: {growth}")
         else:
             problems.append("the service's workers changed during the run (one was restarted): RSS not comparable")
-        others = [(self.targets[k].label, m.other_cpu) for k, m in throughput.items()]
+        others = [(self.targets[k].label, max(m.other_cpu for m in runs)) for k, runs in rounds.items()]
         others += [(f"{args.rate:g} req/s", paced.other_cpu)]
         others += [(f"sessions on {k}", m.other_cpu) for k, m in sessions.items()]
         print("other processes' CPU during each measured run (share of all cores): "
