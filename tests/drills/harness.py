@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -446,6 +447,24 @@ def generate_callbacks(sandbox: Sandbox, uuids: Sequence[str], calls: int) -> li
             callbacks += sandbox.play(uuid, vocabulary=vocabulary, caller=caller, answered=answered,
                                       duration=duration, encoding=encoding)
     return callbacks
+
+
+def plan_calls(cluster: PgCluster, sandbox: Sandbox, env: Mapping[str, str], uuids: Sequence[str], calls: int
+               ) -> tuple[list[Callback], dict[str, Totals], dict[str, dict[str, Any]]]:
+    """What a drill checks against: the callbacks of `calls` calls on every session
+    (`generate_callbacks`), Plivo's totals for them, and the record they give applied one at a
+    time with no faults (`reference_snapshots`)."""
+    callbacks = generate_callbacks(sandbox, uuids, calls)
+    expected = plivo_totals(sandbox, uuids, callbacks)
+    reference = reference_snapshots(cluster, env, [(endpoint_of(c), received_params(c)) for c in callbacks], uuids)
+    return callbacks, expected, reference
+
+
+def shuffled_load(callbacks: Sequence[Callback], senders: int, seed: int, *, pace: float = 0.0) -> Load:
+    """Every callback once, in a shuffled order, dealt to `senders` threads: started."""
+    order = list(range(len(callbacks)))
+    random.Random(seed).shuffle(order)
+    return Load(split([(i, callbacks[i], None) for i in order], senders), pace=pace).start()
 
 
 def endpoint_of(callback: Callback) -> str:

@@ -25,13 +25,9 @@ from .harness import (
     API_HEADERS,
     check_exact,
     create_sessions,
-    endpoint_of,
-    generate_callbacks,
     parties,
     percentile,
-    plivo_totals,
-    received_params,
-    reference_snapshots,
+    plan_calls,
     resolve_unknown_creates,
     send,
     service_env,
@@ -123,10 +119,7 @@ def test_plivo_slow_or_down_while_creating(drill_cluster, drill_db, drill_engine
     service = start_service(service_env(drill_db, drill_sandbox.url, PLIVO_READ_TIMEOUT=str(READ_TIMEOUT),
                                         PLIVO_MAX_CONCURRENCY=str(SLOTS)))
     uuids = create_sessions(service.url, SESSIONS, record=True)
-    callbacks = generate_callbacks(drill_sandbox, uuids, 1)
-    expected = plivo_totals(drill_sandbox, uuids, callbacks)
-    reference = reference_snapshots(drill_cluster, service.env,
-                                    [(endpoint_of(c), received_params(c)) for c in callbacks], uuids)
+    callbacks, expected, reference = plan_calls(drill_cluster, drill_sandbox, service.env, uuids, 1)
     drill_report.phase("setup")
 
     # 1. Plivo slow. The first creates to reach it are performed, then answered late; the others

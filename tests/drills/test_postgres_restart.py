@@ -13,23 +13,17 @@ crash recovery at the next start).
 
 from __future__ import annotations
 
-import random
 import time
 
 import pytest
 
 from .harness import (
-    Load,
     create_sessions,
-    endpoint_of,
-    generate_callbacks,
     percentile,
-    plivo_totals,
-    received_params,
+    plan_calls,
     recover_and_verify,
-    reference_snapshots,
     service_env,
-    split,
+    shuffled_load,
     tally,
 )
 
@@ -49,17 +43,12 @@ MAX_503_LATENCY = 2.0  # DB_CONNECT_TIMEOUT=1: "database down" is answered witho
 def test_postgres_restart_mid_load(drill_cluster, drill_db, drill_engine, drill_sandbox, start_service, drill_report):
     service = start_service(service_env(drill_db, drill_sandbox.url))
     uuids = create_sessions(service.url, SESSIONS)
-    callbacks = generate_callbacks(drill_sandbox, uuids, CALLS)
-    expected = plivo_totals(drill_sandbox, uuids, callbacks)
-    reference = reference_snapshots(drill_cluster, service.env,
-                                    [(endpoint_of(c), received_params(c)) for c in callbacks], uuids)
+    callbacks, expected, reference = plan_calls(drill_cluster, drill_sandbox, service.env, uuids, CALLS)
     drill_report.update(sessions=SESSIONS, callbacks=len(callbacks), senders=SENDERS)
     drill_report.phase("setup")
 
     # The load: every callback once, in a shuffled order, with the database down twice on the way.
-    order = list(range(len(callbacks)))
-    random.Random(7).shuffle(order)
-    load = Load(split([(i, callbacks[i], None) for i in order], SENDERS), pace=PACE).start()
+    load = shuffled_load(callbacks, SENDERS, seed=7, pace=PACE)
     outages = []
     try:
         for fraction, mode in OUTAGES:

@@ -17,12 +17,8 @@ from .harness import (
     Load,
     check_exact,
     create_sessions,
-    endpoint_of,
-    generate_callbacks,
     percentile,
-    plivo_totals,
-    received_params,
-    reference_snapshots,
+    plan_calls,
     service_env,
     split,
     tally,
@@ -46,11 +42,8 @@ def test_two_instances_one_database(drill_cluster, drill_db, drill_engine, drill
     # Sessions created through either instance; all their calls' callbacks are signed for the balancer.
     uuids = create_sessions(a.url, SESSIONS // 2) + create_sessions(b.url, SESSIONS - SESSIONS // 2,
                                                                     first=SESSIONS // 2)
-    callbacks = generate_callbacks(drill_sandbox, uuids, CALLS)
+    callbacks, expected, reference = plan_calls(drill_cluster, drill_sandbox, env, uuids, CALLS)
     assert all(c["url"].startswith(LOAD_BALANCER) for c in callbacks)
-    expected = plivo_totals(drill_sandbox, uuids, callbacks)
-    reference = reference_snapshots(drill_cluster, env, [(endpoint_of(c), received_params(c)) for c in callbacks],
-                                    uuids)
 
     drill_report.phase("setup")
 

@@ -12,7 +12,6 @@ pending) the totals must be exact, with no inbox row left pending or failed. See
 from __future__ import annotations
 
 import os
-import random
 import signal
 import time
 
@@ -20,16 +19,11 @@ import pytest
 from sqlalchemy import text
 
 from .harness import (
-    Load,
     create_sessions,
-    endpoint_of,
-    generate_callbacks,
-    plivo_totals,
-    received_params,
+    plan_calls,
     recover_and_verify,
-    reference_snapshots,
     service_env,
-    split,
+    shuffled_load,
     tally,
 )
 
@@ -69,16 +63,11 @@ def worker_blocked_in_a_transaction(service, engine, session_uuid: str, wait: fl
 def test_worker_killed_mid_load(drill_cluster, drill_db, drill_engine, drill_sandbox, start_service, drill_report):
     service = start_service(service_env(drill_db, drill_sandbox.url))
     uuids = create_sessions(service.url, SESSIONS)
-    callbacks = generate_callbacks(drill_sandbox, uuids, CALLS)
-    expected = plivo_totals(drill_sandbox, uuids, callbacks)
-    reference = reference_snapshots(drill_cluster, service.env,
-                                    [(endpoint_of(c), received_params(c)) for c in callbacks], uuids)
+    callbacks, expected, reference = plan_calls(drill_cluster, drill_sandbox, service.env, uuids, CALLS)
     drill_report.update(sessions=SESSIONS, callbacks=len(callbacks), senders=SENDERS)
     drill_report.phase("setup")
 
-    order = list(range(len(callbacks)))
-    random.Random(11).shuffle(order)
-    load = Load(split([(i, callbacks[i], None) for i in order], SENDERS), pace=PACE).start()
+    load = shuffled_load(callbacks, SENDERS, seed=11, pace=PACE)
     kills = []
     for fraction in KILLS:
         load.wait_for(fraction)
