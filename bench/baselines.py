@@ -6,7 +6,7 @@
     gunicorn -c gunicorn.conf.py 'bench.baselines:create_store_app()'
 
 They are served exactly like the service (same config file, so the same worker class, workers and
-threads), and each does a little more than the one before:
+threads), and each of the first three does a little more than the one before:
 
 * bare: a view that answers 200 and reads nothing;
 * hmac: parses the form and checks the V3 signature with the service's own `verify_signature`,
@@ -43,7 +43,7 @@ CALLBACK_PATH = "/webhooks/plivo/session"
 
 
 class Base(DeclarativeBase):
-    """The naive baseline's own tables (never part of the service's schema)."""
+    """The baselines' own tables (never part of the service's schema)."""
 
 
 class BenchCallback(Base):
@@ -78,7 +78,7 @@ class BenchStored(Base):
 
 
 def create_tables(engine: Engine) -> None:
-    """Create the naive baseline's tables (the driver calls this on the bench database)."""
+    """Create the baselines' tables (the driver calls this on the bench database)."""
     Base.metadata.create_all(engine)
 
 

@@ -1,4 +1,4 @@
-"""Benchmark the real webhook path side by side with three baselines, with wrk, on this machine.
+"""Benchmark the real webhook path side by side with four baselines, with wrk, on this machine.
 
     .venv/bin/python bench/webhooks.py [--duration 8] [--rounds 3] [--warmup 3] [--connections 16] [-h]
     make bench-webhooks          # installs Debian's wrk first if it is missing
@@ -38,8 +38,8 @@ of the target, of its Postgres backends and of everything else is taken: the tab
 request, which shows where the time goes and depends little on the machine's other load.
 
 Checks (a failed one makes the exit status 1): no socket errors, no non-2xx answers, no feed ran out;
-every inbox row applied; the service's inbox rows, and the naive baseline's rows, number at least the
-2xx answers and at most those plus the requests wrk had sent but not seen answered when it stopped.
+every inbox row applied; the service's inbox rows, and the naive and store-only baselines' rows, number
+at least the 2xx answers and at most those plus the requests wrk had sent but not seen answered when it stopped.
 The issue's goals are printed as met or not; they do not change the exit status.
 """
 
@@ -330,7 +330,7 @@ def run_wrk(url: str, method: str, path: str, feed: Feed, *, headers: Sequence[s
         command += ["-H", header]
     command += [url, "--", method, path, str(feed.prefix), ",".join(map(str, feed.offsets)),
                 "1" if feed.wrap else "0", f"{rate / threads:.6f}",
-                ",".join(map(str, quotas or [0] * threads))]
+                ",".join(map(str, quotas or [-1] * threads))]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -440,7 +440,7 @@ def start_gunicorn(name: str, app: str, env: dict[str, str], port: int, workdir:
 
 
 def prepare_database(admin: str, sessions: Sequence[PlannedSession]) -> str:
-    """Recreate the bench database: migrations, the naive baseline's tables, the sessions that already exist."""
+    """Recreate the bench database: migrations, the baselines' tables, the sessions that already exist."""
     url = ensure_database(admin, DATABASE, recreate=True)
     upgrade(url)
     engine = create_engine(sqlalchemy_url(url))
@@ -638,7 +638,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sessions-duration", type=float, default=10, help="seconds of each POST /v1/sessions run")
     parser.add_argument("--sessions-connections", type=int, default=8)
     parser.add_argument("--callbacks", type=int, default=100_000,
-                        help="callbacks the service receives in all; worker RSS is shown at 0, half and all")
+                        help="callbacks the service receives in all; worker RSS is shown at 0, half and all; "
+                             "must exceed what its throughput rounds send (rounds x (warm-up + duration) x its "
+                             "req/s), or its feed runs out")
     parser.add_argument("--baseline-feed", type=int, default=30_000,
                         help="distinct signed callbacks per baseline (their feeds start over at the end)")
     parser.add_argument("--max-other-cpu", type=float, default=15,
@@ -647,6 +649,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="seconds to wait for that before measuring anyway (the report shows the load)")
     parser.add_argument("--seed", type=int, default=20260101)
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.rounds % 2 == 0:
+        parser.error("--rounds must be odd (the table shows each target's median round)")
     if args.connections < args.threads or args.sessions_connections < args.threads:
         parser.error("every run needs at least one connection per wrk thread")
     return args
@@ -880,7 +884,7 @@ class Bench:
             print(f"service RSS growth over the second half: {growth}")
         else:
             problems.append("the service's workers changed during the run (one was restarted): RSS not comparable")
-        others = [(self.targets[k].label, max(m.other_cpu for m in runs)) for k, runs in rounds.items()]
+        others = [(self.targets[k].label, throughput[k].other_cpu) for k in rounds]  # of the median round
         others += [(f"{args.rate:g} req/s", paced.other_cpu)]
         others += [(f"sessions on {k}", m.other_cpu) for k, m in sessions.items()]
         print("other processes' CPU during each measured run (share of all cores): "

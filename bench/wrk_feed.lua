@@ -15,7 +15,7 @@
 --   RATE     requests per second for this thread (0: as fast as the server answers); paced with
 --            wrk's delay() hook on a fixed schedule (a server that falls behind gets no catch-up
 --            burst), so the rate is exact whenever the server keeps up
---   QUOTAS   comma-separated requests per thread (0: unlimited); a thread that has sent its quota
+--   QUOTAS   comma-separated requests per thread (-1: unlimited); a thread that has sent its quota
 --            stops itself (the process still runs until wrk's duration ends or it gets SIGINT)
 --
 -- done() prints one line, "WRK_RESULT {json}", with wrk's summary, the latency percentiles and, per
@@ -130,7 +130,7 @@ local checked = false
 local kept = nil
 
 function request()
-  if quota > 0 and sent >= quota then
+  if quota >= 0 and sent >= quota then
     wrk.thread:stop()
     return filler
   end
