@@ -36,7 +36,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from webhook_service.db import sqlalchemy_url
+from webhook_service.db import Database, sqlalchemy_url
 from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, verify_signature
 
 CALLBACK_PATH = "/webhooks/plivo/session"
@@ -149,19 +149,15 @@ def create_store_app() -> Flask:
     """(d) (b), then one INSERT of the callback, committed (autocommit), on a pooled connection."""
     app = _app()
     engine = create_engine(sqlalchemy_url(os.environ["DATABASE_URL"]))
+    db = Database(engine, engine)  # only its webhook-path connections, `pg()`, are used
 
     @app.post(CALLBACK_PATH)
     def store_only():
         params = _verified_params()
         if params is None:
             return {"error": "signature_invalid"}, 403
-        raw = engine.raw_connection()
-        try:
-            pg = raw.driver_connection
-            pg.autocommit = True  # a raw connection does not get the engine's isolation level
+        with db.pg() as pg:
             pg.execute("INSERT INTO bench_stored (params) VALUES (%s)", [Jsonb(params)])
-        finally:
-            raw.close()
         return {"status": "ok"}
 
     return app

@@ -226,7 +226,8 @@ class Feed:
         for t, offset in enumerate(self.offsets):
             with open(f"{self.prefix}.{t}", "rb") as f:
                 f.seek(offset)
-                left.append(f.read().count(b"\n") - (1 if offset == 0 else 0))
+                lines = sum(chunk.count(b"\n") for chunk in iter(lambda f=f: f.read(1 << 20), b""))
+                left.append(lines - (1 if offset == 0 else 0))
         return left
 
 

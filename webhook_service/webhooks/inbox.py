@@ -163,8 +163,9 @@ def inbox_row(endpoint: str, method: str, content_type: str | None, params: Mapp
 
 def leg_callback_arguments(row: Mapping[str, Any], handler: LegFact, event: Event) -> dict[str, Any]:
     """The parameters of APPLY_LEG_CALLBACK: the inbox row, the event's leg fact and its numbers."""
-    return {**row, **handler.facts(event), **event.discovered(), "uuid": event.session_uuid, "at": event.at,
-            "party": handler.party, "kind": handler.kind, "caller": event.number("From")}
+    facts = handler.facts(event)
+    return {**row, **facts, **event.discovered(), "uuid": event.session_uuid, "at": event.at,
+            "party": handler.party, "kind": handler.kind, "caller": facts["from_number"]}
 
 
 def _receive(pg: psycopg.Connection, row: dict[str, Any], endpoint: str, event: Event, handler: Handler) -> str:
