@@ -75,7 +75,8 @@ def variant_sql(name: str) -> str | None:
 def arguments(params: dict[str, str]) -> dict:
     """`APPLY_LEG_CALLBACK`'s arguments for one callback, built as the webhook path builds them."""
     from webhook_service.webhooks.events import Event, handler_for
-    from webhook_service.webhooks.inbox import inbox_row, leg_callback_arguments
+
+    from webhook_service.services.inbox import inbox_row, leg_callback_arguments
 
     event = Event.parse(params, datetime.now(UTC))
     row = inbox_row("session", "POST", "application/x-www-form-urlencoded", params, "bench", handled=True)
@@ -84,7 +85,7 @@ def arguments(params: dict[str, str]) -> dict:
 
 def worker(url: str, callbacks: list, threads: int, batch: int, ready, go, report, done) -> None:
     """One process: warm up, wait for `go`, send the rest, report (count, CPU seconds); stay until `done`."""
-    from webhook_service.webhooks.inbox import APPLY_LEG_CALLBACK
+    from webhook_service.services.inbox import APPLY_LEG_CALLBACK
 
     connections = [psycopg.connect(url, autocommit=True) for _ in range(threads)]
 

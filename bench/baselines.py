@@ -36,7 +36,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from webhook_service.db import Database, sqlalchemy_url
+from webhook_service.persistence.db import Database, sqlalchemy_url
 from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, verify_signature
 
 CALLBACK_PATH = "/webhooks/plivo/session"

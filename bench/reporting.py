@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
-from webhook_service.db import sqlalchemy_url
 from webhook_service.devdb import admin_url, ensure_database
+from webhook_service.domain.activity import recount_daily_totals
 from webhook_service.migrate import upgrade
-from webhook_service.reporting.daily_totals import recount_daily_totals
+from webhook_service.persistence.db import sqlalchemy_url
 
 DATABASE = "webhook_service_bench"
 START = "2026-09-01 00:00:00+00"  # sessions are created over the 60 days from here

@@ -75,9 +75,9 @@ import requests
 from baselines import CALLBACK_PATH, create_tables
 from sqlalchemy import create_engine
 
-from webhook_service.db import sqlalchemy_url
 from webhook_service.devdb import admin_url, drop_database, ensure_database
 from webhook_service.migrate import upgrade
+from webhook_service.persistence.db import sqlalchemy_url
 from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool, text
 
-from webhook_service.db import sqlalchemy_url
-from webhook_service.models import Base
+from webhook_service.persistence.db import sqlalchemy_url
+from webhook_service.persistence.models import Base
 
 config = context.config
 target_metadata = Base.metadata

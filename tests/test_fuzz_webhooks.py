@@ -38,11 +38,11 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from sqlalchemy import text
 
-from webhook_service.openapi import build_document
+from webhook_service.domain.activity import recount_daily_totals
 from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
-from webhook_service.reporting.daily_totals import recount_daily_totals
+from webhook_service.services.inbox import dedupe_key
 from webhook_service.settings import SANDBOX_AUTH_TOKEN
-from webhook_service.webhooks.inbox import dedupe_key
+from webhook_service.web.openapi import build_document
 
 from .helpers import API_TOKEN
 

@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 
-from webhook_service.reporting.daily_totals import SHARDS, session_activity_of
-from webhook_service.webhooks.inbox import APPLY_LEG_CALLBACK
-from webhook_service.webhooks.legs import LEG_COLUMNS, build_legs
+from webhook_service.domain.activity import SHARDS, session_activity_of
+from webhook_service.domain.legs import LEG_COLUMNS, build_legs
+from webhook_service.services.inbox import APPLY_LEG_CALLBACK
 
 T0 = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
 

@@ -7,9 +7,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-from webhook_service.db import sqlalchemy_url
 from webhook_service.migrate import alembic_config
-from webhook_service.models import Base
+from webhook_service.persistence.db import sqlalchemy_url
+from webhook_service.persistence.models import Base
 
 
 def test_upgrade_head_then_check_finds_nothing_to_generate(scratch_url):

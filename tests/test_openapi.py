@@ -25,9 +25,10 @@ from schemathesis.specs.openapi.checks import (
 )
 from schemathesis.specs.openapi.definitions import OPENAPI_30_VALIDATOR
 
-from webhook_service import create_app, openapi
-from webhook_service.openapi import build_document
-from webhook_service.sessions import validation
+from webhook_service import create_app
+from webhook_service.domain import requests as validation
+from webhook_service.web import openapi
+from webhook_service.web.openapi import build_document
 
 from .helpers import API_TOKEN, FIRST, LiveServer, free_port, make_settings
 

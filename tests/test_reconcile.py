@@ -13,7 +13,7 @@ import requests
 from sqlalchemy import text
 
 from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
-from webhook_service.reconcile import RateLimiter, apply_plivo_session, reconcile
+from webhook_service.services.reconcile import RateLimiter, apply_plivo_session, reconcile
 from webhook_service.settings import SANDBOX_AUTH_TOKEN
 
 from .test_webhooks import (

@@ -24,10 +24,10 @@ from sqlalchemy import create_engine, insert, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ProgrammingError
 
-from webhook_service.db import Database, sqlalchemy_url
 from webhook_service.migrate import alembic_config
-from webhook_service.models import MaskingSession
-from webhook_service.webhooks.inbox import receive
+from webhook_service.persistence.db import Database, sqlalchemy_url
+from webhook_service.persistence.models import MaskingSession
+from webhook_service.services.inbox import receive
 
 from .helpers import FIRST, SECOND, make_settings
 

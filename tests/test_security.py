@@ -25,8 +25,8 @@ from sqlalchemy import text
 from webhook_service import create_app
 from webhook_service.logs import JsonFormatter, mask_phone
 from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature, verify_signature
-from webhook_service.sessions import views as session_views
 from webhook_service.settings import SANDBOX_AUTH_TOKEN
+from webhook_service.web import sessions as session_views
 
 from .helpers import API_TOKEN, FIRST, SECOND, LiveServer, free_port, make_settings, unavailable_database_url
 
@@ -401,7 +401,7 @@ def trap() -> Iterator[tuple[str, list[str]]]:
 
 
 def test_recording_and_play_urls_that_are_not_plivos_are_stored_and_never_fetched(live, sandbox, engine, trap):
-    from webhook_service.reconcile import reconcile
+    from webhook_service.services.reconcile import reconcile
 
     base, hits = trap
     created = requests.post(live.url + "/v1/sessions", headers=AUTH, timeout=10, json={
@@ -533,8 +533,8 @@ def test_log_lines_cannot_be_forged_through_request_values(client, auth, sandbox
 
 
 def test_an_unexpected_error_answers_a_generic_500_without_a_stack_trace(client, auth, sandbox, monkeypatch):
-    from webhook_service.sessions import service
-    from webhook_service.webhooks import inbox
+    from webhook_service.services import inbox
+    from webhook_service.services import sessions as service
 
     def boom(*args, **kwargs):
         raise RuntimeError("boom in /srv/app/secret_module.py password=hunter2 +14155550100")

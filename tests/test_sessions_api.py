@@ -11,8 +11,8 @@ import requests
 from sqlalchemy import func, select, text
 
 from webhook_service import create_app
-from webhook_service.models import MaskingSession, SessionCreateAttempt
-from webhook_service.sessions.service import resolve_pending_attempts
+from webhook_service.persistence.models import MaskingSession, SessionCreateAttempt
+from webhook_service.services.sessions import resolve_pending_attempts
 
 from .helpers import API_TOKEN, FIRST, SECOND, make_settings, unavailable_database_url
 

@@ -13,10 +13,10 @@ import requests
 from sqlalchemy import text
 
 from webhook_service import create_app
+from webhook_service.domain.activity import recount_daily_totals
 from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
-from webhook_service.reporting.daily_totals import recount_daily_totals
+from webhook_service.services.inbox import dedupe_key
 from webhook_service.settings import SANDBOX_AUTH_TOKEN
-from webhook_service.webhooks.inbox import dedupe_key
 
 from .helpers import API_TOKEN, FIRST, SECOND, make_settings, unavailable_database_url
 

@@ -11,12 +11,12 @@ from typing import Any
 from flask import Flask, g, request
 
 from . import metrics
-from .db import Database
-from .errors import register_error_handlers
+from .context import Context
 from .logs import configure_logging
+from .persistence.db import Database
 from .plivo.client import PlivoClient
-from .sessions.service import Context
 from .settings import Settings
+from .web.errors import register_error_handlers
 
 access_log = logging.getLogger("webhook_service.access")
 
@@ -52,10 +52,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     register_error_handlers(app)
     _register_request_logging(app)
 
-    from .health import bp as health_bp
-    from .openapi import bp as openapi_bp
-    from .sessions.views import bp as sessions_bp
-    from .webhooks.views import bp as webhooks_bp
+    from .web.health import bp as health_bp
+    from .web.openapi import bp as openapi_bp
+    from .web.sessions import bp as sessions_bp
+    from .web.webhooks import bp as webhooks_bp
 
     app.register_blueprint(health_bp)
     app.register_blueprint(sessions_bp)

@@ -37,13 +37,13 @@ import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection, Engine
 
-from webhook_service.db import Database, sqlalchemy_url
 from webhook_service.devdb import drop_database, with_database
+from webhook_service.domain.activity import recount_daily_totals
 from webhook_service.migrate import upgrade
-from webhook_service.reporting.daily_totals import recount_daily_totals
+from webhook_service.persistence.db import Database, sqlalchemy_url
 from webhook_service.sandbox.server import SandboxServer
+from webhook_service.services import inbox
 from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN, Settings
-from webhook_service.webhooks import inbox
 
 from ..helpers import free_port
 

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
 import requests
 
 from .. import metrics
+from ..domain.values import normalise_number, parse_time, to_decimal, to_int
 
 log = logging.getLogger(__name__)
 
@@ -72,64 +72,9 @@ class PlivoBadResponse(PlivoError):
     """Plivo answered 2xx with a body we cannot read."""
 
 
-_TIME_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})[ T](\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?)")
-
-
-def parse_time(value: Any) -> datetime | None:
-    """Read any of Plivo's timestamp styles as an aware UTC datetime; None for empty values.
-
-    Seen: "2023-07-12 15:52:14.772699 +0000 UTC", "2024-01-25 12:00:00 +0000 +0000",
-    "2024-01-25 12:00:00" (callbacks, UTC) and ISO 8601. Every Plivo timestamp is UTC.
-    """
-    if value is None or value == "":
-        return None
-    if isinstance(value, datetime):
-        return value if value.tzinfo else value.replace(tzinfo=UTC)
-    match = _TIME_RE.match(str(value).strip())
-    if not match:
-        return None
-    day, clock = match.groups()
-    if clock.count(":") == 1:
-        clock += ":00"
-    try:
-        return datetime.fromisoformat(f"{day}T{clock}").replace(tzinfo=UTC)
-    except ValueError:
-        return None
-
-
 def plivo_time(value: datetime) -> str:
     """Format a datetime for Plivo's list filters (`YYYY-MM-DD HH:MM:SS`, UTC)."""
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def normalise_number(value: Any) -> str | None:
-    """Plivo writes numbers with and without `+` (`+14155550100`, `14155550100`): make E.164."""
-    if value is None:
-        return None
-    text = str(value).strip()
-    if not text:
-        return None
-    digits = text[1:] if text.startswith("+") else text
-    return "+" + digits if digits.isdigit() else text
-
-
-def to_decimal(value: Any) -> Decimal | None:
-    """A finite decimal (money), or None for anything else ("NaN", "Infinity", "", garbage)."""
-    if value is None or value == "":
-        return None
-    try:
-        number = Decimal(str(value))
-    except InvalidOperation:
-        return None
-    return number if number.is_finite() and abs(number) < Decimal("1e9") else None
-
-
-def to_int(value: Any) -> int | None:
-    """A count or a number of seconds: a whole number from 0 to 2**31 - 1, or None."""
-    number = to_decimal(value)
-    if number is None or not 0 <= number <= 2**31 - 1:
-        return None
-    return int(number)
 
 
 @dataclass(frozen=True)

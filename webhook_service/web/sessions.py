@@ -6,15 +6,16 @@ import hmac
 
 from flask import Blueprint, current_app, g, jsonify, request
 
-from .. import jsonbody
+from ..context import Context
+from ..domain import jsonbody
+from ..domain.requests import validate_create, validate_list, validate_update
 from ..errors import ApiError, NotFound, Unauthorized
-from . import service
-from .validation import validate_create, validate_list, validate_update
+from ..services import sessions as service
 
 bp = Blueprint("sessions", __name__, url_prefix="/v1")
 
 
-def ctx() -> service.Context:
+def ctx() -> Context:
     return current_app.extensions["webhook_service"]
 
 

@@ -8,11 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,13 +17,13 @@ from sqlalchemy import and_, cast, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Session
 
-from ..db import Database
-from ..errors import ApiError, Conflict, NotFound, plivo_error_to_api
+from ..context import Context
+from ..domain.requests import CreateRequest, ListQuery, encode_cursor
+from ..errors import ApiError, Conflict, NotFound
 from ..logs import mask_phone
-from ..models import CallLeg, MaskingSession, Recording, SessionCreateAttempt, VirtualNumberAssignment
+from ..persistence.models import CallLeg, MaskingSession, Recording, SessionCreateAttempt, VirtualNumberAssignment
 from ..plivo.client import (
     PlivoAuthError,
-    PlivoClient,
     PlivoError,
     PlivoNotFound,
     PlivoRateLimited,
@@ -37,32 +34,8 @@ from ..plivo.client import (
     PlivoUnavailable,
     plivo_time,
 )
-from ..settings import Settings
-from .validation import CreateRequest, ListQuery, encode_cursor
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Context:
-    """What the use cases need: the database, the Plivo client and the settings."""
-
-    db: Database
-    plivo: PlivoClient
-    settings: Settings
-    # Bounds the API requests of this process that wait on Plivo (PLIVO_MAX_CONCURRENCY).
-    plivo_slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
-
-    @contextmanager
-    def plivo_slot(self) -> Iterator[None]:
-        """Hold one of the Plivo slots, or answer 503 at once if all are taken."""
-        if not self.plivo_slots.acquire(blocking=False):
-            raise ApiError("Too many requests are waiting on Plivo; retry shortly", status=503, code="plivo_busy",
-                           headers={"Retry-After": "1"})
-        try:
-            yield
-        finally:
-            self.plivo_slots.release()
 
 
 @dataclass(frozen=True)
@@ -100,6 +73,25 @@ def serialize_session(row: MaskingSession) -> dict[str, Any]:
         "created_at": _ts(row.created_at),
         "updated_at": _ts(row.updated_at),
     }
+
+
+def plivo_error_to_api(exc: PlivoError) -> ApiError:
+    """Translate a Plivo failure into what our caller sees (the message is passed on)."""
+    details = {"plivo_status": exc.status} if exc.status else {}
+    if isinstance(exc, PlivoNotFound):
+        return ApiError(f"Plivo: {exc.message}", status=404, code="not_found", details=details)
+    if isinstance(exc, PlivoAuthError):
+        return ApiError("Plivo refused our credentials", status=502, code="plivo_auth_failed", details=details)
+    if isinstance(exc, PlivoRateLimited):
+        return ApiError(f"Plivo rate limit: {exc.message}", status=503, code="plivo_rate_limited",
+                        details=details, headers={"Retry-After": "5"})
+    if isinstance(exc, PlivoRejected):
+        return ApiError(f"Plivo: {exc.message}", status=422, code="plivo_rejected", details=details)
+    if isinstance(exc, PlivoTimeout):
+        return ApiError(exc.message, status=504, code="plivo_timeout", details=details)
+    if isinstance(exc, PlivoUnavailable):
+        return ApiError(exc.message, status=502, code="plivo_unavailable", details=details)
+    return ApiError(f"Plivo error: {exc.message}", status=502, code="plivo_error", details=details)
 
 
 # Create ---------------------------------------------------------------------------------------

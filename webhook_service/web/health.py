@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy import text
 
-from . import metrics
+from .. import metrics
 
 bp = Blueprint("health", __name__)
 
@@ -24,7 +24,7 @@ def healthz():
 def readyz():
     from alembic.script import ScriptDirectory
 
-    from .migrate import alembic_config
+    from ..migrate import alembic_config
 
     ctx = current_app.extensions["webhook_service"]
     head = ScriptDirectory.from_config(alembic_config()).get_current_head()
@@ -40,7 +40,7 @@ def readyz():
 
 @bp.get("/metrics")
 def metrics_endpoint():
-    from .webhooks.inbox import failed_count
+    from ..services.inbox import failed_count
 
     try:  # an index-only count (partial index on unfinished rows); metrics still render without a DB
         metrics.INBOX_FAILED.set(failed_count(current_app.extensions["webhook_service"].db))

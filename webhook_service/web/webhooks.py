@@ -12,11 +12,13 @@ from flask import Blueprint, current_app, g, jsonify, request
 from werkzeug.datastructures import MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from .. import jsonbody, metrics
-from ..db import is_database_unavailable
-from ..errors import ApiError, error_response
+from .. import metrics
+from ..domain import jsonbody
+from ..errors import ApiError
+from ..persistence.db import is_database_unavailable
 from ..plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, verify_signature
-from . import inbox
+from ..services import inbox
+from .errors import error_response
 
 log = logging.getLogger(__name__)
 bp = Blueprint("webhooks", __name__, url_prefix="/webhooks/plivo")

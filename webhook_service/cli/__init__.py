@@ -11,7 +11,7 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup
 
-from .reporting.cli import report_cli
+from .report import report_cli
 
 db_cli = AppGroup("db", help="Database schema.")
 sessions_cli = AppGroup("sessions", help="Masking sessions.")
@@ -26,7 +26,7 @@ def _ctx():
 @click.argument("revision", default="head")
 def db_upgrade(revision: str) -> None:
     """Apply migrations up to REVISION (default: head)."""
-    from .migrate import upgrade
+    from ..migrate import upgrade
 
     upgrade(_ctx().db.engine.url.render_as_string(hide_password=False), revision)
     click.echo(f"database at {revision}")
@@ -37,7 +37,7 @@ def db_upgrade(revision: str) -> None:
               help="Only conclude 'not created' for attempts older than this.")
 def sessions_resolve(grace_seconds: int) -> None:
     """Find out what happened to creates whose outcome was unknown (timeouts after sending)."""
-    from .sessions.service import resolve_pending_attempts
+    from ..services.sessions import resolve_pending_attempts
 
     counts = resolve_pending_attempts(_ctx(), grace=timedelta(seconds=grace_seconds))
     click.echo(json.dumps(counts, sort_keys=True))
@@ -49,7 +49,7 @@ def sessions_resolve(grace_seconds: int) -> None:
 @click.option("--every", type=float, default=None, help="Repeat every this many seconds (the worker process).")
 def sessions_reconcile(limit: int, concurrency: int, every: float | None) -> None:
     """Heal missed callbacks from Plivo's records, expire overdue sessions, record drift."""
-    from .reconcile import reconcile
+    from ..services.reconcile import reconcile
 
     while True:
         started = time.monotonic()
@@ -75,7 +75,7 @@ def callbacks_replay(failed: bool, ids: tuple[int, ...], since: datetime | None)
 
     With no option: failed callbacks, and pending ones older than a minute.
     """
-    from .webhooks.inbox import replay
+    from ..services.inbox import replay
 
     counts = replay(_ctx().db, ids=ids, failed=failed, since=since.replace(tzinfo=UTC) if since else None)
     click.echo(json.dumps(counts, sort_keys=True))
@@ -94,7 +94,7 @@ def _duration(value: str) -> timedelta:
 @click.option("--batch-size", default=1000, show_default=True)
 def callbacks_prune(older_than: str, batch_size: int) -> None:
     """Delete applied and ignored callbacks older than the given age (never failed or pending ones)."""
-    from .webhooks.inbox import prune
+    from ..services.inbox import prune
 
     deleted = prune(_ctx().db, older_than=_duration(older_than), batch_size=batch_size)
     click.echo(json.dumps({"deleted": deleted}))

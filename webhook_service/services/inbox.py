@@ -32,9 +32,9 @@ from psycopg.types.json import Jsonb
 from sqlalchemy import and_, func, or_, select, text
 
 from .. import metrics
-from ..db import Database, is_database_unavailable
-from ..models import CallbackInbox
-from .events import NOT_INTERACTIONS, Event, Handler, LegFact, apply_event, handler_for
+from ..domain.callbacks import NOT_INTERACTIONS, Event, Handler, LegFact, apply_event, handler_for
+from ..persistence.db import Database, is_database_unavailable
+from ..persistence.models import CallbackInbox
 from .state import DISCOVER_SESSION, SessionState, loaded, plan, queue_load
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from .settings import Settings
+from ..settings import Settings
 
 
 def sqlalchemy_url(url: str) -> str:

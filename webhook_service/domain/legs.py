@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from ..models import PARTIES
+from .vocabulary import PARTIES
 
 MATCH_WINDOW = timedelta(seconds=10)
 PHASE_COLUMNS = {"initiated": "initiated_at", "ringing": "ringing_at", "answered": "answered_at"}

@@ -36,13 +36,15 @@ from typing import Any
 from sqlalchemy import func, text
 from sqlalchemy.engine import Connection
 
-from . import metrics
-from .db import Database
-from .models import MaskingSession
-from .plivo.client import PlivoError, PlivoNotFound, PlivoSession, parse_time, to_decimal, to_int
-from .sessions.service import Context, resolve_pending_attempts
-from .webhooks.inbox import replay_stale_pending
-from .webhooks.state import COUNTERS, loaded, plan, queue_load
+from .. import metrics
+from ..context import Context
+from ..domain.values import parse_time, to_decimal, to_int
+from ..persistence.db import Database
+from ..persistence.models import MaskingSession
+from ..plivo.client import PlivoError, PlivoNotFound, PlivoSession
+from .inbox import replay_stale_pending
+from .sessions import resolve_pending_attempts
+from .state import COUNTERS, loaded, plan, queue_load
 
 log = logging.getLogger(__name__)
 sessions = MaskingSession.__table__

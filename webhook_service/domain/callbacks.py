@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ..plivo.client import normalise_number, parse_time, to_decimal, to_int
-from .state import LEG_EVENT_FIELDS, SessionState
+from ..services.state import LEG_EVENT_FIELDS, SessionState
+from .values import normalise_number, parse_time, to_decimal, to_int
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from urllib.parse import urlsplit
 
 import phonenumbers
 
-from .. import jsonbody
 from ..errors import ApiError
-from ..models import SESSION_STATUSES
+from . import jsonbody
+from .vocabulary import SESSION_STATUSES
 
 Check = Callable[[str, Any], Any]
 

@@ -27,8 +27,8 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from ..reporting.daily_totals import SHARDS, activity_delta, session_activity_of
-from .legs import LEG_COLUMNS, build_legs
+from ..domain.activity import SHARDS, activity_delta, session_activity_of
+from ..domain.legs import LEG_COLUMNS, build_legs
 
 LEG_EVENT_FIELDS = ("call_uuid", "end_event", "duration", "billed_duration", "amount", "hangup_cause",
                     "hangup_cause_code", "from_number", "to_number")

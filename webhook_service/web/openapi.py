@@ -21,8 +21,8 @@ from typing import Any
 
 from flask import Blueprint, jsonify
 
-from .models import LEG_END_EVENTS, PARTIES, RECORDING_STATUSES, SESSION_ORIGINS, SESSION_STATUSES
-from .sessions import validation as v
+from ..domain import requests as v
+from ..domain.vocabulary import LEG_END_EVENTS, PARTIES, RECORDING_STATUSES, SESSION_ORIGINS, SESSION_STATUSES
 
 bp = Blueprint("openapi", __name__)
 

@@ -26,6 +26,18 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from ..domain.vocabulary import (
+    ATTEMPT_STATES,
+    INBOX_ENDPOINTS,
+    INBOX_STATUSES,
+    LEG_END_EVENTS,
+    LEG_EVENT_KINDS,
+    PARTIES,
+    RECORDING_STATUSES,
+    SESSION_ORIGINS,
+    SESSION_STATUSES,
+)
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -33,15 +45,6 @@ NAMING_CONVENTION = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-SESSION_STATUSES = ("active", "in-progress", "expired")
-SESSION_ORIGINS = ("api", "callback", "reconcile")
-ATTEMPT_STATES = ("pending", "succeeded", "failed", "unknown", "recovered", "not_found")
-INBOX_STATUSES = ("pending", "applied", "ignored", "failed")
-INBOX_ENDPOINTS = ("session", "recording")
-PARTIES = ("first", "second")
-LEG_END_EVENTS = ("hangup", "complete", "failed")
-RECORDING_STATUSES = ("initiated", "completed", "failed")
 
 Money = Numeric(14, 5)
 
@@ -177,9 +180,6 @@ class CallbackInbox(Base):
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     applied_at: Mapped[datetime | None]
-
-
-LEG_EVENT_KINDS = ("initiated", "ringing", "answered", "ended")
 
 
 class LegFacts:

@@ -1,0 +1,35 @@
+"""The app-wide context: what every use case needs, built once per process by `create_app`."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from .errors import ApiError
+from .persistence.db import Database
+from .plivo.client import PlivoClient
+from .settings import Settings
+
+
+@dataclass
+class Context:
+    """What the use cases need: the database, the Plivo client and the settings."""
+
+    db: Database
+    plivo: PlivoClient
+    settings: Settings
+    # Bounds the API requests of this process that wait on Plivo (PLIVO_MAX_CONCURRENCY).
+    plivo_slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
+
+    @contextmanager
+    def plivo_slot(self) -> Iterator[None]:
+        """Hold one of the Plivo slots, or answer 503 at once if all are taken."""
+        if not self.plivo_slots.acquire(blocking=False):
+            raise ApiError("Too many requests are waiting on Plivo; retry shortly", status=503, code="plivo_busy",
+                           headers={"Retry-After": "1"})
+        try:
+            yield
+        finally:
+            self.plivo_slots.release()

@@ -1,0 +1,66 @@
+"""Plivo's values as this service reads them: times, phone numbers, counts and money.
+
+Pure functions, no I/O: the callbacks' parser and the Plivo client both read Plivo's strings
+through them, so a value means the same wherever it came from.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+_TIME_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})[ T](\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?)")
+
+
+def parse_time(value: Any) -> datetime | None:
+    """Read any of Plivo's timestamp styles as an aware UTC datetime; None for empty values.
+
+    Seen: "2023-07-12 15:52:14.772699 +0000 UTC", "2024-01-25 12:00:00 +0000 +0000",
+    "2024-01-25 12:00:00" (callbacks, UTC) and ISO 8601. Every Plivo timestamp is UTC.
+    """
+    if value is None or value == "":
+        return None
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    match = _TIME_RE.match(str(value).strip())
+    if not match:
+        return None
+    day, clock = match.groups()
+    if clock.count(":") == 1:
+        clock += ":00"
+    try:
+        return datetime.fromisoformat(f"{day}T{clock}").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def normalise_number(value: Any) -> str | None:
+    """Plivo writes numbers with and without `+` (`+14155550100`, `14155550100`): make E.164."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    if not text:
+        return None
+    digits = text[1:] if text.startswith("+") else text
+    return "+" + digits if digits.isdigit() else text
+
+
+def to_decimal(value: Any) -> Decimal | None:
+    """A finite decimal (money), or None for anything else ("NaN", "Infinity", "", garbage)."""
+    if value is None or value == "":
+        return None
+    try:
+        number = Decimal(str(value))
+    except InvalidOperation:
+        return None
+    return number if number.is_finite() and abs(number) < Decimal("1e9") else None
+
+
+def to_int(value: Any) -> int | None:
+    """A count or a number of seconds: a whole number from 0 to 2**31 - 1, or None."""
+    number = to_decimal(value)
+    if number is None or not 0 <= number <= 2**31 - 1:
+        return None
+    return int(number)
