@@ -28,9 +28,9 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
 from webhook_service.devdb import admin_url, ensure_database
-from webhook_service.domain.activity import recount_daily_totals
 from webhook_service.migrate import upgrade
 from webhook_service.persistence.db import sqlalchemy_url
+from webhook_service.services.reporting import rebuild_daily_totals
 
 DATABASE = "webhook_service_bench"
 START = "2026-09-01 00:00:00+00"  # sessions are created over the 60 days from here
@@ -202,8 +202,7 @@ def fill(engine: Engine, sessions: int, legs_per_session: int) -> None:
     step("call legs", engine, LEGS, legs_per_session=legs_per_session)
     step("recordings", engine, RECORDINGS, recordings_per_session=max(1, legs_per_session // LEGS_PER_RECORDING))
     started = time.perf_counter()
-    with engine.begin() as conn:
-        recount_daily_totals(conn)
+    rebuild_daily_totals(engine)
     print(f"  daily totals recounted in {time.perf_counter() - started:.1f} s", flush=True)
     step("session counters", engine, COUNTERS)
     started = time.perf_counter()

@@ -88,7 +88,7 @@ def sandbox(sandbox_server) -> SandboxServer:
 def app(database_url, sandbox):
     app = create_app({"TESTING": True, "settings": make_settings(sandbox.url), "database_url": database_url})
     yield app
-    app.extensions["webhook_service"].db.dispose()
+    app.extensions["webhook_service"].close()
 
 
 @pytest.fixture

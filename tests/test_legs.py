@@ -1,22 +1,15 @@
-"""Leg derivation (`webhooks.legs.build_legs`), tested with plain dicts like a handler, and its SQL twin."""
+"""Leg derivation (`domain.legs.build_legs`), tested with plain dicts."""
 
 from __future__ import annotations
 
 import random
-import re
-import uuid
-from collections import Counter
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-import psycopg
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from psycopg.types.json import Jsonb
 
-from webhook_service.domain.activity import SHARDS, session_activity_of
-from webhook_service.domain.legs import LEG_COLUMNS, build_legs
-from webhook_service.services.inbox import APPLY_LEG_CALLBACK
+from webhook_service.domain.legs import build_legs
 
 T0 = datetime(2026, 11, 20, 10, 0, tzinfo=UTC)
 
@@ -126,114 +119,18 @@ def test_phases_with_no_end_yet_form_one_open_leg():
     assert (leg["initiated_at"], leg["ringing_at"]) == (T0 + timedelta(seconds=1), T0 + timedelta(seconds=3))
 
 
-# The webhook path derives legs in Postgres (`apply_leg_callback`, migration 0005) for sessions
-# without interaction records: whatever order the facts arrive in, one at a time, the stored legs
-# must be exactly `build_legs`' legs, and the counters and the daily totals (per day and shard)
-# must be what the Python path computes from those legs.
-
-PARTY_NUMBERS = {"first": "+14155550100", "second": "+14155550123"}
-MIDNIGHT = datetime(2026, 11, 20, 23, 59, 55, tzinfo=UTC)  # facts on both sides of it: legs on two days
-leg_event_strategy = st.fixed_dictionaries({
-    # None: the caller of SessionVirtualNumberAnswer, named only by its number (or by no party's).
-    "party": st.sampled_from(("first", "second", None)),
-    "caller": st.sampled_from((*PARTY_NUMBERS.values(), "+19995550000")),
-    "kind": st.sampled_from(("initiated", "ringing", "answered", "ended")),
-    "at": st.integers(0, 20).map(lambda s: MIDNIGHT + timedelta(seconds=s)),
-    "call_uuid": st.one_of(st.none(), st.sampled_from(("c-1", "c-2"))),
-    "from_number": st.one_of(st.none(), st.sampled_from(("+14155550100", "+14155550111"))),
-    "to_number": st.one_of(st.none(), st.just("+14155550122")),
-    "billed_duration": st.one_of(st.none(), st.integers(0, 600)),
-    "amount": st.one_of(st.none(), st.decimals(0, 10, places=5)),
-    "end_event": st.one_of(st.none(), st.sampled_from(("hangup", "complete", "failed"))),
-    "hangup_cause": st.one_of(st.none(), st.just("NORMAL_CLEARING")),
-})
-ARGUMENTS = re.findall(r"%\((\w+)\)s", APPLY_LEG_CALLBACK)
-FACT_NAMES = ("call_uuid", "from_number", "to_number", "billed_duration", "amount", "end_event", "hangup_cause")
-TOTALS = """SELECT day, shard, call_legs, answered_legs, billed_duration, answered_billed_duration, amount,
-                  sessions_with_calls FROM daily_call_totals"""
-
-
-def _comparable(legs) -> list[tuple]:
-    return sorted((tuple(leg[c] for c in LEG_COLUMNS) for leg in legs), key=repr)
-
-
-def _totals(pg) -> Counter:
-    totals: Counter = Counter()
-    for day, shard, *values in pg.execute(TOTALS):
-        for name, value in zip(("legs", "answered", "billed", "answered_billed", "amount", "with_calls"), values,
-                               strict=True):
-            totals[day, shard, name] += value
-    return totals
-
-
-def _facts_as_stored(events) -> list[dict]:
-    """The leg facts the session ends up with: the caller's party found by number; a repeated fact
-    (same party, kind and time) only fills in the values it lacked, in arrival order."""
-    facts: dict[tuple, dict] = {}
-    for event in events:
-        party = event["party"] or next((p for p, n in PARTY_NUMBERS.items() if n == event["caller"]), None)
-        if party is None:
-            continue
-        key = (party, event["kind"], event["at"])
-        fact = facts.setdefault(key, {"party": party, "kind": event["kind"], "at": event["at"]})
-        for name in FACT_NAMES:
-            if fact.get(name) is None:
-                fact[name] = event[name]
-    return list(facts.values())
-
-
-@settings(max_examples=300, deadline=None)
-@given(events=st.lists(leg_event_strategy, max_size=14), duplicate=st.integers(0, 13))
-def test_postgres_derives_the_same_legs_as_build_legs(database_url, events, duplicate):
-    session_uuid = str(uuid.uuid4())
-    with psycopg.connect(database_url, autocommit=True) as pg:
-        before = _totals(pg)
-        outcomes = []
-        for i, event in enumerate(events):
-            arguments = dict.fromkeys(ARGUMENTS) | event | {
-                "endpoint": "session", "method": "POST", "params": Jsonb({}), "dedupe_key": f"{session_uuid}-{i}",
-                "uuid": session_uuid, "first_party": PARTY_NUMBERS["first"], "second_party": PARTY_NUMBERS["second"]}
-            outcomes.append(pg.execute(APPLY_LEG_CALLBACK, arguments).fetchone()[0])
-            if i == duplicate:  # the same callback again: stored once, applied once
-                assert pg.execute(APPLY_LEG_CALLBACK, arguments).fetchone()[0] == "duplicate"
-        sid = pg.execute("SELECT id FROM masking_sessions WHERE session_uuid = %s", [session_uuid]).fetchone()
-        sid = sid[0] if sid else None
-        stored = pg.execute("SELECT * FROM call_legs WHERE session_id = %s", [sid])
-        stored = [dict(zip([c.name for c in stored.description], row, strict=True)) for row in stored]
-        counters = pg.execute("SELECT call_count, answered_call_count, billed_duration, amount"
-                              " FROM masking_sessions WHERE id = %s", [sid]).fetchall()
-        change = _totals(pg)
-    assert outcomes == ["applied"] * len(events)
-    legs = build_legs(_facts_as_stored(events))
-    assert _comparable(stored) == _comparable(legs)
-    if events:
-        assert counters == [(len(legs), sum(1 for leg in legs if leg["answered_at"]),
-                             sum(leg["billed_duration"] or 0 for leg in legs),
-                             sum((leg["amount"] or 0 for leg in legs), Decimal(0)))]
-    change.subtract(before)
-    expected: Counter = Counter()
-    for day, activity in session_activity_of(legs, []).items():
-        for name in ("legs", "answered", "billed", "answered_billed", "amount"):
-            expected[day, sid % SHARDS, name] += activity[name]
-        expected[day, sid % SHARDS, "with_calls"] += int(activity["legs"] > 0)
-    assert {k: v for k, v in change.items() if v} == {k: v for k, v in expected.items() if v}
-
-
-def test_facts_at_the_same_second_give_the_same_leg_in_any_order_in_both_paths(database_url):
+def test_facts_at_the_same_second_give_the_same_leg_in_any_order():
     """A tie on time is broken by kind (answered, initiated, ringing), not by arrival order."""
     ringing = {"party": "first", "kind": "ringing", "at": T0, "from_number": "+14155550111"}
     initiated = {"party": "first", "kind": "initiated", "at": T0, "from_number": "+14155550100"}
     for order in ([ringing, initiated], [initiated, ringing]):
         [leg] = build_legs(order)
         assert leg["from_number"] == "+14155550100"
-        session_uuid = str(uuid.uuid4())
-        with psycopg.connect(database_url, autocommit=True) as pg:
-            # Read the facts in arrival (heap) order, not the unique index's (which sorts by kind).
-            pg.execute("SET enable_indexscan = off")
-            pg.execute("SET enable_bitmapscan = off")
-            for i, fact in enumerate(order):
-                pg.execute(APPLY_LEG_CALLBACK, dict.fromkeys(ARGUMENTS) | fact | {
-                    "endpoint": "session", "method": "POST", "params": Jsonb({}),
-                    "dedupe_key": f"{session_uuid}-{i}", "uuid": session_uuid})
-            assert pg.execute("SELECT l.from_number FROM call_legs l JOIN masking_sessions s ON s.id = l.session_id"
-                              " WHERE s.session_uuid = %s", [session_uuid]).fetchall() == [("+14155550100",)]
+
+
+def test_a_thousand_calls_derive_in_one_pass():
+    """Phases find their leg by binary search: a session with a thousand calls is linear, not quadratic."""
+    calls = [(30, 5, 60)] * 1000
+    facts, expected = facts_for(calls)
+    random.Random(7).shuffle(facts)
+    assert summary(build_legs(facts)) == expected

@@ -11,7 +11,8 @@ from sqlalchemy import text
 
 from webhook_service.logs import JsonFormatter, mask_phone
 
-from .test_webhooks import create_session, play
+from .helpers import settle
+from .test_webhooks import create_session, play, send
 
 
 def _inbox(engine, rows):
@@ -28,17 +29,17 @@ def _statuses(engine):
         return sorted(conn.execute(text("SELECT dedupe_key, status FROM callback_inbox")).all())
 
 
-def test_prune_deletes_only_old_applied_and_ignored_callbacks(app, engine):
-    _inbox(engine, [("applied", 100), ("ignored", 95), ("failed", 120), ("pending", 100), ("applied", 10),
-                    ("applied", 91)])
+def test_prune_deletes_only_old_recorded_and_ignored_callbacks(app, engine):
+    _inbox(engine, [("recorded", 100), ("ignored", 95), ("failed", 120), ("failed", 100), ("recorded", 10),
+                    ("recorded", 91)])
     result = app.test_cli_runner().invoke(args=["callbacks", "prune", "--older-than", "90d", "--batch-size", "1"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1]) == {"deleted": 3}
-    assert _statuses(engine) == [("k2", "failed"), ("k3", "pending"), ("k4", "applied")]
+    assert _statuses(engine) == [("k2", "failed"), ("k3", "failed"), ("k4", "recorded")]
 
 
 def test_prune_skips_rows_a_live_transaction_holds_instead_of_waiting(app, engine):
-    _inbox(engine, [("applied", 100), ("applied", 100)])
+    _inbox(engine, [("recorded", 100), ("recorded", 100)])
     locked, release = threading.Event(), threading.Event()
 
     def hold_one_row():
@@ -56,7 +57,7 @@ def test_prune_skips_rows_a_live_transaction_holds_instead_of_waiting(app, engin
     finally:
         release.set()
         holder.join()
-    assert _statuses(engine) == [("k0", "applied")]
+    assert _statuses(engine) == [("k0", "recorded")]
 
 
 def test_prune_rejects_a_malformed_age(app):
@@ -64,16 +65,32 @@ def test_prune_rejects_a_malformed_age(app):
     assert result.exit_code != 0 and "90d" in result.output
 
 
+def _samples(live) -> dict[str, float]:
+    body = requests.get(live.url + "/metrics", timeout=5).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
+            if line and not line.startswith("#")}
+
+
 def test_metrics_count_callbacks_by_kind_and_outcome(live, sandbox, engine):
     uuid = create_session(live, record=True)
-    play(sandbox, uuid)  # delivers 7 callbacks: 5 session events, 2 recording events
-    body = requests.get(live.url + "/metrics", timeout=5).text
-    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in body.splitlines()
-               if line.startswith("plivo_callbacks_total{")}
-    assert samples['plivo_callbacks_total{kind="session",outcome="applied"}'] >= 5
-    assert samples['plivo_callbacks_total{kind="recording",outcome="applied"}'] >= 2
-    assert "plivo_api_calls_total" in body and "http_request_duration_seconds_bucket" in body
-    assert "plivo_callback_inbox_failed 0.0" in body
+    before = _samples(live)  # the counters live in this test process, across tests: compare increases
+    callbacks = play(sandbox, uuid, deliver=False)["callbacks"]  # 5 session events, 2 recording events
+    for callback in callbacks + callbacks[:1]:
+        send(callback)
+    settle(live.app)
+    after = _samples(live)
+
+    def increase(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert increase('plivo_callbacks_total{kind="session",outcome="recorded"}') == 5
+    assert increase('plivo_callbacks_total{kind="recording",outcome="recorded"}') == 2
+    assert increase('plivo_callbacks_total{kind="session",outcome="duplicate"}') == 1
+    assert increase('projection_lag_seconds_count') == 7  # every fact's queue row, read once
+    assert after["plivo_callback_inbox_failed"] == 0 and after["projection_oldest_due_seconds"] == 0
+    assert 'plivo_api_calls_total{op="create",outcome="ok"}' in after
+    assert 'http_request_duration_seconds_bucket{le="0.001",route="/webhooks/plivo/<any(session, recording):kind>",' \
+           'status="2xx"}' in after
 
 
 def test_one_json_log_line_per_request_with_request_id_route_status_latency_and_session(app, auth, sandbox,

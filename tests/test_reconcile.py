@@ -16,6 +16,7 @@ from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, comp
 from webhook_service.services.reconcile import RateLimiter, apply_plivo_session, reconcile
 from webhook_service.settings import SANDBOX_AUTH_TOKEN
 
+from .helpers import settle
 from .test_webhooks import (
     assert_daily_totals_match_a_recount,
     create_session,
@@ -31,13 +32,15 @@ def ctx_of(live):
     return live.app.extensions["webhook_service"]
 
 
-def session_row(engine, uuid: str):
+def session_row(live, engine, uuid: str):
+    settle(live.app)
     with engine.connect() as conn:
         query = text("SELECT * FROM masking_sessions WHERE session_uuid = :u")
         return conn.execute(query, {"u": uuid}).mappings().one()
 
 
-def legs_of(engine, uuid: str):
+def legs_of(live, engine, uuid: str):
+    settle(live.app)
     with engine.connect() as conn:
         return conn.execute(text(
             "SELECT l.party, l.source, l.call_uuid, l.billed_duration, l.ended_at FROM call_legs l "
@@ -54,17 +57,17 @@ def test_reconciliation_fills_a_missed_leg_and_a_missed_recording(live, sandbox,
     for callback in result["callbacks"]:
         if callback not in late:
             assert send(callback).status_code == 200
-    before = session_row(engine, uuid)
+    before = session_row(live, engine, uuid)
     assert before["billed_duration"] < plivo["total_call_billed_duration"] and before["recording_count"] == 0
 
     report = reconcile(ctx_of(live))
     assert report.checked == 1 and report.changed == 1 and report.drift == 0
-    after = session_row(engine, uuid)
+    after = session_row(live, engine, uuid)
     assert after["call_count"] == plivo["total_call_count"] == 2
     assert after["billed_duration"] == plivo["total_call_billed_duration"] == after["plivo_billed_duration"]
     assert after["amount"] == Decimal(str(plivo["total_call_amount"])) == after["plivo_amount"]
     assert after["recording_count"] == 1 and after["answered_call_count"] == 2
-    legs = legs_of(engine, uuid)
+    legs = legs_of(live, engine, uuid)
     assert [(leg.party, leg.source) for leg in legs] == [("first", "callback"), ("second", "reconcile")]
     interaction = plivo["interaction"][0]
     assert {leg.call_uuid for leg in legs} == {
@@ -78,25 +81,26 @@ def test_reconciliation_fills_a_missed_leg_and_a_missed_recording(live, sandbox,
     # The missed callbacks arrive after all: they complete the record and count nothing twice.
     for callback in late:
         assert send(callback).status_code == 200
-    final = session_row(engine, uuid)
+    final = session_row(live, engine, uuid)
     assert (final["call_count"], final["billed_duration"], final["amount"], final["recording_count"]) == (
         after["call_count"], after["billed_duration"], after["amount"], after["recording_count"])
-    assert [(leg.party, leg.source) for leg in legs_of(engine, uuid)] == [("first", "callback"), ("second", "callback")]
+    assert [(leg.party, leg.source) for leg in legs_of(live, engine, uuid)] == [
+        ("first", "callback"), ("second", "callback")]
     assert_daily_totals_match_a_recount(engine)
     assert reconcile(ctx_of(live)).drift == 0
 
 
 def test_sessions_past_their_expiry_are_marked_expired_without_a_timeout_callback(live, sandbox, engine):
     uuid = create_session(live, session_expiry=600)
-    expires_at = session_row(engine, uuid)["expires_at"]
+    expires_at = session_row(live, engine, uuid)["expires_at"]
     report = reconcile(ctx_of(live), now=expires_at + timedelta(minutes=1))
     assert report.marked_expired == 1
-    row = session_row(engine, uuid)
+    row = session_row(live, engine, uuid)
     assert row["status"] == "expired" and row["expired_at"] == expires_at
     # Not before its time: a fresh session stays active.
     other = create_session(live, second_party="+14155552671")
     reconcile(ctx_of(live))
-    assert session_row(engine, other)["status"] == "active"
+    assert session_row(live, engine, other)["status"] == "active"
 
 
 def test_drift_against_plivos_totals_is_recorded(live, sandbox, engine):
@@ -113,7 +117,7 @@ def test_drift_against_plivos_totals_is_recorded(live, sandbox, engine):
         assert send(callback).status_code == 200
     report = reconcile(ctx_of(live))
     assert report.drift == 1
-    row = session_row(engine, uuid)
+    row = session_row(live, engine, uuid)
     assert row["amount"] - row["plivo_amount"] == Decimal("0.50000") - Decimal("0.00850")
     assert row["call_count"] == row["plivo_call_count"] and row["reconciled_at"] is not None
 
@@ -130,17 +134,21 @@ def test_callbacks_and_reconciliation_racing_count_nothing_twice(live, sandbox, 
     for callback in callbacks:
         send(callback)
     reconcile(ctx_of(live))
-    reference = {uuid: snapshot(engine, uuid) for uuid in uuids}
+    reference = {uuid: snapshot(live, engine, uuid) for uuid in uuids}
     for uuid in uuids:
         forget_callbacks(engine, uuid)
     with engine.begin() as conn:
         conn.execute(text("DELETE FROM plivo_interactions"))
 
     stop = threading.Event()
+    reports, failures, statuses = [], [], []
 
     def reconcile_repeatedly():
-        while not stop.is_set():
-            reconcile(ctx_of(live), concurrency=4)
+        try:
+            while not stop.is_set():
+                reports.append(reconcile(ctx_of(live), concurrency=4))
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            failures.append(exc)
 
     racer = threading.Thread(target=reconcile_repeatedly)
     racer.start()
@@ -148,7 +156,8 @@ def test_callbacks_and_reconciliation_racing_count_nothing_twice(live, sandbox, 
         senders = []
         for seed in range(3):
             order = random.Random(seed).sample(callbacks, len(callbacks))
-            senders.append(threading.Thread(target=lambda o=order: [send(c) for c in o]))
+            senders.append(threading.Thread(target=lambda o=order: statuses.extend(
+                send(c, fresh_nonce=True).status_code for c in o)))
         for thread in senders:
             thread.start()
         for thread in senders:
@@ -156,11 +165,14 @@ def test_callbacks_and_reconciliation_racing_count_nothing_twice(live, sandbox, 
     finally:
         stop.set()
         racer.join()
-    reconcile(ctx_of(live))
+    assert failures == [] and reports and all(r.errors == 0 for r in reports)
+    assert statuses == [200] * (3 * len(callbacks))
+    final = reconcile(ctx_of(live))
+    assert final.errors == 0 and final.drift == 0
     assert_daily_totals_match_a_recount(engine)
     for uuid in uuids:
-        assert snapshot(engine, uuid) == reference[uuid]
-        row = session_row(engine, uuid)
+        assert snapshot(live, engine, uuid) == reference[uuid]
+        row = session_row(live, engine, uuid)
         assert (row["call_count"], row["billed_duration"], row["amount"]) == (
             row["plivo_call_count"], row["plivo_billed_duration"], row["plivo_amount"])
 
@@ -180,7 +192,7 @@ def test_unreachable_plivo_is_counted_as_errors_and_changes_nothing(live, sandbo
     requests.post(f"{sandbox.url}/sandbox/faults", json=[
         {"method": "GET", "path_contains": uuid, "status": 503}], timeout=5)
     report = reconcile(ctx_of(live))
-    assert report.errors == 1 and session_row(engine, uuid)["reconciled_at"] is None
+    assert report.errors == 1 and session_row(live, engine, uuid)["reconciled_at"] is None
 
 
 def test_rate_limiter_allows_at_most_limit_per_period():
@@ -215,15 +227,11 @@ def test_only_sessions_that_can_still_change_are_fetched(live, sandbox, engine):
     assert active in fetched and old not in fetched
 
 
-def test_a_leg_callback_waiting_behind_a_reconciliation_sees_the_interactions_it_committed(live, sandbox, engine):
-    """The callback's transaction must read the interactions once it holds the session's lock.
-
-    Reconciliation is held (by an advisory lock in a trigger) after it has stored Plivo's record
-    of the call and derived the second party's leg from it; the second party's own answer callback
-    then waits on the session's lock. Once reconciliation commits, the callback must derive legs
-    from the interactions too, or it turns the reconciled leg back into an open one and the
-    session loses that leg's billing.
-    """
+def test_a_callback_arriving_while_reconciliation_projects_is_counted_once(live, sandbox, engine):
+    """Reconciliation is held (by an advisory lock in a trigger) after it has stored Plivo's record of
+    the call and while it projects; the second party's own callbacks arrive then. They are recorded at
+    once (nothing waits on the session), and the projection after them gives the callback legs with
+    Plivo's call UUIDs: the billing counted once, whichever source came first."""
     uuid = create_session(live)
     result = play(sandbox, uuid, deliver=False, duration=70)
     second = [c for c in result["callbacks"] if "SecondParty" in c["params"]["EventName"]]
@@ -234,52 +242,40 @@ def test_a_leg_callback_waiting_behind_a_reconciliation_sees_the_interactions_it
         conn.execute(text("""
             CREATE FUNCTION hold_reconciliation() RETURNS trigger LANGUAGE plpgsql AS
             $$ BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NEW; END $$;
-            CREATE TRIGGER hold_reconciliation AFTER INSERT ON plivo_interactions
+            CREATE TRIGGER hold_reconciliation BEFORE INSERT ON call_legs
                FOR EACH ROW EXECUTE FUNCTION hold_reconciliation();
         """))
     waiting = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                   " AND wait_event_type = :kind AND query LIKE :query")
+                   " AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO call_legs%'")
     plivo_session = ctx_of(live).plivo.get_session(uuid)
     outcomes: dict[str, object] = {}
     try:
         with engine.connect() as holder:
             holder.execute(text("SELECT pg_advisory_lock(4242)"))
             reconciliation = threading.Thread(target=lambda: outcomes.update(
-                reconciled=apply_plivo_session(ctx_of(live).db, plivo_session, datetime.now(UTC))))
+                reconciled=apply_plivo_session(ctx_of(live), plivo_session, datetime.now(UTC))))
             reconciliation.start()
-            answer = next(c for c in second if c["params"]["EventName"] == "SessionSecondPartyAnswer")
-            callback = threading.Thread(target=lambda: outcomes.update(answer=send(answer).json()["status"]))
-            for kind, query, then in (("Lock", "%INSERT INTO plivo_interactions%", callback.start),
-                                      ("Lock", "%apply_leg_callback%", None)):
-                for _ in range(500):  # until reconciliation waits in its trigger, then the callback on the lock
-                    with engine.connect() as conn:
-                        if conn.execute(waiting, {"kind": kind, "query": query}).scalar():
-                            break
-                    time.sleep(0.01)
-                else:
-                    raise AssertionError(f"nothing came to wait on {query}")
-                if then:
-                    then()
+            for _ in range(500):  # until reconciliation's projection waits in the trigger
+                with engine.connect() as conn:
+                    if conn.execute(waiting).scalar():
+                        break
+                time.sleep(0.01)
+            else:
+                raise AssertionError("reconciliation never reached its projection")
+            outcomes["during"] = [send(c).json()["status"] for c in second]
             holder.execute(text("SELECT pg_advisory_unlock(4242)"))
             holder.commit()
             reconciliation.join(10)
-            callback.join(10)
     finally:
         with engine.begin() as conn:
-            conn.execute(text("DROP TRIGGER hold_reconciliation ON plivo_interactions;"
-                              " DROP FUNCTION hold_reconciliation();"))
-    assert outcomes["answer"] == "applied" and outcomes["reconciled"][1] is False  # no drift
+            conn.execute(text("DROP TRIGGER hold_reconciliation ON call_legs; DROP FUNCTION hold_reconciliation();"))
+    assert outcomes["during"] == ["recorded"] * len(second)
+    assert outcomes["reconciled"][1] is False  # no drift: Plivo's record gave the missing leg's billing
+    final = snapshot(live, engine, uuid)  # projects the callbacks that came in meanwhile
     plivo = result["session"]
-    after = session_row(engine, uuid)
-    assert (after["call_count"], after["billed_duration"], after["amount"]) == (
+    assert (final["session"]["call_count"], final["session"]["billed_duration"], final["session"]["amount"]) == (
         plivo["total_call_count"], plivo["total_call_billed_duration"], Decimal(str(plivo["total_call_amount"])))
-    assert [(leg.party, leg.source, leg.ended_at is not None) for leg in legs_of(engine, uuid)] == [
-        ("first", "callback", True), ("second", "reconcile", True)]
-    for callback in second:  # the rest of the second party's callbacks change nothing
-        assert send(callback).status_code == 200
-    final = session_row(engine, uuid)
-    assert (final["call_count"], final["billed_duration"], final["amount"]) == (
-        after["call_count"], after["billed_duration"], after["amount"])
-    # The callbacks that took the Python path are stored once each, applied.
-    assert [row.status for row in inbox_rows(engine)] == ["applied"] * len(result["callbacks"])
+    assert [(leg.party, leg.source, leg.call_uuid is not None) for leg in legs_of(live, engine, uuid)] == [
+        ("first", "callback", True), ("second", "callback", True)]
+    assert [row.status for row in inbox_rows(engine)] == ["recorded"] * len(result["callbacks"])
     assert_daily_totals_match_a_recount(engine)

@@ -1,8 +1,9 @@
 """SQL reporting: the `reporting.*` views, the `reporting_reader` role, docs/reporting.md and `flask report`.
 
 The data set goes through the real code path: sessions inserted as the API stores them, then
-Plivo callbacks (both vocabularies) stored and applied by `inbox.receive`, as the webhook does
-once a callback's signature has verified. Every expected value below is computed by hand from those callbacks.
+Plivo callbacks (both vocabularies) stored by `inbox.receive`, as the webhook does once a
+callback's signature has verified, and projected by the projector. Every expected value below is
+computed by hand from those callbacks.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from sqlalchemy import create_engine, insert, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import ProgrammingError
 
+from webhook_service import create_app
 from webhook_service.migrate import alembic_config
-from webhook_service.persistence.db import Database, sqlalchemy_url
+from webhook_service.persistence.db import sqlalchemy_url
 from webhook_service.persistence.models import MaskingSession
-from webhook_service.services.inbox import receive
 
-from .helpers import FIRST, SECOND, make_settings
+from .helpers import FIRST, SECOND, make_settings, settle, store_callback
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "reporting.md"
 READER = "reporting_reader"
@@ -67,7 +68,8 @@ def billing(duration: int, billed: int, amount: str, cause: dict[str, str]) -> d
 
 def _api_session(uuid: str, ref: str, vn: str, created: str, expires: str, expiry: int, amount: str) -> dict:
     return {"session_uuid": uuid, "external_ref": ref, "origin": "api", "first_party": FIRST, "second_party": SECOND,
-            "virtual_number": vn, "status": "active", "record": True, "session_expiry": expiry,
+            "virtual_number": vn, "original_virtual_number": vn, "status": "active", "record": True,
+            "session_expiry": expiry,
             "create_params": {"first_party": FIRST, "second_party": SECOND, "session_expiry": expiry},
             "created_at": t(created), "plivo_created_at": t(created), "expires_at": t(expires),
             "session_amount": D(amount)}
@@ -178,13 +180,17 @@ def build_dataset(engine: Engine) -> None:
         ])
     s4_timeout = ("session", {"EventName": "SessionTimeout", "EventTimestamp": "2026-11-02 16:00:00",
                               "SessionUUID": S4, "VirtualNumber": VN4})
-    db = Database.connect(engine.url.render_as_string(hide_password=False), make_settings("http://127.0.0.1:9"))
-    outcomes = [receive(db, endpoint, "POST", "application/x-www-form-urlencoded", params, None)
-                for endpoint, params in [*_s1_callbacks(), *_s2_callbacks(), *_s3_callbacks(), s4_timeout]]
-    db.dispose()
-    assert outcomes.count("duplicate") == 1 and set(outcomes) == {"applied", "duplicate"}  # S1's redelivery
+    app = create_app({"TESTING": True, "settings": make_settings("http://127.0.0.1:9", PROJECT_IN_WEB="false"),
+                      "database_url": engine.url.render_as_string(hide_password=False)})
+    try:
+        outcomes = [store_callback(app, endpoint, params)
+                    for endpoint, params in [*_s1_callbacks(), *_s2_callbacks(), *_s3_callbacks(), s4_timeout]]
+        settle(app)
+    finally:
+        app.extensions["webhook_service"].close()
+    assert outcomes.count("duplicate") == 1 and set(outcomes) == {"recorded", "duplicate"}  # S1's redelivery
     with engine.begin() as conn:
-        # A discovered session is created when its first callback is applied (now); pin that to
+        # A discovered session is created when it is first projected (now); pin that to
         # the first callback's time so the expected days below do not depend on when tests run.
         conn.execute(text("UPDATE masking_sessions SET created_at = '2026-11-05 08:59:40+00' WHERE session_uuid = :u"),
                      {"u": S3})

@@ -24,11 +24,26 @@ from sqlalchemy import text
 
 from webhook_service import create_app
 from webhook_service.logs import JsonFormatter, mask_phone
-from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature, verify_signature
+from webhook_service.plivo.signature import (
+    NONCE_HEADER,
+    SIGNATURE_HEADER,
+    compute_signature,
+    verify_signature,
+    verify_signed,
+)
 from webhook_service.settings import SANDBOX_AUTH_TOKEN
 from webhook_service.web import sessions as session_views
 
-from .helpers import API_TOKEN, FIRST, SECOND, LiveServer, free_port, make_settings, unavailable_database_url
+from .helpers import (
+    API_TOKEN,
+    FIRST,
+    SECOND,
+    LiveServer,
+    free_port,
+    make_settings,
+    settle,
+    unavailable_database_url,
+)
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 PUBLIC = "http://127.0.0.1:9"  # the test client's PUBLIC_BASE_URL (make_settings' default)
@@ -69,7 +84,7 @@ def test_after_a_rotation_completes_the_old_token_is_refused(database_url, sandb
     assert signed_post(client, "session", params, token="old-token").status_code == 403
     assert inbox_count(engine) == 0
     assert signed_post(client, "session", params, token="brand-new-token").status_code == 200
-    app.extensions["webhook_service"].db.dispose()
+    app.extensions["webhook_service"].close()
 
 
 def test_a_signature_computed_for_one_endpoint_is_refused_on_the_other(client, engine):
@@ -152,11 +167,11 @@ def test_the_token_is_accepted_only_in_the_authorization_header(client, sandbox,
 
 def test_the_token_checks_use_compare_digest_and_never_return_early():
     # Structural: the bearer check and the signature check OR the results of every comparison.
-    for function in (session_views.require_bearer_token, verify_signature):
+    for function in (session_views.require_bearer_token, verify_signed):
         source = inspect.getsource(function)
         assert "hmac.compare_digest" in source and "ok |=" in source, function.__name__
         assert "break" not in source and " == " not in source, function.__name__
-    assert "return True" not in inspect.getsource(verify_signature)
+    assert "return True" not in inspect.getsource(verify_signed)
 
 
 def test_a_callback_signature_is_compared_with_every_token_and_candidate(compare_digest_calls):
@@ -202,7 +217,7 @@ def test_sql_injection_in_stored_values_is_stored_verbatim(client, auth, sandbox
     assert response.status_code == 201
     assert response.get_json()["external_ref"] == payload and response.get_json()["metadata"] == {payload: payload}
     params = {"EventName": "SessionTimeout", "SessionUUID": payload, "EventTimestamp": "2026-11-20 10:00:00"}
-    assert signed_post(client, "session", params).get_json() == {"status": "applied"}
+    assert signed_post(client, "session", params).get_json() == {"status": "recorded"}
     stored = client.get("/v1/sessions/" + requests.utils.quote(payload, safe=""), headers=auth)
     assert stored.status_code == 200 and stored.get_json()["status"] == "expired"
     with engine.connect() as conn:
@@ -413,11 +428,12 @@ def test_recording_and_play_urls_that_are_not_plivos_are_stored_and_never_fetche
     for n, target in enumerate([f"{base}/rec.mp3", "http://169.254.169.254/latest/meta-data/", "file:///etc/passwd",
                                 f"{base}/../../admin?x=1"]):
         params = {"EventName": "SessionRecordingCompleted", "SessionUUID": uuid, "RecordingUUID": f"rec-{n}",
-                  "RecordingURL": target, "RecordingResourceURL": f"{base}/resource/{n}",
+                  "EventTimestamp": "2026-11-20 10:01:00", "RecordingURL": target,
+                  "RecordingResourceURL": f"{base}/resource/{n}",
                   "RecordingStartTime": "2026-11-20 10:00:00", "RecordingEndTime": "2026-11-20 10:01:00"}
         headers = {NONCE_HEADER: "1", SIGNATURE_HEADER: compute_signature("POST", url, params, "1",
                                                                           SANDBOX_AUTH_TOKEN)}
-        assert requests.post(url, data=params, headers=headers, timeout=10).json() == {"status": "applied"}
+        assert requests.post(url, data=params, headers=headers, timeout=10).json() == {"status": "recorded"}
     details = requests.get(f"{live.url}/v1/sessions/{uuid}", headers=AUTH, timeout=10).json()
     assert [r["recording_url"] for r in sorted(details["recordings"], key=lambda r: r["recording_uuid"])] == [
         f"{base}/rec.mp3", "http://169.254.169.254/latest/meta-data/", "file:///etc/passwd",
@@ -473,12 +489,14 @@ def test_logs_mask_phone_numbers_and_never_contain_tokens(database_url, sandbox,
         played = requests.post(f"{sandbox.url}/sandbox/sessions/{uuid}/calls", json={"duration": 30}, timeout=30)
         assert played.status_code == 200 and {c["status"] for c in played.json()["callbacks"]} == {200}
         url = server.url + "/webhooks/plivo/session"
-        # A callback whose application fails with a database error that quotes a phone number.
+        settle(server.app)
+        # A projection that fails with a database error quoting phone numbers (read-your-writes
+        # projects it in the request, so its error is logged before the request answers).
         with engine.begin() as conn:
             conn.execute(text("""
                 CREATE FUNCTION refuse_leg() RETURNS trigger LANGUAGE plpgsql AS
                 $$ BEGIN RAISE EXCEPTION 'refused a leg from % to %', NEW.from_number, NEW.to_number; END $$;
-                CREATE TRIGGER refuse_leg BEFORE INSERT ON leg_events FOR EACH ROW EXECUTE FUNCTION refuse_leg();
+                CREATE TRIGGER refuse_leg BEFORE INSERT ON call_legs FOR EACH ROW EXECUTE FUNCTION refuse_leg();
             """))
         failing = {"EventName": "SessionFirstPartyHangup", "SessionUUID": uuid, "From": FIRST, "To": SECOND,
                    "BilledDuration": "60", "EventTimestamp": "2026-11-20 10:00:00"}
@@ -486,9 +504,11 @@ def test_logs_mask_phone_numbers_and_never_contain_tokens(database_url, sandbox,
             for params, token in ((failing, SANDBOX_AUTH_TOKEN), ({"From": FIRST}, "forged")):
                 signature = compute_signature("POST", url, params, "1", token)
                 requests.post(url, data=params, headers={NONCE_HEADER: "1", SIGNATURE_HEADER: signature}, timeout=10)
+            pending = requests.get(f"{server.url}/v1/sessions/{uuid}", headers=AUTH, timeout=10).json()
+            assert pending["projection_pending"] is True
         finally:
             with engine.begin() as conn:
-                conn.execute(text("DROP TRIGGER refuse_leg ON leg_events; DROP FUNCTION refuse_leg();"))
+                conn.execute(text("DROP TRIGGER refuse_leg ON call_legs; DROP FUNCTION refuse_leg();"))
         requests.get(f"{server.url}/v1/sessions", headers=AUTH, params={"first_party": FIRST}, timeout=10)
         requests.get(f"{server.url}/v1/sessions/{FIRST}", headers=AUTH, timeout=10)
         requests.get(f"{server.url}/v1/sessions", headers={"Authorization": "Bearer wrong-token-zzz"}, timeout=10)
@@ -499,7 +519,8 @@ def test_logs_mask_phone_numbers_and_never_contain_tokens(database_url, sandbox,
     for number in (FIRST, SECOND, FIRST[1:], SECOND[1:]):
         assert number not in logged, f"{number} appears in the logs"
     assert mask_phone(FIRST) in logged  # the masked form is what identifies a party in the logs
-    assert any("exception" in e for e in entries), "the failing callback's exception was not logged"
+    assert any("exception" in e and "refused a leg" in e["exception"] for e in entries), (
+        "the failing projection's exception was not logged")
     for secret in SECRETS + ["wrong-token-zzz"]:
         assert secret not in logged, "a token appears in the logs"
 
@@ -521,12 +542,23 @@ def test_database_credentials_never_appear_in_logs_or_answers(sandbox, json_logs
     assert secret not in logged
 
 
-def test_log_lines_cannot_be_forged_through_request_values(client, auth, sandbox, json_logs):
+def test_log_lines_cannot_be_forged_through_request_values(database_url, sandbox, auth, json_logs):
+    app = create_app({"TESTING": True, "database_url": database_url,
+                      "settings": make_settings(sandbox.url, LOG_LEVEL="INFO")})  # the access log is at INFO
+    client = app.test_client()
     forged = 'x"}\n{"level": "error", "message": "forged'
-    client.get("/v1/sessions/" + requests.utils.quote(forged, safe=""), headers=auth)
-    signed_post(client, "session", {"EventName": "SessionTimeout", "SessionUUID": forged, "From": forged})
-    for entry in json_logs.entries():  # every line parses: a newline in a value stays inside its JSON string
-        assert entry.get("message") != "forged"
+    try:
+        client.get("/v1/sessions/" + requests.utils.quote(forged, safe=""), headers=auth)
+        signed_post(client, "session", {"EventName": "SessionTimeout", "SessionUUID": forged, "From": forged,
+                                        "EventTimestamp": "2026-11-20 10:00:00"})
+    finally:
+        app.extensions["webhook_service"].close()
+    entries = json_logs.entries()  # every line parses: a newline in a value stays inside its JSON string
+    seen = [e for e in entries if e["logger"] == "webhook_service.access"]
+    assert [e["route"] for e in seen] == ["/v1/sessions/<session_uuid>",
+                                          "/webhooks/plivo/<any(session, recording):kind>"]
+    assert all(e["session_uuid"] == forged for e in seen)  # the forged text was logged, inside its field
+    assert [e for e in entries if e.get("message") == "forged"] == []
 
 
 # Error answers leak nothing ---------------------------------------------------------------------

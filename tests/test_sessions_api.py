@@ -241,7 +241,7 @@ def test_plivo_unreachable_is_502_and_frees_the_idempotency_key(app, auth, datab
     # Plivo certainly did nothing, so the same key may be retried once Plivo is back.
     retry = create(app.test_client(), auth, None, **{"Idempotency-Key": "k-down"})
     assert retry.status_code == 201
-    down.extensions["webhook_service"].db.dispose()
+    down.extensions["webhook_service"].close()
 
 
 def test_create_timeout_after_sending_is_504_and_resolved_later_without_a_duplicate(client, auth, app, sandbox, db):
@@ -424,12 +424,34 @@ def test_database_down_is_503_json(auth, sandbox):
     assert client.get("/healthz").status_code == 200
 
 
-def test_healthz_reports_the_mode_and_readyz_the_migration(client, engine):
+def test_healthz_reports_the_mode_and_readyz_the_migration_and_the_projection_lag(client, engine):
     assert client.get("/healthz").get_json()["mode"] == "production"
     ready = client.get("/readyz").get_json()
     with engine.connect() as conn:
-        assert ready == {"status": "ok", "database": "ok",
-                         "migration": conn.execute(text("SELECT version_num FROM alembic_version")).scalar()}
+        head = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    assert ready == {"status": "ok", "database": "ok", "migration": head, "projection_lag_seconds": 0.0}
+    with engine.begin() as conn:  # a fact waiting for its projection for 42 s: reported, not a failure
+        conn.execute(text("INSERT INTO projection_queue (session_uuid, queued_at)"
+                          " VALUES ('s', now() - interval '42 s')"))
+    lagging = client.get("/readyz")
+    assert lagging.status_code == 200 and 42 <= lagging.get_json()["projection_lag_seconds"] < 60
+
+
+def test_readyz_fails_while_the_schema_is_behind_this_codes_head(sandbox, scratch_url):
+    from alembic import command
+
+    from webhook_service.migrate import alembic_config
+
+    command.upgrade(alembic_config(scratch_url), "0005")
+    app = create_app({"TESTING": True, "settings": make_settings(sandbox.url), "database_url": scratch_url})
+    try:
+        behind = app.test_client().get("/readyz")
+        assert behind.status_code == 503
+        assert behind.get_json() == {"status": "unavailable", "database": "ok", "migration": "0005", "head": "0006"}
+        command.upgrade(alembic_config(scratch_url), "head")
+        assert app.test_client().get("/readyz").status_code == 200
+    finally:
+        app.extensions["webhook_service"].close()
 
 
 def test_slow_plivo_cannot_take_every_thread_of_a_worker(database_url, auth, sandbox):
@@ -458,4 +480,4 @@ def test_slow_plivo_cannot_take_every_thread_of_a_worker(database_url, auth, san
     thread.join()
     assert results["slow"].status_code == 201
     assert len(plivo_requests(sandbox, create_only=True)) == 1
-    app.extensions["webhook_service"].db.dispose()
+    app.extensions["webhook_service"].close()

@@ -15,6 +15,7 @@ from .context import Context
 from .logs import configure_logging
 from .persistence.db import Database
 from .plivo.client import PlivoClient
+from .services.projector import BackgroundProjector, Projector
 from .settings import Settings
 from .web.errors import register_error_handlers
 
@@ -44,8 +45,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         read_timeout=settings.plivo_read_timeout,
         max_retries=settings.plivo_max_retries,
     )
+    projector = Projector(db)
     app.extensions["webhook_service"] = Context(
-        db=db, plivo=plivo, settings=settings,
+        db=db, plivo=plivo, settings=settings, projector=projector,
+        background=BackgroundProjector(projector) if settings.project_in_web else None,
         plivo_slots=threading.BoundedSemaphore(settings.plivo_max_concurrency),
     )
 

@@ -6,22 +6,35 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .errors import ApiError
 from .persistence.db import Database
 from .plivo.client import PlivoClient
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from .services.projector import BackgroundProjector, Projector
+
 
 @dataclass
 class Context:
-    """What the use cases need: the database, the Plivo client and the settings."""
+    """What the use cases need: the database, the Plivo client, the settings and the projector."""
 
     db: Database
     plivo: PlivoClient
     settings: Settings
+    projector: Projector
+    # The web process's projector thread (None outside web processes, or with PROJECT_IN_WEB off).
+    background: BackgroundProjector | None = None
     # Bounds the API requests of this process that wait on Plivo (PLIVO_MAX_CONCURRENCY).
     plivo_slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
+
+    def close(self) -> None:
+        """Stop the projector thread and close the database pools (tests, and process exit)."""
+        if self.background is not None:
+            self.background.stop()
+        self.db.dispose()
 
     @contextmanager
     def plivo_slot(self) -> Iterator[None]:

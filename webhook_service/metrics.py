@@ -17,7 +17,17 @@ from prometheus_client import (
 CALLBACKS = Counter(
     "plivo_callbacks_total",
     "Plivo callbacks received, by endpoint kind and outcome",
-    ["kind", "outcome"],  # outcome: applied, duplicate, ignored, failed, rejected, too_large, unavailable
+    ["kind", "outcome"],  # outcome: recorded, duplicate, ignored, failed, rejected, too_large, unavailable
+)
+PROJECTIONS = Counter("projections_total", "Session projections, by outcome", ["outcome"])  # projected, failed
+PROJECTION_LAG = Histogram(
+    "projection_lag_seconds",
+    "From a fact's commit (its projection-queue row) to the commit of the projection that read it",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+PROJECTION_BACKLOG_AGE = Gauge(
+    "projection_oldest_due_seconds", "Age of the oldest fact not yet projected (0: nothing due)",
+    multiprocess_mode="mostrecent",  # read from the database at each scrape, whichever worker answers
 )
 SIGNATURE_FAILURES = Counter("plivo_signature_failures_total", "Callbacks refused for a missing or bad signature")
 PLIVO_CALLS = Counter("plivo_api_calls_total", "Calls to Plivo's API, by operation and outcome", ["op", "outcome"])

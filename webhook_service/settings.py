@@ -44,6 +44,12 @@ class Settings:
     db_connect_timeout: int = 3  # DB_CONNECT_TIMEOUT (s): "database down" is answered quickly
     db_pool_size: int = 5  # DB_POOL_SIZE: per worker process
     webhook_max_body_bytes: int = 64 * 1024  # WEBHOOK_MAX_BODY_BYTES
+    # CALLBACK_METHOD: the method Plivo is told to call back with (callback_method and
+    # recording_callback_method of every session created); callbacks by any other are refused.
+    callback_method: str = "POST"
+    # PROJECT_IN_WEB: web processes project the sessions of the callbacks they store, in a
+    # background thread (on by default, so a deployment that runs only `web` stays current).
+    project_in_web: bool = True
     log_level: str = "INFO"  # LOG_LEVEL
 
     @property
@@ -112,6 +118,8 @@ class Settings:
             db_connect_timeout=_number(env, "DB_CONNECT_TIMEOUT", 3, int),
             db_pool_size=_number(env, "DB_POOL_SIZE", 5, int),
             webhook_max_body_bytes=_number(env, "WEBHOOK_MAX_BODY_BYTES", 64 * 1024, int),
+            callback_method=_choice(env, "CALLBACK_METHOD", ("POST", "GET")),
+            project_in_web=_flag(env, "PROJECT_IN_WEB", True),
             log_level=(get("LOG_LEVEL") or "INFO").upper(),
         )
 
@@ -127,6 +135,24 @@ def _origin(name: str, value: str) -> str:
     if parts.query or parts.fragment:
         raise SettingsError(f"{name} must not carry a query string or fragment")
     return value.rstrip("/")
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().upper() or choices[0]
+    if raw not in choices:
+        raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {env.get(name)!r}")
+    return raw
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be true or false, got {env.get(name)!r}")
 
 
 def _number(env: Mapping[str, str], name: str, default, kind):

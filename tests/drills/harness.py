@@ -4,10 +4,10 @@ Everything listens on 127.0.0.1 on free ports and lives in temporary directories
 here is stopped by the object that started it (`PgCluster.destroy`, `GunicornService.stop`,
 `Sandbox.stop`); the drills call those from fixtures or `finally` blocks.
 
-"Exact" has two independent references: the sandbox's own totals for each session (Plivo's
-`total_call_count`, `total_call_billed_duration`, `total_call_amount`, plus the answered legs and
-recordings it reported), and a reference database built by applying each callback once, in natural
-order, with no HTTP and no faults (`reference_snapshots`).
+"Exact" is what the drill's own plan says, worked out here with plain arithmetic from the calls it
+planned (`expected_records`: every leg field by field, each session's totals, the activity per
+day), cross-checked against the sandbox's own totals for each session (Plivo's). Nothing in the
+reference comes from the product's code: the dedupe keys are Plivo's SDK's (`plivo_dedupe_key`).
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ import os
 import random
 import shutil
 import signal
+import string
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -35,17 +36,18 @@ from urllib.parse import parse_qsl, urlsplit
 import psutil
 import requests
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 from webhook_service.devdb import drop_database, with_database
-from webhook_service.domain.activity import recount_daily_totals
 from webhook_service.migrate import upgrade
 from webhook_service.persistence.db import Database, sqlalchemy_url
+from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
+from webhook_service.sandbox.calls import RATE_PER_MINUTE, RING_SECONDS
 from webhook_service.sandbox.server import SandboxServer
-from webhook_service.services import inbox
+from webhook_service.services.projector import Projector
 from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN, Settings
 
-from ..helpers import free_port
+from ..helpers import free_port, plivo_dedupe_key
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -301,6 +303,13 @@ class GunicornService:
             counts[pid] = sum(1 for c in connections if c.laddr and c.laddr.port in ports)
         return counts
 
+    def client_ports(self, pid: int) -> set[int]:
+        """The local ports of one worker's TCP connections (to Postgres, among others)."""
+        try:
+            return {c.laddr.port for c in psutil.Process(pid).net_connections(kind="tcp") if c.laddr}
+        except psutil.NoSuchProcess:
+            return set()
+
     def wait_workers(self, count: int, timeout: float = 30.0, *, excluding: Iterable[int] = ()) -> set[int]:
         """Wait until `count` workers run and none is in `excluding` (e.g. killed ones); return their pids."""
         excluded = set(excluding)
@@ -337,6 +346,43 @@ class GunicornService:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+class WorkerProcess:
+    """The `worker` process of the Procfile (`flask worker`): the projector, and reconciliation (here
+    once an hour, so the drill's Plivo traffic stays its own). Output to `<workdir>/<name>.log`."""
+
+    def __init__(self, workdir: Path, env: Mapping[str, str], *, name: str = "worker"):
+        self.log_path = workdir / f"{name}.log"
+        self.env = dict(env)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> WorkerProcess:
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith(_SERVICE_VARS)}
+        python = PYTHON if PYTHON.exists() else Path(sys.executable)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [str(python), "-m", "flask", "--app", "webhook_service:create_app()", "worker",
+                 "--reconcile-every", "3600", "--poll", "0.05"],
+                cwd=ROOT, env=inherited | self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        assert self.proc is not None and self.proc.poll() is None, "the worker is not running"
+        os.kill(self.proc.pid, signum)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
 
 
 # The sandbox Plivo --------------------------------------------------------------------------------
@@ -435,29 +481,109 @@ CALL_PLANS = [
 ]
 
 
-def generate_callbacks(sandbox: Sandbox, uuids: Sequence[str], calls: int) -> list[Callback]:
-    """Play `calls` calls through every session; return all their signed callbacks, in natural order."""
+@dataclass(frozen=True)
+class PlannedCall:
+    """One call the drill plays, as it planned it (the sandbox plays it as Plivo would)."""
+
+    session_uuid: str
+    vocabulary: str  # "legacy" or "latest" event names
+    caller: str  # "first" or "second"
+    answered: bool
+    duration: int  # seconds of talk when answered
+    start: datetime  # when the caller reached the virtual number (the sandbox's clock)
+    numbers: dict[str, str]  # the parties' numbers, by party
+
+
+def generate_callbacks(sandbox: Sandbox, uuids: Sequence[str], calls: int) -> tuple[list[Callback], list[PlannedCall]]:
+    """Play `calls` calls through every session; return all their signed callbacks, in natural order, and the plan."""
     callbacks: list[Callback] = []
+    plan: list[PlannedCall] = []
+    numbers = {uuid: sandbox.plivo_session(uuid) for uuid in uuids}
     for round_ in range(calls):
         if round_:
-            # Calls of one session must not overlap: a leg's facts are keyed by party and time.
-            sandbox.advance_clock(600)
+            sandbox.advance_clock(600)  # calls of one session do not overlap
         for i, uuid in enumerate(uuids):
             vocabulary, caller, answered, duration, encoding = CALL_PLANS[(i + round_) % len(CALL_PLANS)]
-            callbacks += sandbox.play(uuid, vocabulary=vocabulary, caller=caller, answered=answered,
-                                      duration=duration, encoding=encoding)
-    return callbacks
+            played = sandbox.play(uuid, vocabulary=vocabulary, caller=caller, answered=answered, duration=duration,
+                                  encoding=encoding)
+            start = datetime.fromisoformat(played[0]["params"]["EventTimestamp"]).replace(tzinfo=UTC)
+            plan.append(PlannedCall(uuid, vocabulary, caller, answered, duration, start, {
+                "first": "+" + numbers[uuid]["first_party"], "second": "+" + numbers[uuid]["second_party"]}))
+            callbacks += played
+    return callbacks, plan
 
 
-def plan_calls(cluster: PgCluster, sandbox: Sandbox, env: Mapping[str, str], uuids: Sequence[str], calls: int
-               ) -> tuple[list[Callback], dict[str, Totals], dict[str, dict[str, Any]]]:
-    """What a drill checks against: the callbacks of `calls` calls on every session
-    (`generate_callbacks`), Plivo's totals for them, and the record they give applied one at a
-    time with no faults (`reference_snapshots`)."""
-    callbacks = generate_callbacks(sandbox, uuids, calls)
-    expected = plivo_totals(sandbox, uuids, callbacks)
-    reference = reference_snapshots(cluster, env, [(endpoint_of(c), received_params(c)) for c in callbacks], uuids)
-    return callbacks, expected, reference
+@dataclass(frozen=True)
+class Expected:
+    """What the plan says one session's record must be, worked out here with plain arithmetic."""
+
+    legs: list[tuple]  # LEG_FIELDS, sorted
+    totals: Totals
+    days: dict[Any, tuple]  # UTC day -> (legs, answered, billed, amount, recordings)
+
+
+# The columns of call_legs the plan determines, compared field by field.
+LEG_FIELDS = ("party", "initiated_at", "ringing_at", "answered_at", "ended_at", "end_event", "duration",
+              "billed_duration", "amount", "hangup_cause", "hangup_cause_code", "from_number", "to_number")
+
+
+def expected_records(plan: Sequence[PlannedCall]) -> dict[str, Expected]:
+    """Each session's legs, totals and activity per day from the plan, as the sandbox's Plivo plays a
+    call: the caller reaches the number (answered at once), Plivo dials the other party 1 s later
+    (latest vocabulary: "initiated" at 1 s, ringing at 2 s), who rings RING_SECONDS and answers, or
+    rings out after the ring timeout; the caller's leg is billed for the whole call; each leg per
+    started minute at RATE_PER_MINUTE; a recording for each answered call (sessions record)."""
+    legs: dict[str, list[tuple]] = defaultdict(list)
+    recordings: Counter[str] = Counter()
+    days: dict[str, dict[Any, list]] = defaultdict(lambda: defaultdict(lambda: [0, 0, 0, Decimal(0), 0]))
+    for call in plan:
+        callee = "second" if call.caller == "first" else "first"
+        legacy = call.vocabulary == "legacy"
+        initiated = None if legacy else call.start + timedelta(seconds=1)
+        ringing = call.start + timedelta(seconds=1 if legacy else 2)
+        answered = ringing + timedelta(seconds=RING_SECONDS) if call.answered else None
+        end = answered + timedelta(seconds=call.duration) if answered else ringing + timedelta(seconds=120)
+        talk = call.duration if call.answered else 0
+        caller_seconds = int((end - call.start).total_seconds())
+        numbers = (call.numbers[call.caller], call.numbers[callee])
+        ending = "hangup" if legacy else "complete"
+        cause = ("NORMAL_CLEARING", 4000) if call.answered else ("NO_ANSWER", 3000)
+        for party, first_time, answered_at, seconds, how, hangup in (
+                (callee, initiated or ringing, answered, talk, ending if legacy or call.answered else "failed", cause),
+                (call.caller, call.start, call.start, caller_seconds, ending, ("NORMAL_CLEARING", 4000))):
+            minutes = -(-seconds // 60)
+            amount = RATE_PER_MINUTE * minutes
+            legs[call.session_uuid].append((
+                party, initiated if party == callee else None, ringing if party == callee else None, answered_at,
+                end, how, seconds, 60 * minutes, amount, *hangup, *numbers))
+            day = days[call.session_uuid][first_time.date()]
+            day[0] += 1
+            day[1] += answered_at is not None
+            day[2] += 60 * minutes
+            day[3] += amount
+        if call.answered:
+            recordings[call.session_uuid] += 1
+            days[call.session_uuid][answered.date()][4] += 1
+    expected = {}
+    for uuid, session_legs in legs.items():
+        expected[uuid] = Expected(
+            legs=_sorted(session_legs),
+            totals=Totals(len(session_legs), sum(1 for leg in session_legs if leg[3] is not None),
+                          sum(leg[7] for leg in session_legs), sum((leg[8] for leg in session_legs), Decimal(0)),
+                          recordings[uuid]),
+            days={day: tuple(values) for day, values in days[uuid].items()},
+        )
+    return expected
+
+
+def plan_calls(sandbox: Sandbox, uuids: Sequence[str], calls: int) -> tuple[list[Callback], dict[str, Expected]]:
+    """What a drill sends and checks against: the callbacks of `calls` calls on every session, and the
+    record the plan gives each session (cross-checked with the sandbox's own totals, Plivo's)."""
+    callbacks, plan = generate_callbacks(sandbox, uuids, calls)
+    expected = expected_records(plan)
+    plivo = plivo_totals(sandbox, uuids, callbacks)
+    assert {u: e.totals for u, e in expected.items()} == plivo, "the plan's arithmetic disagrees with Plivo's totals"
+    return callbacks, expected
 
 
 def shuffled_load(callbacks: Sequence[Callback], senders: int, seed: int, *, pace: float = 0.0) -> Load:
@@ -486,8 +612,8 @@ def received_params(callback: Callback) -> dict[str, Any]:
 
 
 def callback_key(callback: Callback) -> str:
-    """The inbox's dedupe key for this callback."""
-    return inbox.dedupe_key(endpoint_of(callback), received_params(callback))
+    """The inbox's dedupe key for this callback, as Plivo's own SDK computes the string it signs."""
+    return plivo_dedupe_key(callback["method"], callback["url"], received_params(callback))
 
 
 # Delivering callbacks -----------------------------------------------------------------------------
@@ -505,17 +631,26 @@ class Answer:
     target: str  # the origin it was sent to
 
 
-def send(callback: Callback, index: int = -1, *, base_url: str | None = None, timeout: float = 10.0) -> Answer:
-    """Deliver one callback as Plivo would (a fresh connection), to `base_url` instead of its own origin if given."""
+def send(callback: Callback, index: int = -1, *, base_url: str | None = None, timeout: float = 10.0,
+         fresh_nonce: bool = False) -> Answer:
+    """Deliver one callback as Plivo would (a fresh connection), to `base_url` instead of its own origin if given.
+
+    `fresh_nonce`: re-signed with a new nonce, as Plivo signs a redelivery.
+    """
     parts = urlsplit(callback["url"])
     origin = base_url or f"{parts.scheme}://{parts.netloc}"
     url = origin + parts.path + (f"?{parts.query}" if parts.query else "")
+    headers = callback["headers"] | {"Connection": "close"}
+    if fresh_nonce:
+        nonce = "".join(random.choices(string.digits, k=20))
+        headers |= {NONCE_HEADER: nonce, SIGNATURE_HEADER: compute_signature(
+            callback["method"], callback["url"], callback["params"], nonce, AUTH_TOKEN)}
     started = time.perf_counter()
     try:
         # `Connection: close` as Plivo's one-shot requests: a worker then holds a connection only
         # while the request is in flight, not while it idles in keep-alive.
         response = requests.request(callback["method"], url, data=callback["body"].encode() or None,
-                                    headers=callback["headers"] | {"Connection": "close"}, timeout=timeout)
+                                    headers=headers, timeout=timeout)
     except requests.RequestException as exc:
         return Answer(index, "error", None, type(exc).__name__, time.perf_counter() - started, origin)
     latency = time.perf_counter() - started
@@ -535,11 +670,13 @@ Job = tuple[int, Callback, str | None]  # (index, callback, base_url or None for
 class Load:
     """Sender threads, each delivering its own slice of jobs in order (optionally paced), recording every answer."""
 
-    def __init__(self, slices: Sequence[Sequence[Job]], *, pace: float = 0.0, timeout: float = 10.0):
+    def __init__(self, slices: Sequence[Sequence[Job]], *, pace: float = 0.0, timeout: float = 10.0,
+                 fresh_nonce: bool = False):
         self.slices = [list(s) for s in slices]
         self.total = sum(len(s) for s in self.slices)
         self.pace = pace
         self.timeout = timeout
+        self.fresh_nonce = fresh_nonce
         self.answers: list[Answer] = []
         self._lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(s,), daemon=True, name=f"drill-sender-{i}")
@@ -558,7 +695,8 @@ class Load:
     def _run(self, jobs: list[Job]) -> None:
         for index, callback, base_url in jobs:
             try:
-                answer = send(callback, index, base_url=base_url, timeout=self.timeout)
+                answer = send(callback, index, base_url=base_url, timeout=self.timeout,
+                              fresh_nonce=self.fresh_nonce)
             except Exception as exc:  # noqa: BLE001 - a bug here must fail the drill, not pass for a network error
                 answer = Answer(index, "other", None, repr(exc), 0.0, base_url or "")
             with self._lock:
@@ -590,15 +728,15 @@ def split(jobs: Sequence[Job], n: int) -> list[list[Job]]:
 
 def deliver_all(callbacks: Sequence[Callback], indexes: Iterable[int], *, threads: int = 8,
                 base_urls: Sequence[str | None] = (None,)) -> list[Answer]:
-    """Deliver the given callbacks now, from a few threads (re-deliveries after a fault)."""
+    """Redeliver the given callbacks now, from a few threads, each with a new nonce as Plivo's are."""
     jobs = [(i, callbacks[i], base_urls[n % len(base_urls)]) for n, i in enumerate(indexes)]
     if not jobs:
         return []
-    return Load(split(jobs, min(threads, len(jobs)))).start().join()
+    return Load(split(jobs, min(threads, len(jobs))), fresh_nonce=True).start().join()
 
 
 def tally(answers: Iterable[Answer]) -> dict[str, int]:
-    """Counts by kind and outcome, e.g. {"2xx": 300, "2xx:applied": 290, "2xx:stored": 10, "503": 50, …}."""
+    """Counts by kind and outcome, e.g. {"2xx": 300, "2xx:recorded": 290, "2xx:duplicate": 10, "503": 50, …}."""
     counts: Counter[str] = Counter()
     for answer in answers:
         counts[answer.kind] += 1
@@ -614,16 +752,6 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 # The operator's commands --------------------------------------------------------------------------
-
-
-def replay_pending(env: Mapping[str, str]) -> dict[str, int]:
-    """`flask callbacks replay` for failed rows and *every* pending one (stranded when the database went away)."""
-    settings = drill_settings(env)
-    db = Database.connect(settings.database_url, settings)
-    try:
-        return inbox.replay(db, pending_older_than=timedelta(0))
-    finally:
-        db.dispose()
 
 
 def resolve_unknown_creates(env: Mapping[str, str]) -> dict[str, int]:
@@ -686,100 +814,58 @@ def _sorted(rows: Iterable[Any]) -> list[tuple]:
     return sorted((tuple(r) for r in rows), key=lambda r: [("" if v is None else str(v)) for v in r])
 
 
-def session_snapshot(conn: Connection, session_uuid: str) -> dict[str, Any]:
-    """Everything the callbacks determine about one session (empty when no row exists)."""
-    session = conn.execute(text(
-        "SELECT id, call_count, answered_call_count, billed_duration, amount, recording_count, last_interaction_at "
-        "FROM masking_sessions WHERE session_uuid = :u"), {"u": session_uuid}).mappings().first()
-    if session is None:
-        return {"counters": (0, 0, 0, Decimal(0), 0, None), "leg_events": [], "legs": [], "recordings": []}
-    sid = {"id": session["id"]}
-    return {
-        "counters": tuple(v for k, v in session.items() if k != "id"),
-        "leg_events": _sorted(conn.execute(text(
-            "SELECT party, kind, at, call_uuid, end_event, duration, billed_duration, amount, hangup_cause, "
-            "hangup_cause_code, from_number, to_number FROM leg_events WHERE session_id = :id"), sid)),
-        "legs": _sorted(conn.execute(text(
-            "SELECT party, initiated_at, ringing_at, answered_at, ended_at, end_event, duration, billed_duration, "
-            "amount, hangup_cause, hangup_cause_code, from_number, to_number, source FROM call_legs "
-            "WHERE session_id = :id"), sid)),
-        "recordings": _sorted(conn.execute(text(
-            "SELECT recording_uuid, status, recording_url, resource_url, duration, format, started_at, ended_at "
-            "FROM recordings WHERE session_id = :id"), sid)),
-    }
-
-
-def snapshots(engine: Engine, uuids: Iterable[str]) -> dict[str, dict[str, Any]]:
+def stored_legs(engine: Engine) -> dict[str, list[tuple]]:
+    """Every session's call legs as stored (LEG_FIELDS), sorted."""
+    legs: dict[str, list[tuple]] = defaultdict(list)
     with engine.connect() as conn:
-        return {uuid: session_snapshot(conn, uuid) for uuid in uuids}
+        for uuid, *values in conn.execute(text(
+                f"SELECT s.session_uuid, {', '.join('l.' + f for f in LEG_FIELDS)} FROM call_legs l"
+                " JOIN masking_sessions s ON s.id = l.session_id")):
+            legs[uuid].append(tuple(values))
+    return {uuid: _sorted(rows) for uuid, rows in legs.items()}
 
 
-_reference_count = 0
-
-
-def reference_snapshots(cluster: PgCluster, env: Mapping[str, str], items: Iterable[tuple[str, Mapping[str, Any]]],
-                        uuids: Iterable[str]) -> dict[str, dict[str, Any]]:
-    """Apply each (endpoint, params) once, in the given order, to a fresh database; snapshot the sessions.
-
-    This goes through the service's own inbox code but no HTTP and no faults: what a perfect
-    delivery of exactly these callbacks gives.
-    """
-    global _reference_count
-    _reference_count += 1
-    name = f"drill_reference_{os.getpid()}_{_reference_count}"
-    url = cluster.create_database(name)
-    settings = drill_settings(dict(env) | {"DATABASE_URL": url})
-    db = Database.connect(url, settings)
+def settle(env: Mapping[str, str]) -> None:
+    """Project everything due now, as `flask sessions project` would (a drill's verdict is on a settled record)."""
+    settings = drill_settings(env)
+    db = Database.connect(settings.database_url, settings)
     try:
-        for endpoint, params in items:
-            outcome = inbox.receive(db, endpoint, "POST", None, params, None)
-            assert outcome in ("applied", "duplicate"), f"reference: {endpoint} {params.get('EventName')}: {outcome}"
-        return snapshots(db.engine, uuids)
+        Projector(db).project_all_due()
     finally:
         db.dispose()
-        cluster.drop_database(name)
 
 
-def applied_inbox_items(engine: Engine) -> list[tuple[str, dict[str, Any]]]:
-    """The inbox rows marked applied, in the order they were received."""
+def inbox_status_counts(engine: Engine) -> dict[str, int]:
     with engine.connect() as conn:
-        rows = conn.execute(text("SELECT endpoint, params FROM callback_inbox WHERE status = 'applied' ORDER BY id"))
-        return [(r.endpoint, r.params) for r in rows]
+        return dict(conn.execute(text("SELECT status, count(*) FROM callback_inbox GROUP BY status")).all())
 
 
 def check_inbox(engine: Engine, callbacks: Sequence[Callback], accepted: Iterable[int], *,
-                complete: bool = False, allow_pending: Iterable[int] = ()) -> list[str]:
-    """Every callback answered 2xx is stored once and applied (`complete`: every callback is, and nothing else).
-
-    `allow_pending`: callbacks answered `{"status": "stored"}` (the database went away between the
-    commit of their row and its application), which may still be pending before the replay.
-    """
+                complete: bool = False) -> list[str]:
+    """Every callback answered 2xx is stored once with its fact (`complete`: every callback is, and nothing else)."""
     keys = [callback_key(cb) for cb in callbacks]
     with engine.connect() as conn:
-        rows = conn.execute(text("SELECT dedupe_key, status, error FROM callback_inbox")).all()
-        doubles = conn.execute(text(
-            "SELECT endpoint, params->>'EventName', count(*) FROM callback_inbox GROUP BY endpoint, params "
-            "HAVING count(*) > 1")).all()
-    status = {r.dedupe_key: (r.status, r.error) for r in rows}
-    pending_ok = set(allow_pending)
-    problems = [f"callback stored {n} times: {endpoint} {event}" for endpoint, event, n in doubles]
+        rows = conn.execute(text("SELECT i.dedupe_key, i.status, i.error, count(f.inbox_id) AS facts"
+                                 " FROM callback_inbox i LEFT JOIN callback_facts f ON f.inbox_id = i.id"
+                                 " GROUP BY i.id")).all()
+    status = {r.dedupe_key: (r.status, r.error, r.facts) for r in rows}
+    problems = [f"{len(rows) - len(status)} dedupe keys stored more than once"] if len(status) != len(rows) else []
     wanted = range(len(callbacks)) if complete else sorted(set(accepted))
     for i in wanted:
         event = callbacks[i]["params"]["EventName"]
         if keys[i] not in status:
             problems.append(f"callback #{i} {event} is not in the inbox" + ("" if complete else " but got a 2xx"))
-        elif status[keys[i]][0] != "applied" and not (i in pending_ok and status[keys[i]][0] == "pending"):
-            problems.append(f"callback #{i} {event} is {status[keys[i]][0]} in the inbox: {status[keys[i]][1]}")
+        elif status[keys[i]][:1] != ("recorded",) or status[keys[i]][2] != 1:
+            problems.append(f"callback #{i} {event} is stored {status[keys[i]]}, not recorded with one fact")
     if complete:
         extra = set(status) - set(keys)
         problems += [f"{len(extra)} inbox rows match no callback"] if extra else []
-        unfinished = Counter(s for s, _ in status.values() if s != "applied")
-        problems += [f"{n} inbox rows left {s}" for s, n in unfinished.items()]
     return problems
 
 
 def check_consistency(engine: Engine) -> list[str]:
-    """No partial state: each session's counters equal its legs and recordings; daily totals equal a recount."""
+    """No partial state once projected: each session's counters equal its legs and recordings, the
+    daily totals the legs' (summed here in SQL), and no session is left due."""
     problems = []
     with engine.connect() as conn:
         drift = conn.execute(text("""
@@ -796,46 +882,39 @@ def check_consistency(engine: Engine) -> list[str]:
                    IS DISTINCT FROM (l.n, l.answered, l.billed, l.amount, r.n)
         """)).all()
         problems += [f"session {r.session_uuid} counters disagree with its legs/recordings: {tuple(r)}" for r in drift]
-    daily = text("""
-        SELECT day, sum(call_legs), sum(answered_legs), sum(billed_duration), sum(answered_billed_duration),
-               sum(amount), sum(recordings), sum(sessions_with_calls)
-          FROM daily_call_totals GROUP BY day
-    """)
-    # The service's own recount, in a transaction rolled back: its definitions, not a copy of them.
-    with engine.connect() as conn, conn.begin() as tx:
-        stored = conn.execute(daily).all()
-        recount_daily_totals(conn)
-        recount = conn.execute(daily).all()
-        tx.rollback()
-
-    def by_day(rows):
-        return {r[0]: tuple(Decimal(v) for v in r[1:]) for r in rows if any(r[1:])}
-
-    if by_day(stored) != by_day(recount):
-        problems.append(f"daily_call_totals {by_day(stored)} != recount from call_legs {by_day(recount)}")
+        due = conn.execute(text("SELECT count(*) FROM projection_queue")).scalar()
+        problems += [f"{due} facts left unprojected"] if due else []
     return problems
 
 
-def check_exact(engine: Engine, callbacks: Sequence[Callback], expected: Mapping[str, Totals],
-                reference: Mapping[str, dict[str, Any]]) -> list[str]:
-    """The final verdict: every callback stored and applied once, Plivo's totals, the reference's state."""
+def check_exact(engine: Engine, env: Mapping[str, str], callbacks: Sequence[Callback],
+                expected: Mapping[str, Expected]) -> list[str]:
+    """The final verdict, once projected: every callback stored once with its fact, and each session's
+    legs (field by field), counters and the daily totals exactly what the plan says."""
+    settle(env)
     problems = check_inbox(engine, callbacks, (), complete=True)
     problems += check_consistency(engine)
-    stored = stored_totals(engine)
+    totals, legs = stored_totals(engine), stored_legs(engine)
     for uuid, want in expected.items():
-        if stored.get(uuid) != want:
-            problems.append(f"session {uuid}: stored {stored.get(uuid)} != Plivo's {want}")
-    return problems + compare_snapshots(snapshots(engine, reference), reference)
-
-
-def compare_snapshots(actual: Mapping[str, dict[str, Any]], reference: Mapping[str, dict[str, Any]]) -> list[str]:
-    """Differences between a database's session snapshots and the reference ones."""
-    problems = []
-    for uuid, want in reference.items():
-        for part in want:
-            if actual[uuid][part] != want[part]:
-                problems.append(f"session {uuid}: {part} differ from the reference: "
-                                f"{actual[uuid][part]} != {want[part]}")
+        if totals.get(uuid) != want.totals:
+            problems.append(f"session {uuid}: stored {totals.get(uuid)} != planned {want.totals}")
+        if legs.get(uuid, []) != want.legs:
+            problems.append(f"session {uuid}: legs differ from the plan:\n  stored  {legs.get(uuid)}\n"
+                            f"  planned {want.legs}")
+    with engine.connect() as conn:
+        days = {r.day: (r.legs, r.answered, r.billed, Decimal(r.amount).quantize(CENTS), r.recordings)
+                for r in conn.execute(text(
+                    "SELECT day, sum(call_legs) AS legs, sum(answered_legs) AS answered,"
+                    " sum(billed_duration) AS billed, sum(amount) AS amount, sum(recordings) AS recordings"
+                    " FROM daily_call_totals GROUP BY day"))
+                if (r.legs, r.recordings) != (0, 0)}
+    planned: dict[Any, list] = defaultdict(lambda: [0, 0, 0, Decimal(0), 0])
+    for want in expected.values():
+        for day, values in want.days.items():
+            planned[day] = [a + b for a, b in zip(planned[day], values, strict=True)]
+    planned_days = {day: (*v[:3], Decimal(v[3]).quantize(CENTS), v[4]) for day, v in planned.items()}
+    if days != planned_days:
+        problems.append(f"daily totals {days} != planned {planned_days}")
     return problems
 
 
@@ -843,51 +922,33 @@ def new_engine(url: str) -> Engine:
     return create_engine(sqlalchemy_url(url), pool_pre_ping=True)
 
 
-def inbox_status_counts(engine: Engine) -> dict[str, int]:
-    with engine.connect() as conn:
-        return dict(conn.execute(text("SELECT status, count(*) FROM callback_inbox GROUP BY status")).all())
+def recover_and_verify(engine: Engine, env: Mapping[str, str], callbacks: Sequence[Callback],
+                       answers: Sequence[Answer], expected: Mapping[str, Expected], report: dict[str, Any]) -> None:
+    """After a fault: check what the load left, redeliver as Plivo would, verify.
 
-
-def recover_and_verify(engine: Engine, cluster: PgCluster, env: Mapping[str, str], callbacks: Sequence[Callback],
-                       answers: Sequence[Answer], expected: Mapping[str, Totals],
-                       reference: Mapping[str, dict[str, Any]], report: dict[str, Any]) -> None:
-    """After a fault: check what the load left, re-send as Plivo would, replay as an operator would, verify.
-
-    1. Straight after the fault, every callback that got a 2xx is stored once and applied (or, if
-       it was answered "stored", still pending), and the state is exactly what the applied rows
-       give: no half-applied callback, nothing applied twice.
-    2. Plivo re-sends whatever did not get a 2xx; to be thorough, everything once more.
-    3. The operator's replay applies rows stranded `pending` (stored, then the database or the
-       worker went away); a re-delivery of such a callback is a duplicate and does not apply it.
-    4. The final verdict (`check_exact`): nothing lost, nothing doubled.
+    1. Straight after the fault, every callback that got a 2xx is stored once with its fact, and
+       once projected nothing is partial (counters equal the legs, nothing left due).
+    2. Plivo redelivers (new nonces) whatever did not get a 2xx; to be thorough, everything once
+       more: the second round must be all duplicates.
+    3. The final verdict (`check_exact`): nothing lost, nothing doubled, every leg as planned.
     """
-    uuids = list(reference)
     phase = getattr(report, "phase", lambda name: None)
     assert not [a for a in answers if a.kind == "other"], f"answers other than 2xx/503/no answer: {tally(answers)}"
     accepted = {a.index for a in answers if a.kind == "2xx"}
-    stored_only = {a.index for a in answers if a.kind == "2xx" and a.outcome == "stored"}
-    problems = check_inbox(engine, callbacks, accepted, allow_pending=stored_only)
+    problems = check_inbox(engine, callbacks, accepted)
+    settle(env)
     problems += check_consistency(engine)
-    problems += compare_snapshots(snapshots(engine, uuids),
-                                  reference_snapshots(cluster, env, applied_inbox_items(engine), uuids))
     report["inbox after the load"] = inbox_status_counts(engine)
     phase("check after the load")
     assert not problems, "\n".join(problems)
 
-    pending_before_resend = inbox_status_counts(engine).get("pending", 0)
     retried = deliver_all(callbacks, sorted(set(range(len(callbacks))) - accepted))
     again = deliver_all(callbacks, range(len(callbacks)))
     report.update({"re-sent (not 2xx)": tally(retried), "re-sent (everything)": tally(again)})
     assert all(a.kind == "2xx" for a in retried + again), tally(retried + again)
-    # Everything was stored by now. A callback stored but cut off before it applied (a worker
-    # killed, the database gone: its row is pending) is applied by a redelivery once its row is
-    # over 5 s old; every other one is a duplicate.
-    assert {a.outcome for a in again} <= {"duplicate", "applied"}, tally(again)
-    assert sum(a.outcome == "applied" for a in again) <= pending_before_resend, tally(again)
+    assert {a.outcome for a in again} == {"duplicate"}, tally(again)  # everything was stored by then
     phase("re-send")
 
-    report["inbox after the re-sends"] = inbox_status_counts(engine)
-    report["operator replay of pending/failed rows"] = replay_pending(env)
-    problems = check_exact(engine, callbacks, expected, reference)
-    phase("replay and verify")
+    problems = check_exact(engine, env, callbacks, expected)
+    phase("verify")
     assert not problems, "\n".join(problems)

@@ -1,10 +1,11 @@
-"""Operator commands: `flask db upgrade`, `flask sessions resolve`."""
+"""Operator commands (`flask --app webhook_service <group> <command>`); each calls one service."""
 
 from __future__ import annotations
 
 import json
 import logging
-import time
+import signal
+import threading
 from datetime import UTC, datetime, timedelta
 
 import click
@@ -46,23 +47,46 @@ def sessions_resolve(grace_seconds: int) -> None:
 @sessions_cli.command("reconcile")
 @click.option("--limit", default=3000, show_default=True, help="Most sessions fetched from Plivo in one run.")
 @click.option("--concurrency", default=8, show_default=True, help="Plivo requests in flight at once.")
-@click.option("--every", type=float, default=None, help="Repeat every this many seconds (the worker process).")
+@click.option("--every", type=float, default=None, help="Repeat every this many seconds.")
 def sessions_reconcile(limit: int, concurrency: int, every: float | None) -> None:
     """Heal missed callbacks from Plivo's records, expire overdue sessions, record drift."""
-    from ..services.reconcile import reconcile
+    from ..services.reconcile import reconcile, reconcile_every
 
-    while True:
-        started = time.monotonic()
-        try:
-            report = reconcile(_ctx(), limit=limit, concurrency=concurrency)
-            click.echo(json.dumps(report.as_dict(), sort_keys=True))
-        except Exception:  # noqa: BLE001 - a worker keeps going; the next run retries
-            if every is None:
-                raise
-            logging.getLogger(__name__).exception("reconciliation run failed")
-        if every is None:
-            return
-        time.sleep(max(every - (time.monotonic() - started), 1.0))
+    if every is None:
+        click.echo(json.dumps(reconcile(_ctx(), limit=limit, concurrency=concurrency).as_dict(), sort_keys=True))
+        return
+    stop = _stop_on_signals()
+    reconcile_every(_ctx(), every, stop, report=lambda r: click.echo(json.dumps(r.as_dict(), sort_keys=True)),
+                    limit=limit, concurrency=concurrency)
+
+
+@click.command("worker")
+@click.option("--reconcile-every", default=60.0, show_default=True, help="Seconds between reconciliation runs.")
+@click.option("--poll", default=0.2, show_default=True, help="Seconds between looks at an empty projection queue.")
+def worker(reconcile_every: float, poll: float) -> None:
+    """The worker process: projects due sessions continuously; reconciles with Plivo every minute.
+
+    SIGTERM or SIGINT stops it after the batch in hand (a batch cut short is rolled back and
+    projected again by whoever comes next).
+    """
+    from ..services.projector import run_worker
+    from ..services.reconcile import reconcile_every
+
+    ctx = _ctx()
+    stop = _stop_on_signals()
+    reconciler = threading.Thread(target=reconcile_every, args=(ctx, reconcile_every, stop), name="reconcile",
+                                  daemon=True)
+    reconciler.start()
+    logging.getLogger(__name__).info("worker started: projecting, and reconciling every %g s", reconcile_every)
+    run_worker(ctx.projector, stop, poll=poll)
+    reconciler.join(30)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    return stop
 
 
 @callbacks_cli.command("replay")
@@ -71,13 +95,13 @@ def sessions_reconcile(limit: int, concurrency: int, every: float | None) -> Non
 @click.option("--since", type=click.DateTime(formats=["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
               help="Callbacks received since this UTC time.")
 def callbacks_replay(failed: bool, ids: tuple[int, ...], since: datetime | None) -> None:
-    """Re-apply stored callbacks from their stored parameters (idempotent).
+    """Read stored callbacks again from their stored parameters and project them (idempotent).
 
-    With no option: failed callbacks, and pending ones older than a minute.
+    With no option: the failed ones.
     """
     from ..services.inbox import replay
 
-    counts = replay(_ctx().db, ids=ids, failed=failed, since=since.replace(tzinfo=UTC) if since else None)
+    counts = replay(_ctx(), ids=ids, failed=failed, since=since.replace(tzinfo=UTC) if since else None)
     click.echo(json.dumps(counts, sort_keys=True))
 
 
@@ -93,7 +117,7 @@ def _duration(value: str) -> timedelta:
 @click.option("--older-than", "older_than", default="90d", show_default=True, help="Age, e.g. 90d, 12h.")
 @click.option("--batch-size", default=1000, show_default=True)
 def callbacks_prune(older_than: str, batch_size: int) -> None:
-    """Delete applied and ignored callbacks older than the given age (never failed or pending ones)."""
+    """Delete recorded and ignored callbacks older than the given age (never failed ones; facts stay)."""
     from ..services.inbox import prune
 
     deleted = prune(_ctx().db, older_than=_duration(older_than), batch_size=batch_size)
@@ -105,3 +129,4 @@ def register_cli(app: Flask) -> None:
     app.cli.add_command(sessions_cli)
     app.cli.add_command(callbacks_cli)
     app.cli.add_command(report_cli)
+    app.cli.add_command(worker)

@@ -64,3 +64,8 @@ def to_int(value: Any) -> int | None:
     if number is None or not 0 <= number <= 2**31 - 1:
         return None
     return int(number)
+
+
+def text_or_none(value: str | None) -> str | None:
+    """A text value as sent; an empty one (Plivo sends every listed field, empty when unknown) is None."""
+    return value if value else None

@@ -30,8 +30,10 @@ def build_engine(url: str, settings: Settings, **overrides) -> Engine:
         "pool_pre_ping": True,
         "connect_args": {
             "connect_timeout": settings.db_connect_timeout,
+            # TimeZone=UTC: psycopg then returns times with datetime.timezone.utc, not a ZoneInfo
+            # (the server's default may be 'Etc/UTC'), whose every comparison costs a lookup.
             "options": f"-c statement_timeout={settings.db_statement_timeout_ms}"
-            f" -c lock_timeout={settings.db_statement_timeout_ms}",
+            f" -c lock_timeout={settings.db_statement_timeout_ms} -c TimeZone=UTC",
             "application_name": "webhook_service",
         },
     }
@@ -46,9 +48,10 @@ class Database:
     directly (pipelines, explicit BEGIN/COMMIT) to need one round trip per step; see `pg()`.
     """
 
-    def __init__(self, engine: Engine, fast: Engine):
+    def __init__(self, engine: Engine, fast: Engine, *, connect_timeout: int = 3):
         self.engine = engine
         self.fast = fast
+        self.connect_timeout = connect_timeout
         self.sessions = sessionmaker(engine, expire_on_commit=False)
 
     @classmethod
@@ -56,7 +59,8 @@ class Database:
         """Both pools on `url`, with the settings' timeouts and pool size. The webhook path's pool
         has no pre-ping round trip: a dead connection is detected by its first statement, and
         `pg()` then replaces the whole pool."""
-        return cls(build_engine(url, settings), build_engine(url, settings, pool_pre_ping=False))
+        return cls(build_engine(url, settings), build_engine(url, settings, pool_pre_ping=False),
+                   connect_timeout=settings.db_connect_timeout)
 
     @contextmanager
     def pg(self) -> Iterator[psycopg.Connection]:
@@ -86,6 +90,13 @@ class Database:
         """A session inside one transaction: committed on success, rolled back on error."""
         with self.sessions() as session, session.begin():
             yield session
+
+    def dedicated_connection(self) -> psycopg.Connection:
+        """A connection of its own, outside the pools, in autocommit (for a session-level lock)."""
+        url = make_url(str(self.fast.url.render_as_string(hide_password=False)))
+        return psycopg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False),
+                               autocommit=True, connect_timeout=self.connect_timeout,
+                               application_name="webhook_service")
 
     def dispose(self) -> None:
         self.engine.dispose()

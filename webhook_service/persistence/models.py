@@ -28,10 +28,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ..domain.vocabulary import (
     ATTEMPT_STATES,
+    FACT_KINDS,
     INBOX_ENDPOINTS,
     INBOX_STATUSES,
     LEG_END_EVENTS,
-    LEG_EVENT_KINDS,
+    LEG_PHASES,
     PARTIES,
     RECORDING_STATUSES,
     SESSION_ORIGINS,
@@ -83,6 +84,12 @@ class MaskingSession(Base):
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=text("'{}'::jsonb"))
     first_party: Mapped[str | None] = mapped_column(Text)
     second_party: Mapped[str | None] = mapped_column(Text)
+    # The number Plivo gave the session when it was created (or the first callback showed, for a
+    # session discovered by callback): SessionVirtualNumberReplaced facts move `virtual_number`
+    # away from it, and `virtual_number_history` starts with it. Only the API and reconciliation
+    # write it; the projector reads it.
+    original_virtual_number: Mapped[str | None] = mapped_column(Text)
+    # The number in use now: projected (the newest replacement, else the original).
     virtual_number: Mapped[str | None] = mapped_column(Text)
     status: Mapped[str] = mapped_column(Text, server_default="active")
     # How we learnt of the session: created through our API, first seen in a callback, or
@@ -97,8 +104,7 @@ class MaskingSession(Base):
     expires_at: Mapped[datetime | None]
     expired_at: Mapped[datetime | None]
     last_interaction_at: Mapped[datetime | None]
-    # When the virtual number last changed (SessionVirtualNumberReplaced), so a late, older
-    # replacement event cannot overwrite a newer number.
+    # When the virtual number last changed (the newest SessionVirtualNumberReplaced): projected.
     virtual_number_changed_at: Mapped[datetime | None]
     # Plivo's `amount`: the charge for creating the session (calls are in `amount` below).
     session_amount: Mapped[Decimal | None]
@@ -151,19 +157,23 @@ class SessionCreateAttempt(Base):
 
 
 class CallbackInbox(Base):
-    """Every verified Plivo callback, stored before it is applied, exactly once.
+    """Every verified Plivo callback as it arrived, stored exactly once (retention prunes it).
 
-    `dedupe_key` is a hash of the endpoint and the signed parameters (not the nonce, which
-    changes on redelivery), so a redelivered callback hits the unique constraint and is a no-op.
+    `dedupe_key` is a hash of the exact string the callback's signature covers, without the nonce
+    (which changes on redelivery): every redelivery, and every reshaping of the parameters that
+    still verifies, hits the unique constraint and is a no-op. Its fact goes to `callback_facts` in
+    the same statement; `status` says whether it had one (`recorded`), had none (`ignored`) or
+    could not be read (`failed`, with the reason in `error`, for `flask callbacks replay`).
     """
 
     __tablename__ = "callback_inbox"
     __table_args__ = (
         CheckConstraint(f"status IN {INBOX_STATUSES}", name="status"),
         CheckConstraint(f"endpoint IN {INBOX_ENDPOINTS}", name="endpoint"),
-        Index("ix_callback_inbox_session_uuid", "session_uuid"),
-        Index("ix_callback_inbox_received_at", "received_at"),
-        Index("ix_callback_inbox_unfinished", "id", postgresql_where=text("status IN ('pending', 'failed')")),
+        # Rows arrive in received_at order: a BRIN index finds a retention window's blocks for a
+        # fraction of a B-tree's size and insert cost.
+        Index("ix_callback_inbox_received_at", "received_at", postgresql_using="brin"),
+        Index("ix_callback_inbox_failed", "id", postgresql_where=text("status = 'failed'")),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -175,57 +185,87 @@ class CallbackInbox(Base):
     nonce: Mapped[str | None] = mapped_column(Text)
     dedupe_key: Mapped[str] = mapped_column(Text, unique=True)
     event_name: Mapped[str | None] = mapped_column(Text)
-    session_uuid: Mapped[str | None] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(Text, server_default="pending")
+    session_uuid: Mapped[str | None] = mapped_column(Text)  # not indexed: a session's callbacks are its facts'
+    status: Mapped[str] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
-    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
-    applied_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, server_default="1")  # 1, plus one per replay
 
 
-class LegFacts:
-    """What Plivo says about a leg: its call UUID, how it ended, its billing and its numbers."""
+class CallbackFact(Base):
+    """What one callback reported, read by `domain.callbacks.parse_callback`: a projection's input.
 
+    One row per callback that carried a fact (`inbox_id`), written in the same statement as its
+    inbox row and kept for good (the inbox's raw rows are pruned). A session's call legs, counters,
+    recordings, status and number history are one pure function of its facts and of Plivo's
+    interaction records (`domain.projection.project`), so arrival order and duplicates cannot
+    matter. Keyed by session first: a session's facts are one index range, and the table shards
+    by session. Facts migrated from before revision 0006 have an `inbox_id` that no inbox row has.
+    """
+
+    __tablename__ = "callback_facts"
+    __table_args__ = (
+        CheckConstraint(f"kind IN {FACT_KINDS}", name="kind"),
+        CheckConstraint(f"party IN {PARTIES}", name="party"),
+        CheckConstraint(f"phase IN {LEG_PHASES}", name="phase"),
+        CheckConstraint(f"end_event IN {LEG_END_EVENTS}", name="end_event"),
+        CheckConstraint(f"recording_status IN {RECORDING_STATUSES}", name="recording_status"),
+    )
+
+    session_uuid: Mapped[str] = mapped_column(Text, primary_key=True)
+    inbox_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    kind: Mapped[str] = mapped_column(Text)
+    event_name: Mapped[str | None] = mapped_column(Text)
+    at: Mapped[datetime]  # EventTimestamp
+    sequence_number: Mapped[int | None] = mapped_column(BigInteger)
+    party: Mapped[str | None] = mapped_column(Text)  # a leg's party; None: the caller, known by number
+    phase: Mapped[str | None] = mapped_column(Text)  # a leg's phase: initiated, ringing, answered, ended
+    end_event: Mapped[str | None] = mapped_column(Text)  # how an ended leg ended
+    first_party: Mapped[str | None] = mapped_column(Text)
+    second_party: Mapped[str | None] = mapped_column(Text)
+    virtual_number: Mapped[str | None] = mapped_column(Text)
+    from_number: Mapped[str | None] = mapped_column(Text)
+    to_number: Mapped[str | None] = mapped_column(Text)
     call_uuid: Mapped[str | None] = mapped_column(Text)
-    end_event: Mapped[str | None] = mapped_column(Text)
     duration: Mapped[int | None] = mapped_column(Integer)
     billed_duration: Mapped[int | None] = mapped_column(Integer)
     amount: Mapped[Decimal | None]
     hangup_cause: Mapped[str | None] = mapped_column(Text)
     hangup_cause_code: Mapped[int | None] = mapped_column(Integer)
-    from_number: Mapped[str | None] = mapped_column(Text)
-    to_number: Mapped[str | None] = mapped_column(Text)
-
-
-class LegEvent(LegFacts, Base):
-    """One fact about a party's call leg, as a callback reported it.
-
-    Append-only and idempotent (one row per session, party, kind and time). A session's
-    `call_legs` are a pure function of these rows and of Plivo's interaction records
-    (`webhooks.legs.build_legs`, and its SQL twin in `apply_leg_callback`, migration 0005), so the
-    legs come out the same whatever order facts arrived in.
-    """
-
-    __tablename__ = "leg_events"
-    __table_args__ = (
-        CheckConstraint(f"party IN {PARTIES}", name="party"),
-        CheckConstraint(f"kind IN {LEG_EVENT_KINDS}", name="kind"),
-        CheckConstraint(f"end_event IN {LEG_END_EVENTS}", name="end_event"),
-        Index("uq_leg_events_fact", "session_id", "party", "kind", "at", unique=True),
-    )
-
-    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    session_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("masking_sessions.id", ondelete="CASCADE"))
-    party: Mapped[str] = mapped_column(Text)
-    kind: Mapped[str] = mapped_column(Text)
-    at: Mapped[datetime]
+    pin_status: Mapped[str | None] = mapped_column(Text)  # success | failed | AuthorizedCaller, as sent
+    pin_retry_counter: Mapped[int | None] = mapped_column(Integer)
+    recording_uuid: Mapped[str | None] = mapped_column(Text)
+    recording_status: Mapped[str | None] = mapped_column(Text)
+    recording_url: Mapped[str | None] = mapped_column(Text)  # stored as data, never fetched by this service
+    recording_resource_url: Mapped[str | None] = mapped_column(Text)
+    recording_duration: Mapped[int | None] = mapped_column(Integer)
+    recording_format: Mapped[str | None] = mapped_column(Text)
+    recording_started_at: Mapped[datetime | None]
+    recording_ended_at: Mapped[datetime | None]
     recorded_at: Mapped[datetime] = _now()
 
 
-class CallLeg(LegFacts, Base):
-    """One call leg (the first or the second party's) of a call through a session.
+class ProjectionQueue(Base):
+    """Sessions with facts their projection has not read yet: one row per new fact (or change).
 
-    Derived from the party's `leg_events` (callbacks carry no call UUID, so a leg is known by
-    its party and end time); reconciliation adds Plivo's call UUID when it learns it.
+    Writers only append (no row is ever updated), so concurrent callbacks of one session never wait
+    on each other. A projection deletes exactly the rows it read before loading the facts; a row
+    written meanwhile stays, and the session is projected again (`services.projector`).
+    """
+
+    __tablename__ = "projection_queue"
+    __table_args__ = (Index("ix_projection_queue_session_uuid", "session_uuid"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    session_uuid: Mapped[str] = mapped_column(Text)
+    queued_at: Mapped[datetime] = _now()
+
+
+class CallLeg(Base):
+    """One call leg (the first or the second party's) of a call through a session: projected.
+
+    Derived from the session's leg facts (callbacks carry no call UUID, so a leg is known by its
+    party and end time) and Plivo's interaction records, which add call UUIDs and the legs no
+    callback reported (`domain.legs.build_legs`).
     """
 
     __tablename__ = "call_legs"
@@ -243,23 +283,33 @@ class CallLeg(LegFacts, Base):
     ringing_at: Mapped[datetime | None]
     answered_at: Mapped[datetime | None]
     ended_at: Mapped[datetime | None]
+    call_uuid: Mapped[str | None] = mapped_column(Text)
+    end_event: Mapped[str | None] = mapped_column(Text)
+    duration: Mapped[int | None] = mapped_column(Integer)
+    billed_duration: Mapped[int | None] = mapped_column(Integer)
+    amount: Mapped[Decimal | None]
+    hangup_cause: Mapped[str | None] = mapped_column(Text)
+    hangup_cause_code: Mapped[int | None] = mapped_column(Integer)
+    from_number: Mapped[str | None] = mapped_column(Text)
+    to_number: Mapped[str | None] = mapped_column(Text)
     source: Mapped[str] = mapped_column(Text, server_default="callback")
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()
 
 
 class Recording(Base):
-    """One recording (Plivo records each call of a session to its own file)."""
+    """One recording (Plivo records each call of a session to its own file): projected from the
+    recording callbacks' facts and Plivo's interaction records."""
 
     __tablename__ = "recordings"
     __table_args__ = (
         CheckConstraint(f"status IN {RECORDING_STATUSES}", name="status"),
-        Index("ix_recordings_session_id", "session_id"),
+        Index("uq_recordings_session_id_recording_uuid", "session_id", "recording_uuid", unique=True),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     session_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("masking_sessions.id", ondelete="CASCADE"))
-    recording_uuid: Mapped[str] = mapped_column(Text, unique=True)
+    recording_uuid: Mapped[str] = mapped_column(Text)
     status: Mapped[str] = mapped_column(Text)
     # Stored, never fetched by this service: a URL in a callback is only data.
     recording_url: Mapped[str | None] = mapped_column(Text)
@@ -268,14 +318,16 @@ class Recording(Base):
     format: Mapped[str | None] = mapped_column(Text)
     started_at: Mapped[datetime | None]
     ended_at: Mapped[datetime | None]
+    reported_at: Mapped[datetime]  # the earliest fact about it (the day it counts on when it has no times)
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()
 
 
 class VirtualNumberAssignment(Base):
-    """Every virtual number a session has had, with the time it took effect.
+    """Every virtual number a session has had, with the time it took effect: projected.
 
-    SessionVirtualNumberReplaced moves a session to a new number; the old one stays here.
+    SessionVirtualNumberReplaced moves a session to a new number; the original and every
+    replacement are listed here (nothing when the number was never replaced).
     """
 
     __tablename__ = "virtual_number_history"
@@ -289,28 +341,13 @@ class VirtualNumberAssignment(Base):
     recorded_at: Mapped[datetime] = _now()
 
 
-class PinAuthentication(Base):
-    """One PIN check by Plivo (SessionPinAuthenticationStatus): who called and how it went."""
-
-    __tablename__ = "pin_authentications"
-    __table_args__ = (Index("uq_pin_authentications_event", "session_id", "event_at", "from_number",
-                            "retry_counter", unique=True, postgresql_nulls_not_distinct=True),)
-
-    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    session_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("masking_sessions.id", ondelete="CASCADE"))
-    event_at: Mapped[datetime]
-    status: Mapped[str] = mapped_column(Text)  # success | failed | AuthorizedCaller (as Plivo sends it)
-    retry_counter: Mapped[int | None] = mapped_column(Integer)
-    from_number: Mapped[str | None] = mapped_column(Text)
-
-
 class DailyCallTotals(Base):
-    """Call activity per UTC day, kept current in the same transaction as every leg change.
+    """Call activity per UTC day, kept current by every projection in its own transaction.
 
-    Reporting a month must not scan tens of millions of legs, so each transaction that changes a
+    Reporting a month must not scan tens of millions of legs, so each projection that changes a
     session's legs or recordings adds the change (after minus before) to these rows. A day is
-    split into `shard`s (session id modulo 16) so concurrent callbacks for different sessions do
-    not queue on one hot row; the reporting view sums the shards.
+    split into `shard`s (one picked per projection transaction, `persistence.projections`) so
+    concurrent projectors do not queue on one hot row; the reporting view sums the shards.
     """
 
     __tablename__ = "daily_call_totals"
@@ -349,4 +386,5 @@ class PlivoInteraction(Base):
     billed_duration: Mapped[int | None] = mapped_column(Integer)
     amount: Mapped[Decimal | None]
     recording_uuid: Mapped[str | None] = mapped_column(Text)
+    recording_resource_url: Mapped[str | None] = mapped_column(Text)
     fetched_at: Mapped[datetime] = _now()

@@ -3,22 +3,17 @@
 Every run (the `worker` process runs one a minute; `flask sessions reconcile` runs one from cron):
 
 1. Sessions whose expiry time has passed are marked expired, even if SessionTimeout never came.
-2. Creates whose outcome was unknown are resolved (`sessions.service.resolve_pending_attempts`),
-   and callbacks stored but never applied (the database went away in between) are applied.
+2. Creates whose outcome was unknown are resolved (`services.sessions.resolve_pending_attempts`).
 3. Sessions that are active, expired recently (until one run has read them settled), or have a
    leg without an end are fetched from Plivo (GET session), oldest reconciliation first, with
    bounded concurrency under Plivo's rate limit (300 requests per 5 s; 429s are retried by the
    client honouring Retry-After). Network calls happen outside any transaction.
-4. Each answer is applied under the session's row lock (`webhooks.state`): Plivo's interactions
-   are stored, legs are re-derived from callbacks and interactions together (`webhooks.legs`),
-   recordings that no
-   callback reported are added, status and expiry move forward only, and Plivo's totals are kept
-   beside ours so drift is visible in `reporting.session_summary`.
-
-Callbacks and reconciliation take the same lock and derive legs from the same facts, so running
-both at once for one session gives the same result as either order, with nothing counted twice
-(a leg callback read after the lock sees the interactions, and then takes the Python path:
-tests/test_reconcile.py holds one waiting behind a reconciliation).
+4. Each answer is stored as facts (`apply_plivo_session`): Plivo's interactions, which give call
+   UUIDs, the legs and recordings no callback reported and their billing; its totals, kept beside
+   ours so drift is visible in `reporting.session_summary`; expiry and status, forward only. Then
+   the session is projected by the same projector as callbacks (`services.projector`), from all
+   its facts together, so callbacks and reconciliation in any order give one result, with nothing
+   counted twice.
 """
 
 from __future__ import annotations
@@ -27,27 +22,29 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, text
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.engine import Connection
 
 from .. import metrics
 from ..context import Context
 from ..domain.values import parse_time, to_decimal, to_int
-from ..persistence.db import Database
-from ..persistence.models import MaskingSession
+from ..persistence.models import MaskingSession, PlivoInteraction, ProjectionQueue
 from ..plivo.client import PlivoError, PlivoNotFound, PlivoSession
-from .inbox import replay_stale_pending
 from .sessions import resolve_pending_attempts
-from .state import COUNTERS, loaded, plan, queue_load
 
 log = logging.getLogger(__name__)
 sessions = MaskingSession.__table__
+interactions = PlivoInteraction.__table__
+queue = ProjectionQueue.__table__
+# What a reconciliation may change about a session (its report's "changed").
+WATCHED = ("call_count", "answered_call_count", "billed_duration", "amount", "recording_count", "status")
 
 _CALL_UUID = re.compile(r"/Call/([^/?#]+)/?$")
 _RECORDING_UUID = re.compile(r"/Recording/([^/?#.]+)(?:\.\w+)?/?$")
@@ -79,7 +76,6 @@ class RateLimiter:
 class ReconcileReport:
     marked_expired: int = 0
     attempts: dict[str, int] = field(default_factory=dict)
-    replayed: dict[str, int] = field(default_factory=dict)
     checked: int = 0
     changed: int = 0
     drift: int = 0
@@ -119,63 +115,67 @@ def _uuid(pattern: re.Pattern[str], url: Any) -> str | None:
     return match.group(1) if match else None
 
 
-def apply_plivo_session(db: Database, plivo: PlivoSession, now: datetime) -> tuple[bool, bool]:
-    """Fold Plivo's view of one session into ours, under its row lock. Returns (changed, drift)."""
-    with db.pg() as pg:
-        with pg.pipeline():
-            pg.execute("BEGIN")
-            cursors = queue_load(pg, plivo.session_uuid)
-        state = loaded(cursors)
-        if state is None:  # only sessions we know are reconciled; callbacks discover the others
-            pg.rollback()
+def _interaction(entry: Mapping[str, Any]) -> dict[str, Any] | None:
+    """One of Plivo's `interaction[]` entries as `plivo_interactions` stores it (None: no start time)."""
+    started = parse_time(entry.get("start_time"))
+    if started is None:
+        return None
+    return {
+        "started_at": started,
+        "ended_at": parse_time(entry.get("end_time")),
+        "first_call_uuid": _uuid(_CALL_UUID, entry.get("first_party_resource_url")),
+        "second_call_uuid": _uuid(_CALL_UUID, entry.get("second_party_resource_url")),
+        "first_status": entry.get("first_party_status") or None,
+        "second_status": entry.get("second_party_status") or None,
+        "call_count": to_int(entry.get("total_call_count")),
+        "duration": to_int(entry.get("duration")),
+        "billed_duration": to_int(entry.get("call_billed_duration")),
+        "amount": to_decimal(entry.get("total_call_amount")),
+        "recording_uuid": _uuid(_RECORDING_UUID, entry.get("recording_resource_url")),
+        "recording_resource_url": entry.get("recording_resource_url") or None,
+    }
+
+
+def apply_plivo_session(ctx: Context, plivo: PlivoSession, now: datetime) -> tuple[bool, bool]:
+    """Store Plivo's record of one session as facts, then project it. Returns (changed, drift).
+
+    Plivo's interactions replace the ones read before (its latest record of a call wins); its
+    totals are kept beside ours; expiry, status and the last interaction only move forward.
+    """
+    expired = plivo.status == "expired" or (plivo.expiry_time is not None and plivo.expiry_time < now)
+    with ctx.db.engine.begin() as conn:
+        row = conn.execute(select(sessions.c.id, *(sessions.c[k] for k in WATCHED))
+                           .where(sessions.c.session_uuid == plivo.session_uuid)).first()
+        if row is None:  # only sessions we know are reconciled; callbacks discover the others
             return False, False
-        before = {k: state.session[k] for k in COUNTERS}
+        before = dict(row._mapping)
         for entry in plivo.interactions:
-            started = parse_time(entry.get("start_time"))
-            if started is None:
+            values = _interaction(entry)
+            if values is None:
                 continue
-            values = {
-                "ended_at": parse_time(entry.get("end_time")),
-                "first_call_uuid": _uuid(_CALL_UUID, entry.get("first_party_resource_url")),
-                "second_call_uuid": _uuid(_CALL_UUID, entry.get("second_party_resource_url")),
-                "first_status": entry.get("first_party_status") or None,
-                "second_status": entry.get("second_party_status") or None,
-                "call_count": to_int(entry.get("total_call_count")),
-                "duration": to_int(entry.get("duration")),
-                "billed_duration": to_int(entry.get("call_billed_duration")),
-                "amount": to_decimal(entry.get("total_call_amount")),
-                "recording_uuid": _uuid(_RECORDING_UUID, entry.get("recording_resource_url")),
-            }
-            state.set_interaction(started, values)
-            if values["recording_uuid"] and values["ended_at"]:
-                # A recording whose callback never came: Plivo lists it once the call is over.
-                state.add_recording(values["recording_uuid"], "completed", {
-                    "resource_url": entry.get("recording_resource_url"),
-                    "started_at": started, "ended_at": values["ended_at"],
-                })
-        expired = plivo.status == "expired" or (plivo.expiry_time is not None and plivo.expiry_time < now)
-        session = state.session
-        state.session_updates |= {
-            "expires_at": plivo.expiry_time or session["expires_at"],
-            "virtual_number": session["virtual_number"] or plivo.virtual_number,
-            # A session discovered by callback learns when Plivo created it.
-            "plivo_created_at": session["plivo_created_at"] or plivo.created_time,
-            "plivo_call_count": plivo.total_call_count,
-            "plivo_billed_duration": plivo.total_call_billed_duration,
-            "plivo_amount": plivo.total_call_amount,
-            "reconciled_at": now,
-        }
-        if expired and session["status"] != "expired":  # status only moves forward
-            state.session_updates |= {"status": "expired", "expired_at": session["expired_at"] or plivo.expiry_time}
-        writes = plan(state, interaction_at=plivo.last_interaction_time)
-        with pg.pipeline():
-            for sql, params in writes:
-                pg.execute(sql, params)
-            pg.execute("COMMIT")
-    after = {k: state.session_updates.get(k, before[k]) for k in COUNTERS}
+            stmt = pg_insert(interactions).values(session_id=row.id, **values)
+            conn.execute(stmt.on_conflict_do_update(
+                index_elements=[interactions.c.session_id, interactions.c.started_at],
+                set_={name: stmt.excluded[name] for name in values} | {"fetched_at": func.now()}))
+        conn.execute(update(sessions).where(sessions.c.id == row.id).values(
+            expires_at=func.coalesce(plivo.expiry_time, sessions.c.expires_at),
+            # A session discovered by callback learns its original number and when Plivo created it.
+            original_virtual_number=func.coalesce(sessions.c.original_virtual_number, plivo.virtual_number),
+            plivo_created_at=func.coalesce(sessions.c.plivo_created_at, plivo.created_time),
+            last_interaction_at=func.greatest(sessions.c.last_interaction_at, plivo.last_interaction_time),
+            plivo_call_count=plivo.total_call_count, plivo_billed_duration=plivo.total_call_billed_duration,
+            plivo_amount=plivo.total_call_amount, reconciled_at=now, updated_at=func.now(),
+            **({"status": "expired", "expired_at": func.coalesce(sessions.c.expired_at, plivo.expiry_time)}
+               if expired else {}),
+        ))
+        conn.execute(insert(queue).values(session_uuid=plivo.session_uuid))
+    ctx.projector.project([plivo.session_uuid], wait=True)
+    with ctx.db.engine.connect() as conn:
+        after = dict(conn.execute(select(sessions.c.id, *(sessions.c[k] for k in WATCHED))
+                                  .where(sessions.c.id == row.id)).one()._mapping)
     drift = (after["call_count"], after["billed_duration"], after["amount"]) != (
         plivo.total_call_count, plivo.total_call_billed_duration, plivo.total_call_amount)
-    return after != before or "status" in state.session_updates, drift
+    return after != before, drift
 
 
 def reconcile(ctx: Context, *, now: datetime | None = None, limit: int = 3000, concurrency: int = 8,
@@ -187,7 +187,6 @@ def reconcile(ctx: Context, *, now: datetime | None = None, limit: int = 3000, c
     with ctx.db.engine.begin() as conn:
         report.marked_expired = mark_overdue_expired(conn, now)
     report.attempts = resolve_pending_attempts(ctx)
-    report.replayed = replay_stale_pending(ctx.db)
     with ctx.db.engine.connect() as conn:
         due = sessions_due(conn, now, recent=recent, limit=limit)
     lock = threading.Lock()
@@ -203,7 +202,7 @@ def reconcile(ctx: Context, *, now: datetime | None = None, limit: int = 3000, c
             outcome = "errors"
         else:
             try:
-                changed, drift = apply_plivo_session(ctx.db, plivo, now)
+                changed, drift = apply_plivo_session(ctx, plivo, now)
             except Exception:
                 log.exception("reconcile: could not apply Plivo's record of %s", session_uuid)
                 changed, drift, outcome = False, False, "errors"
@@ -223,3 +222,17 @@ def reconcile(ctx: Context, *, now: datetime | None = None, limit: int = 3000, c
     metrics.RECONCILE_DRIFT.set(report.drift)
     log.info("reconciliation done", extra=report.as_dict())
     return report
+
+
+def reconcile_every(ctx: Context, every: float, stop: threading.Event, *,
+                    report: Callable[[ReconcileReport], None] | None = None, **options: Any) -> None:
+    """Reconcile every `every` seconds until `stop` is set; a failed run is logged and the next retries."""
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            result = reconcile(ctx, **options)
+            if report is not None:
+                report(result)
+        except Exception:  # noqa: BLE001 - a worker keeps going; the next run retries
+            log.exception("reconciliation run failed")
+        stop.wait(max(every - (time.monotonic() - started), 1.0))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, cast, func, literal, or_, select, update
+from sqlalchemy import and_, cast, func, literal, literal_column, or_, select, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Session
 
@@ -21,7 +21,14 @@ from ..context import Context
 from ..domain.requests import CreateRequest, ListQuery, encode_cursor
 from ..errors import ApiError, Conflict, NotFound
 from ..logs import mask_phone
-from ..persistence.models import CallLeg, MaskingSession, Recording, SessionCreateAttempt, VirtualNumberAssignment
+from ..persistence.models import (
+    CallLeg,
+    MaskingSession,
+    ProjectionQueue,
+    Recording,
+    SessionCreateAttempt,
+    VirtualNumberAssignment,
+)
 from ..plivo.client import (
     PlivoAuthError,
     PlivoError,
@@ -106,9 +113,9 @@ def create_session(ctx: Context, req: CreateRequest, idempotency_key: str | None
     settings = ctx.settings
     plivo_params = dict(req.plivo_params) | {
         "callback_url": settings.session_callback_url,
-        "callback_method": "POST",
+        "callback_method": settings.callback_method,
         "recording_callback_url": settings.recording_callback_url,
-        "recording_callback_method": "POST",
+        "recording_callback_method": settings.callback_method,
     }
     request_hash = _request_hash(req)
     with ctx.db.transaction() as s:
@@ -188,7 +195,6 @@ def _session_values(created: PlivoSession) -> dict[str, Any]:
     return {
         "first_party": created.first_party,
         "second_party": created.second_party,
-        "virtual_number": created.virtual_number,
         "status": created.status if created.status in ("active", "in-progress", "expired") else "active",
         "plivo_created_at": created.created_time,
         "plivo_modified_at": created.modified_time,
@@ -200,6 +206,8 @@ def _session_values(created: PlivoSession) -> dict[str, Any]:
 def _store_created(ctx: Context, attempt_id: int, req: CreateRequest, plivo_params: dict[str, Any],
                    created: PlivoSession, *, state: str) -> MaskingSession:
     values = _session_values(created) | {
+        "original_virtual_number": created.virtual_number,
+        "virtual_number": created.virtual_number,
         "session_uuid": created.session_uuid,
         "external_ref": req.external_ref,
         "meta": req.metadata,
@@ -211,10 +219,12 @@ def _store_created(ctx: Context, attempt_id: int, req: CreateRequest, plivo_para
     with ctx.db.transaction() as s:
         stmt = insert(MaskingSession).values(**values)
         # A callback may have arrived first and created the row ("discovered"): adopt it, keeping
-        # its counters and a status that may already have moved on.
+        # its counters and a status that may already have moved on; its projection is redone with
+        # what the API knows (its parties, its original number).
         stmt = stmt.on_conflict_do_update(
             index_elements=["session_uuid"],
             set_={
+                "original_virtual_number": stmt.excluded.original_virtual_number,
                 "external_ref": stmt.excluded.external_ref,
                 "metadata": stmt.excluded.metadata,
                 "origin": "api",
@@ -228,9 +238,14 @@ def _store_created(ctx: Context, attempt_id: int, req: CreateRequest, plivo_para
                 "session_amount": stmt.excluded.session_amount,
                 "updated_at": datetime.now(UTC),
             },
-        ).returning(MaskingSession)
-        row = s.execute(stmt).scalar_one()
+        ).returning(MaskingSession, literal_column("xmax = 0").label("inserted"))
+        row, inserted = s.execute(stmt).one()
+        if not inserted:
+            s.execute(insert(ProjectionQueue).values(session_uuid=row.session_uuid))
         _finish_attempt(ctx, attempt_id, state, 201, serialize_session(row), session_uuid=row.session_uuid, s=s)
+    if not inserted:
+        ctx.projector.project([row.session_uuid], wait=True)
+        row = get_session(ctx, row.session_uuid)
     return row
 
 
@@ -431,7 +446,15 @@ def expire_session(ctx: Context, session_uuid: str) -> MaskingSession:
 
 
 def session_details(ctx: Context, session_uuid: str) -> dict[str, Any]:
-    """A stored session with its counters, call legs, recordings and virtual-number history."""
+    """A stored session with its counters, call legs, recordings and virtual-number history.
+
+    Read-your-writes: a session with facts not yet projected is projected first (waiting for a
+    projector that holds it), so the answer includes every callback acknowledged before the request.
+    If that projection fails (see the log), the last one is answered with `projection_pending`.
+    """
+    pending = False
+    if ctx.projector.is_due(session_uuid):
+        pending = bool(ctx.projector.project([session_uuid], wait=True).failed)
     with ctx.db.transaction() as s:
         row = s.scalars(select(MaskingSession).where(MaskingSession.session_uuid == session_uuid)).one_or_none()
         if row is None:
@@ -443,6 +466,7 @@ def session_details(ctx: Context, session_uuid: str) -> dict[str, Any]:
         numbers = s.scalars(select(VirtualNumberAssignment).where(VirtualNumberAssignment.session_id == row.id)
                             .order_by(VirtualNumberAssignment.assigned_at)).all()
     return serialize_session(row) | {
+        "projection_pending": pending,
         "call_legs": [_leg(leg) for leg in legs],
         "recordings": [_recording(r) for r in recordings],
         "virtual_number_history": [{"virtual_number": n.virtual_number, "assigned_at": _ts(n.assigned_at)}

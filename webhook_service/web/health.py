@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify
-from sqlalchemy import text
 
 from .. import metrics
+from ..services import operations
 
 bp = Blueprint("health", __name__)
 
@@ -22,29 +22,12 @@ def healthz():
 
 @bp.get("/readyz")
 def readyz():
-    from alembic.script import ScriptDirectory
-
-    from ..migrate import alembic_config
-
-    ctx = current_app.extensions["webhook_service"]
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
-    try:
-        with ctx.db.engine.connect() as conn:
-            current = conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
-    except Exception as exc:  # noqa: BLE001 - any failure here means "not ready"
-        return jsonify({"status": "unavailable", "database": "unreachable", "error": type(exc).__name__}), 503
-    if current != head:
-        return jsonify({"status": "unavailable", "database": "ok", "migration": current, "head": head}), 503
-    return jsonify({"status": "ok", "database": "ok", "migration": current})
+    ready, details = operations.readiness(current_app.extensions["webhook_service"])
+    return jsonify(details), 200 if ready else 503
 
 
 @bp.get("/metrics")
 def metrics_endpoint():
-    from ..services.inbox import failed_count
-
-    try:  # an index-only count (partial index on unfinished rows); metrics still render without a DB
-        metrics.INBOX_FAILED.set(failed_count(current_app.extensions["webhook_service"].db))
-    except Exception as exc:  # noqa: BLE001
-        current_app.logger.warning("metrics: could not count failed callbacks: %s", type(exc).__name__)
+    operations.refresh_gauges(current_app.extensions["webhook_service"])
     body, content_type = metrics.render()
     return Response(body, content_type=content_type)

@@ -246,6 +246,9 @@ def _schemas() -> dict[str, Any]:
         "VirtualNumberAssignment": obj({"virtual_number": {"type": "string"},
                                         "assigned_at": {"type": "string", "format": "date-time"}}),
         "SessionDetails": obj(session_properties | {
+            "projection_pending": {"type": "boolean", "description": (
+                "True when facts about the session could not be projected (an error the operator sees in "
+                "the log and in the projection lag); the counters are then those of the last projection.")},
             "call_legs": {"type": "array", "items": {"$ref": "#/components/schemas/CallLeg"}},
             "recordings": {"type": "array", "items": {"$ref": "#/components/schemas/Recording"}},
             "virtual_number_history": {"type": "array",

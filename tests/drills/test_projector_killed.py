@@ -1,0 +1,109 @@
+"""Drill: the projector (the `worker` process) SIGKILLed in the middle of a projection, then restarted.
+
+The web instance only stores callbacks (PROJECT_IN_WEB=false): every projection is the worker's.
+While a load of callbacks runs, the drill holds the worker inside a projection (a trigger on
+`call_legs` waits on an advisory lock the drill owns), so the worker certainly has sessions claimed
+and writes half made when it is killed. Its transaction never commits: once the lock is let go, its
+backend finds its client gone and rolls back, releasing the sessions. A new worker claims them
+again; nothing is lost (every fact's queue row is still there) and nothing is projected twice (the
+record is exactly what the drill planned, daily totals included).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+from sqlalchemy import text
+
+from .harness import (
+    WorkerProcess,
+    check_exact,
+    create_sessions,
+    plan_calls,
+    service_env,
+    shuffled_load,
+    tally,
+)
+
+SESSIONS = 12
+CALLS = 4
+SENDERS = 6
+PACE = 0.02
+HOLD = 4249
+
+
+def queued(engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT count(*) FROM projection_queue")).scalar()
+
+
+@pytest.mark.slow
+def test_projector_killed_mid_projection(drill_db, drill_engine, drill_sandbox, start_service, tmp_path,
+                                         drill_report):
+    env = service_env(drill_db, drill_sandbox.url, PROJECT_IN_WEB="false")
+    service = start_service(env)
+    uuids = create_sessions(service.url, SESSIONS)
+    callbacks, expected = plan_calls(drill_sandbox, uuids, CALLS)
+    worker = WorkerProcess(tmp_path, service.env, name="worker-1").start()
+    drill_report.update(sessions=SESSIONS, callbacks=len(callbacks))
+    drill_report.phase("setup")
+    try:
+        load = shuffled_load(callbacks, SENDERS, seed=3, pace=PACE)
+        load.wait_for(0.4)
+        held = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event = 'advisory' AND application_name = 'webhook_service'"
+                    " AND query LIKE '%call_legs%'")
+        with drill_engine.connect() as holder:
+            holder.execute(text(f"SELECT pg_advisory_lock({HOLD})"))
+            with drill_engine.begin() as conn:
+                conn.execute(text(f"""
+                    CREATE FUNCTION drill_hold_projection() RETURNS trigger LANGUAGE plpgsql AS
+                    $$ BEGIN PERFORM pg_advisory_xact_lock({HOLD}); RETURN NEW; END $$;
+                    CREATE TRIGGER drill_hold_projection BEFORE INSERT OR UPDATE ON call_legs
+                       FOR EACH ROW EXECUTE FUNCTION drill_hold_projection();
+                """))
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                with drill_engine.connect() as conn:
+                    if conn.execute(held).scalar():
+                        break
+                time.sleep(0.01)
+            else:
+                raise AssertionError("the worker never came to write legs")
+            with drill_engine.connect() as conn:
+                claimed = conn.execute(text(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                    " WHERE l.relation = 'masking_sessions'::regclass AND l.mode = 'RowShareLock'"
+                    " AND a.wait_event = 'advisory'")).scalar()
+            worker.kill(signal.SIGKILL)  # mid-projection: sessions claimed, writes under way
+            # Let go first (dropping the trigger waits for the statement it holds): the dead worker's
+            # backend finishes its statement, finds its client gone, and rolls back.
+            holder.execute(text(f"SELECT pg_advisory_unlock({HOLD})"))
+            holder.commit()
+            with drill_engine.begin() as conn:
+                conn.execute(text("DROP TRIGGER drill_hold_projection ON call_legs;"
+                                  " DROP FUNCTION drill_hold_projection();"))
+        due_when_killed = queued(drill_engine)
+        answers = load.join()
+        drill_report.phase("load")
+        assert {a.kind for a in answers} == {"2xx"}, tally(answers)
+
+        restarted = WorkerProcess(tmp_path, service.env, name="worker-2").start()
+        try:
+            deadline = time.monotonic() + 60
+            while queued(drill_engine) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            drill_report.update({"load answers": tally(answers), "facts due when killed": due_when_killed,
+                                 "projector's lock on sessions when killed": claimed,
+                                 "due after the restart, s": round(time.monotonic() - (deadline - 60), 2)})
+            assert queued(drill_engine) == 0, "the restarted worker did not project everything"
+        finally:
+            restarted.stop()
+    finally:
+        worker.stop()
+    drill_report.phase("restart")
+    problems = check_exact(drill_engine, service.env, callbacks, expected)
+    drill_report.phase("verify")
+    assert not problems, "\n".join(problems)

@@ -1,0 +1,214 @@
+"""The projector against real Postgres: due sessions, races with callbacks, locks, failures, lag.
+
+Each race is made deterministic by holding a lock from the test (a session's row lock, or an
+advisory lock that a trigger waits on), checking what waits and what does not, then releasing it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import requests
+from sqlalchemy import text
+
+from webhook_service import create_app
+
+from .helpers import LiveServer, free_port, make_settings, settle
+from .test_webhooks import AUTH, create_session, play, send, snapshot
+
+WAITING = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+               " AND wait_event_type IN ('Lock', 'LWLock') AND query ILIKE :query")
+
+
+def wait_for(engine, query: str, timeout: float = 10.0) -> None:
+    """Until some backend waits on a lock while running a statement like `query`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            if conn.execute(WAITING, {"query": query}).scalar():
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"nothing came to wait on a lock in {query}")
+
+
+def queued(engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT count(*) FROM projection_queue")).scalar()
+
+
+def counters(engine, uuid: str) -> tuple:
+    with engine.connect() as conn:
+        return tuple(conn.execute(text("SELECT call_count, billed_duration FROM masking_sessions"
+                                       " WHERE session_uuid = :u"), {"u": uuid}).one())
+
+
+def quiet_live(database_url, sandbox) -> LiveServer:
+    """The app on a real port with no background projector (as every test app): nothing is projected unless asked."""
+    port = free_port()
+    settings = make_settings(sandbox.url, f"http://127.0.0.1:{port}")
+    return LiveServer(create_app({"TESTING": True, "settings": settings, "database_url": database_url}), port).start()
+
+
+def test_callbacks_of_one_session_never_wait_for_its_lock(live, sandbox, engine):
+    """The request path appends; it neither reads nor locks the session, so a projection (or anything
+    else) holding the session's row cannot hold up Plivo's callbacks."""
+    uuid = create_session(live)
+    result = play(sandbox, uuid, deliver=False)
+    callbacks = result["callbacks"]
+    with engine.connect() as holder, holder.begin():
+        holder.execute(text("SELECT 1 FROM masking_sessions WHERE session_uuid = :u FOR UPDATE"), {"u": uuid})
+        started = time.monotonic()
+        answers = [send(callback).json()["status"] for callback in callbacks]
+        held_for = time.monotonic() - started
+    assert answers == ["recorded"] * len(callbacks)
+    assert held_for < 5  # the statement timeout is 5 s: a callback that waited would have failed
+    settle(live.app)
+    assert counters(engine, uuid) == (2, result["session"]["total_call_billed_duration"])
+    assert queued(engine) == 0
+
+
+def test_a_fact_committed_during_a_projection_is_projected_afterwards(database_url, sandbox, engine):
+    """The projection deletes the queue rows it read, not the session's: a fact that arrives while
+    it runs keeps its session due, and the next projection includes it."""
+    live = quiet_live(database_url, sandbox)
+    projector = live.app.extensions["webhook_service"].projector
+    try:
+        uuid = create_session(live)
+        callbacks = play(sandbox, uuid, deliver=False, duration=70)["callbacks"]
+        late = [c for c in callbacks if c["params"]["EventName"] == "SessionFirstPartyHangup"]
+        for callback in callbacks:
+            if callback not in late:
+                assert send(callback).json() == {"status": "recorded"}
+        with engine.begin() as conn:
+            conn.execute(text("""
+                CREATE FUNCTION hold_projection() RETURNS trigger LANGUAGE plpgsql AS
+                $$ BEGIN PERFORM pg_advisory_xact_lock(4243); RETURN NEW; END $$;
+                CREATE TRIGGER hold_projection BEFORE INSERT ON call_legs
+                   FOR EACH ROW EXECUTE FUNCTION hold_projection();
+            """))
+        outcome = {}
+        try:
+            with engine.connect() as holder:
+                holder.execute(text("SELECT pg_advisory_lock(4243)"))
+                projection = threading.Thread(target=lambda: outcome.update(first=projector.project([uuid])))
+                projection.start()
+                wait_for(engine, "%INSERT INTO call_legs%")  # it has read the queue and the facts
+                assert send(late[0]).json() == {"status": "recorded"}  # committed while it runs
+                holder.execute(text("SELECT pg_advisory_unlock(4243)"))
+                holder.commit()
+                projection.join(10)
+        finally:
+            with engine.begin() as conn:
+                conn.execute(text("DROP TRIGGER hold_projection ON call_legs; DROP FUNCTION hold_projection();"))
+        assert [p.session_uuid for p in outcome["first"].projected] == [uuid]
+        assert queued(engine) == 1 and projector.is_due(uuid)  # the late fact's row survived
+        first_billed = counters(engine, uuid)[1]
+        assert [p.session_uuid for p in projector.project([uuid]).projected] == [uuid]
+        assert queued(engine) == 0 and counters(engine, uuid)[1] > first_billed
+    finally:
+        live.stop()
+
+
+def test_a_background_projector_skips_a_session_another_holds_and_a_read_waits_for_it(database_url, sandbox,
+                                                                                      engine):
+    live = quiet_live(database_url, sandbox)
+    projector = live.app.extensions["webhook_service"].projector
+    try:
+        uuid = create_session(live)
+        for callback in play(sandbox, uuid, deliver=False)["callbacks"]:
+            send(callback)
+        with engine.connect() as holder, holder.begin():
+            holder.execute(text("SELECT 1 FROM masking_sessions WHERE session_uuid = :u FOR UPDATE"), {"u": uuid})
+            skipped = projector.project([uuid])
+            assert skipped.busy == {uuid} and skipped.projected == [] and counters(engine, uuid) == (0, 0)
+            reader = threading.Thread(target=lambda: requests.get(f"{live.url}/v1/sessions/{uuid}", headers=AUTH,
+                                                                  timeout=10))
+            reader.start()
+            wait_for(engine, "%FOR UPDATE%")  # the read-your-writes projection waits for the lock
+        reader.join(10)
+        assert counters(engine, uuid)[0] == 2 and queued(engine) == 0
+    finally:
+        live.stop()
+
+
+def test_reads_are_read_your_writes_without_any_background_projection(database_url, sandbox, engine):
+    live = quiet_live(database_url, sandbox)
+    try:
+        uuid = create_session(live, record=True)
+        result = play(sandbox, uuid, duration=75)
+        assert counters(engine, uuid) == (0, 0)  # stored, not projected
+        body = requests.get(f"{live.url}/v1/sessions/{uuid}", headers=AUTH, timeout=10).json()
+        assert (body["call_count"], body["billed_duration"], body["recording_count"]) == (
+            result["session"]["total_call_count"], result["session"]["total_call_billed_duration"], 1)
+        assert body["projection_pending"] is False and queued(engine) == 0
+    finally:
+        live.stop()
+
+
+def test_the_web_process_projects_its_callbacks_by_itself(database_url, sandbox, engine):
+    """With only `web` running, the background thread brings the record up to date within a moment."""
+    port = free_port()
+    settings = make_settings(sandbox.url, f"http://127.0.0.1:{port}", PROJECT_IN_WEB="true")
+    live = LiveServer(create_app({"TESTING": True, "settings": settings, "database_url": database_url}), port).start()
+    try:
+        uuid = create_session(live, record=True)
+        result = play(sandbox, uuid, duration=75)
+        deadline = time.monotonic() + 5
+        while queued(engine) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert queued(engine) == 0
+        assert counters(engine, uuid) == (2, result["session"]["total_call_billed_duration"])
+    finally:
+        live.stop()
+
+
+def test_one_session_that_cannot_be_projected_does_not_hold_up_the_others(database_url, sandbox, engine):
+    live = quiet_live(database_url, sandbox)
+    projector = live.app.extensions["webhook_service"].projector
+    try:
+        good, bad = create_session(live), create_session(live, second_party="+14155552671")
+        for uuid in (good, bad):
+            for callback in play(sandbox, uuid, deliver=False)["callbacks"]:
+                send(callback)
+        with engine.begin() as conn:
+            conn.execute(text("""
+                CREATE FUNCTION refuse_one() RETURNS trigger LANGUAGE plpgsql AS
+                $$ BEGIN
+                    IF NEW.session_id = (SELECT id FROM masking_sessions WHERE session_uuid = '""" + bad + """') THEN
+                        RAISE EXCEPTION 'this session''s legs are refused';
+                    END IF;
+                    RETURN NEW;
+                END $$;
+                CREATE TRIGGER refuse_one BEFORE INSERT ON call_legs FOR EACH ROW EXECUTE FUNCTION refuse_one();
+            """))
+        try:
+            outcome = projector.project_due()
+        finally:
+            with engine.begin() as conn:
+                conn.execute(text("DROP TRIGGER refuse_one ON call_legs; DROP FUNCTION refuse_one();"))
+        assert [p.session_uuid for p in outcome.projected] == [good] and outcome.failed == {bad}
+        assert counters(engine, good)[0] == 2 and counters(engine, bad) == (0, 0) and projector.is_due(bad)
+        ready = requests.get(live.url + "/readyz", timeout=5).json()
+        assert ready["status"] == "ok" and ready["projection_lag_seconds"] > 0
+        metrics = requests.get(live.url + "/metrics", timeout=5).text
+        assert 'projections_total{outcome="failed"}' in metrics
+        projector._failed_until.clear()
+        settle(live.app)
+        assert counters(engine, bad)[0] == 2
+    finally:
+        live.stop()
+
+
+def test_projecting_again_with_nothing_new_writes_nothing(live, sandbox, engine):
+    uuid = create_session(live, record=True)
+    for callback in play(sandbox, uuid, deliver=False)["callbacks"]:
+        send(callback)
+    before = snapshot(live, engine, uuid)
+    with engine.connect() as conn:
+        updated = conn.execute(text("SELECT max(updated_at) FROM call_legs")).scalar()
+        conn.execute(text("INSERT INTO projection_queue (session_uuid) VALUES (:u)"), {"u": uuid})
+        conn.commit()
+    assert snapshot(live, engine, uuid) == before
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT max(updated_at) FROM call_legs")).scalar() == updated

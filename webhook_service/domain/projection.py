@@ -1,0 +1,216 @@
+"""A session, derived from its facts: the one place every rule about call activity lives.
+
+`project(record, facts, interactions)` is a pure function of
+
+* the session's own record (what the API and reconciliation stored: parties, original number,
+  status, expiry),
+* its callbacks' facts (`domain.callbacks.CallbackFact`, one per callback, as reported), and
+* Plivo's interaction records (reconciliation's facts),
+
+and returns everything the projector writes: call legs, recordings, the number history, the
+counters, status, parties and current number, and the activity per day the daily totals are kept
+from. Facts are a set: the same fact twice, or the facts in any order, give the same projection,
+so redeliveries, replays and reshuffles cannot change a total. Where two facts disagree on a value
+the earlier one wins (by event time, then `SequenceNumber`, then content), never the later arrival.
+
+Rules that only move one way merge with what the record holds: an expired session stays expired
+(at the earliest time anyone reported), the last interaction only moves later, parties learnt
+from callbacks only fill what the API left empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from operator import attrgetter
+from typing import Any
+
+from .activity import counters, session_activity_of
+from .callbacks import CallbackFact
+from .legs import FACT_FIELDS, build_legs
+
+# Facts that mean someone used the session (not its timeout, not Plivo's number swap).
+INTERACTION_KINDS = {"leg", "pin", "call_done"}
+# A leg's values that only its end carries; the others, that any of its events may.
+_BILLING_ONLY = {"end_event", "duration", "billed_duration", "amount", "hangup_cause", "hangup_cause_code"}
+_NOT_BILLING = tuple(name for name in FACT_FIELDS if name not in _BILLING_ONLY)
+_NO_BILLING = dict.fromkeys(_BILLING_ONLY)
+_values = attrgetter(*FACT_FIELDS)  # a fact's leg values, in FACT_FIELDS' order
+RECORDING_RANK = {"initiated": 1, "failed": 2, "completed": 3}
+RECORDING_FIELDS = ("recording_url", "resource_url", "duration", "format", "started_at", "ended_at")
+# The session's columns a projection writes.
+SESSION_FIELDS = ("call_count", "answered_call_count", "billed_duration", "amount", "recording_count", "status",
+                  "expired_at", "first_party", "second_party", "virtual_number", "virtual_number_changed_at",
+                  "last_interaction_at")
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """What the API and reconciliation stored about a session: the projection's own inputs."""
+
+    session_uuid: str
+    status: str
+    expired_at: datetime | None
+    first_party: str | None
+    second_party: str | None
+    original_virtual_number: str | None
+    virtual_number: str | None
+    last_interaction_at: datetime | None
+    created_at: datetime
+    plivo_created_at: datetime | None = None
+
+
+@dataclass
+class Projection:
+    """A session as its facts make it."""
+
+    session: dict[str, Any]  # SESSION_FIELDS
+    legs: list[dict[str, Any]]  # legs.LEG_COLUMNS
+    recordings: list[dict[str, Any]]  # recording_uuid, status, RECORDING_FIELDS, reported_at
+    numbers: list[tuple[str, datetime]]  # (virtual number, when it took effect), oldest first
+    activity: dict[date, dict[str, Any]] = field(default_factory=dict)
+
+
+def _order(fact: CallbackFact) -> tuple:
+    return (fact.at, fact.sequence_number is None, fact.sequence_number or 0)
+
+
+def canonical(facts: Iterable[CallbackFact]) -> list[CallbackFact]:
+    """Facts in one order whatever order they came in: by time, `SequenceNumber`, then content."""
+    ordered = sorted(facts, key=_order)
+    i = 0
+    while i < len(ordered):  # ties on (time, sequence) are rare: order those by their whole content
+        j = i + 1
+        while j < len(ordered) and _order(ordered[j]) == _order(ordered[i]):
+            j += 1
+        if j - i > 1:
+            ordered[i:j] = sorted(ordered[i:j], key=lambda f: tuple(map(repr, f)))
+        i = j
+    return ordered
+
+
+def _first(facts: Sequence[CallbackFact], name: str) -> Any:
+    return next((getattr(f, name) for f in facts if getattr(f, name) is not None), None)
+
+
+def leg_events(facts: Sequence[CallbackFact], first_party: str | None, second_party: str | None
+               ) -> list[dict[str, Any]]:
+    """The leg facts as `build_legs` takes them: one per party, phase and time.
+
+    The caller that only the latest vocabulary's SessionVirtualNumberAnswer names (by number) is
+    matched to a party by the session's numbers or the callback's own. Billing counts on a leg's
+    end only (Plivo lists the billing fields on every event; reference §8.2). Facts about the same
+    party, phase and time are one event whose values are the first known, in canonical order.
+    """
+    events: dict[tuple[str, str, datetime], dict[str, Any]] = {}
+    for fact in facts:
+        if fact.kind != "leg" or fact.phase is None:
+            continue
+        party = fact.party
+        if party is None and fact.from_number:
+            if fact.from_number in (fact.first_party, first_party):
+                party = "first"
+            elif fact.from_number in (fact.second_party, second_party):
+                party = "second"
+        if party is None:
+            continue
+        key = (party, fact.phase, fact.at)
+        event = events.get(key)
+        if event is None:
+            event = events[key] = {"party": party, "kind": fact.phase, "at": fact.at}
+            event.update(zip(FACT_FIELDS, _values(fact), strict=True))
+            if fact.phase != "ended":
+                event.update(_NO_BILLING)
+        else:
+            names = FACT_FIELDS if fact.phase == "ended" else _NOT_BILLING
+            for name in names:
+                value = getattr(fact, name)
+                if event[name] is None and value is not None:
+                    event[name] = value
+    return list(events.values())
+
+
+def recordings_of(facts: Sequence[CallbackFact], interactions: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each recording from its callbacks and Plivo's interactions.
+
+    Its status is the furthest any fact reached (completed > failed > initiated); each value comes
+    from the furthest-reaching fact that has it, and Plivo's record fills what no callback sent.
+    """
+    by_uuid: dict[str, list[CallbackFact]] = {}
+    for fact in facts:
+        if fact.kind == "recording" and fact.recording_uuid and fact.recording_status:
+            by_uuid.setdefault(fact.recording_uuid, []).append(fact)
+    listed = {i["recording_uuid"]: i for i in interactions if i.get("recording_uuid") and i.get("ended_at")}
+    recordings = []
+    for uuid in sorted(set(by_uuid) | set(listed)):
+        news = sorted(by_uuid.get(uuid, ()), key=lambda f: -RECORDING_RANK[f.recording_status])  # stable
+        interaction = listed.get(uuid)
+        statuses = [f.recording_status for f in news] + (["completed"] if interaction else [])
+        values = {
+            "recording_url": _first(news, "recording_url"),
+            "resource_url": _first(news, "recording_resource_url"),
+            "duration": _first(news, "recording_duration"),
+            "format": _first(news, "recording_format"),
+            "started_at": _first(news, "recording_started_at"),
+            "ended_at": _first(news, "recording_ended_at"),
+        }
+        reported = [f.at for f in news]
+        if interaction:  # a recording whose callbacks never came: Plivo lists it once the call is over
+            for name, value in (("resource_url", interaction.get("recording_resource_url")),
+                                ("started_at", interaction["started_at"]), ("ended_at", interaction["ended_at"])):
+                if values[name] is None:
+                    values[name] = value
+            reported.append(interaction["started_at"])
+        recordings.append({"recording_uuid": uuid, "status": max(statuses, key=RECORDING_RANK.__getitem__),
+                           **values, "reported_at": min(reported)})
+    return recordings
+
+
+def numbers_of(record: SessionRecord, facts: Sequence[CallbackFact]
+               ) -> tuple[str | None, datetime | None, list[tuple[str, datetime]]]:
+    """The current virtual number, when it last changed, and every number the session has had
+    (empty if it was never replaced). The newest replacement wins, whatever order they came in."""
+    replacements = sorted({(f.at, f.virtual_number) for f in facts if f.kind == "number" and f.virtual_number})
+    others = [f for f in facts if f.kind != "number"]
+    original = record.original_virtual_number or _first(others, "virtual_number")
+    if not replacements:
+        return original or record.virtual_number, None, []
+    history: list[tuple[str, datetime]] = []
+    if original:
+        since = record.plivo_created_at or record.created_at
+        if others:
+            since = min(since, others[0].at)
+        history.append((original, since))
+    history += [(number, at) for at, number in replacements]
+    history = sorted(dict.fromkeys(history), key=lambda h: h[1])
+    changed_at, current = replacements[-1]
+    return current, changed_at, history
+
+
+def project(record: SessionRecord, facts: Iterable[CallbackFact], interactions: Sequence[Mapping[str, Any]] = ()
+            ) -> Projection:
+    """The session as its record, facts and Plivo's interactions make it (see the module docstring)."""
+    facts = canonical(facts)
+    first_party = record.first_party or _first(facts, "first_party")
+    second_party = record.second_party or _first(facts, "second_party")
+    legs = build_legs(leg_events(facts, first_party, second_party), interactions)
+    recordings = recordings_of(facts, interactions)
+    activity = session_activity_of(legs, recordings)
+    virtual_number, changed_at, numbers = numbers_of(record, facts)
+
+    timeouts = [f.at for f in facts if f.kind == "timeout"]
+    expired = record.status == "expired" or bool(timeouts)
+    ended = [t for t in (record.expired_at, *timeouts) if t is not None]
+    used = [f.at for f in facts if f.kind in INTERACTION_KINDS]
+    last = max([t for t in (record.last_interaction_at, *used) if t is not None], default=None)
+    session = counters(activity) | {
+        "status": "expired" if expired else record.status,
+        "expired_at": min(ended) if expired and ended else record.expired_at,
+        "first_party": first_party,
+        "second_party": second_party,
+        "virtual_number": virtual_number,
+        "virtual_number_changed_at": changed_at,
+        "last_interaction_at": last,
+    }
+    return Projection(session=session, legs=legs, recordings=recordings, numbers=numbers, activity=activity)

@@ -1,0 +1,99 @@
+"""The callback inbox's statements: store a callback with its fact, replay it, prune, count.
+
+`STORE_RECORDED` is the webhook path's one statement (one round trip, one commit): it inserts the
+inbox row (a redelivery hits the unique dedupe key and stops there, returning no row), and only if
+that row is new, the callback's fact and a row of the projection queue. Nothing in it reads or
+locks the session, so concurrent callbacks of one session never wait on each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import BigInteger, Text, and_, bindparam, delete, func, insert, literal_column, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from ..domain.callbacks import FACT_FIELDS
+from .models import CallbackFact, CallbackInbox, ProjectionQueue
+from .sql import compiled
+
+inbox = CallbackInbox.__table__
+facts = CallbackFact.__table__
+queue = ProjectionQueue.__table__
+
+INBOX_FIELDS = ("endpoint", "method", "content_type", "params", "nonce", "dedupe_key", "event_name", "session_uuid",
+                "status", "error")
+
+
+def _fact_values() -> list[Any]:
+    return [bindparam(f"fact_{name}", type_=facts.c[name].type) for name in FACT_FIELDS]
+
+
+def _store(with_fact: bool) -> str:
+    stored = (pg_insert(inbox).values({name: bindparam(name, type_=inbox.c[name].type) for name in INBOX_FIELDS})
+              .on_conflict_do_nothing(index_elements=[inbox.c.dedupe_key]).returning(inbox.c.id).cte("stored"))
+    statement = select(stored.c.id)
+    if with_fact:
+        fact = insert(facts).from_select(["inbox_id", *FACT_FIELDS], select(stored.c.id, *_fact_values())).cte("fact")
+        due = insert(queue).from_select(
+            ["session_uuid"], select(bindparam("fact_session_uuid", type_=Text)).select_from(stored)).cte("due")
+        statement = statement.add_cte(fact, due)
+    return compiled(statement)
+
+
+# One callback with a fact: inbox row, fact, projection queue; returns the new inbox id, or no row.
+STORE_RECORDED = _store(with_fact=True)
+# One callback without a fact (ignored or failed): the inbox row alone.
+STORE_OTHER = _store(with_fact=False)
+
+
+_FACT_KEYS = tuple(f"fact_{name}" for name in FACT_FIELDS)
+
+
+def fact_arguments(fact: Any) -> dict[str, Any]:
+    """A fact's values (a `CallbackFact`) as the `fact_*` parameters of STORE_RECORDED and RECORD_FACT."""
+    return dict(zip(_FACT_KEYS, fact, strict=True))
+
+
+# Replay: the fact read again from a stored callback replaces the one recorded before, if any.
+_replayed = pg_insert(facts).values({"inbox_id": bindparam("inbox_id", type_=BigInteger)}
+                                    | {name: value for name, value in zip(FACT_FIELDS, _fact_values(), strict=True)})
+RECORD_FACT = compiled(_replayed.on_conflict_do_update(
+    index_elements=[facts.c.session_uuid, facts.c.inbox_id],
+    set_={name: _replayed.excluded[name] for name in FACT_FIELDS}))
+QUEUE_SESSION = compiled(insert(queue).values(session_uuid=bindparam("session_uuid", type_=Text)))
+MARK_READ = compiled(
+    update(inbox).where(inbox.c.id == bindparam("inbox_id", type_=BigInteger))
+    .values(status=bindparam("status", type_=Text), error=bindparam("error", type_=Text),
+            attempts=inbox.c.attempts + literal_column("1")))
+
+
+def replay_selection(*, ids: list[int], failed: bool, since: Any) -> Any:
+    """The inbox rows a replay reads again (selectors combine; none: the failed ones)."""
+    conditions = []
+    if ids:
+        conditions.append(inbox.c.id.in_(ids))
+    if since is not None:
+        conditions.append(inbox.c.received_at >= since)
+    if failed or not conditions:
+        conditions.append(inbox.c.status == "failed")
+    return and_(*conditions)
+
+
+def replay_batch(condition: Any, after_id: int, limit: int) -> Any:
+    return (select(inbox.c.id, inbox.c.endpoint, inbox.c.params).where(condition, inbox.c.id > after_id)
+            .order_by(inbox.c.id).limit(limit))
+
+
+def failed_count() -> Any:
+    """An index-only count over the partial index of failed rows."""
+    return select(func.count()).select_from(inbox).where(inbox.c.status == "failed")
+
+
+def prune_batch(cutoff: Any, batch_size: int) -> Any:
+    """Delete up to `batch_size` recorded or ignored rows received before `cutoff`, oldest first,
+    skipping rows another transaction holds (a replay), so live work never waits on the prune."""
+    oldest = (select(inbox.c.id)
+              .where(inbox.c.received_at < cutoff, or_(inbox.c.status == "recorded", inbox.c.status == "ignored"))
+              .order_by(inbox.c.id).limit(batch_size).with_for_update(skip_locked=True))
+    return delete(inbox).where(inbox.c.id.in_(oldest.scalar_subquery()))
