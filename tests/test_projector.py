@@ -212,3 +212,59 @@ def test_projecting_again_with_nothing_new_writes_nothing(live, sandbox, engine)
     assert snapshot(live, engine, uuid) == before
     with engine.connect() as conn:
         assert conn.execute(text("SELECT max(updated_at) FROM call_legs")).scalar() == updated
+
+
+def test_two_projections_of_one_session_never_interleave(database_url, sandbox, engine):
+    """Deterministic: the first projection is held (a trigger waits on a lock the test owns) after it
+    has read the session; a second projector of the same session must then wait on the session's row
+    lock, not read the same state and add the same change again."""
+    from webhook_service.services.projector import Projector
+
+    from .test_webhooks import assert_daily_totals_match_a_recount
+
+    live = quiet_live(database_url, sandbox)
+    first = live.app.extensions["webhook_service"].projector
+    second = Projector(live.app.extensions["webhook_service"].db)
+    try:
+        uuid = create_session(live)
+        result = play(sandbox, uuid, deliver=False, duration=70)
+        for callback in result["callbacks"]:
+            send(callback)
+        with engine.begin() as conn:
+            conn.execute(text("""
+                CREATE FUNCTION hold_projection() RETURNS trigger LANGUAGE plpgsql AS
+                $$ BEGIN PERFORM pg_advisory_xact_lock(4251); RETURN NEW; END $$;
+                CREATE TRIGGER hold_projection BEFORE INSERT ON call_legs
+                   FOR EACH ROW EXECUTE FUNCTION hold_projection();
+            """))
+        outcomes: dict[str, object] = {}
+        waiting_on = text("SELECT wait_event FROM pg_stat_activity WHERE datname = current_database()"
+                          " AND wait_event_type = 'Lock' AND query ILIKE :query")
+        try:
+            with engine.connect() as holder:
+                holder.execute(text("SELECT pg_advisory_lock(4251)"))
+                a = threading.Thread(target=lambda: outcomes.update(a=first.project([uuid], wait=True)))
+                a.start()
+                wait_for(engine, "%INSERT INTO call_legs%")  # A has read the session and writes
+                b = threading.Thread(target=lambda: outcomes.update(b=second.project([uuid], wait=True)))
+                b.start()
+                wait_for(engine, "%FOR UPDATE%")  # B waits on the row lock A holds...
+                with engine.connect() as conn:  # ...and nowhere else: it has read nothing yet
+                    waits = sorted(r[0] for r in conn.execute(waiting_on, {"query": "%"}))
+                assert waits == ["advisory", "transactionid"] or waits == ["advisory", "tuple"], waits
+                holder.execute(text("SELECT pg_advisory_unlock(4251)"))
+                holder.commit()
+                a.join(10)
+                b.join(10)
+        finally:
+            with engine.begin() as conn:
+                conn.execute(text("DROP TRIGGER hold_projection ON call_legs; DROP FUNCTION hold_projection();"))
+        assert [p.session_uuid for p in outcomes["a"].projected] == [uuid]
+        assert outcomes["b"].projected == []  # nothing was due once A had committed
+        plivo = result["session"]
+        assert counters(engine, uuid) == (plivo["total_call_count"], plivo["total_call_billed_duration"])
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM call_legs")).scalar() == 2
+        assert_daily_totals_match_a_recount(engine)
+    finally:
+        live.stop()
