@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Session
 
 from ..context import Context
-from ..domain.requests import CreateRequest, ListQuery, encode_cursor
+from ..domain.requests import CreateRequest, ListQuery, encode_cursor, validate_update
 from ..errors import ApiError, Conflict, NotFound
 from ..logs import mask_phone
 from ..persistence.models import (
@@ -391,8 +391,11 @@ def list_sessions(ctx: Context, q: ListQuery) -> dict[str, Any]:
 # Update, expire ------------------------------------------------------------------------------
 
 
-def update_session(ctx: Context, session_uuid: str, params: dict[str, Any]) -> MaskingSession:
+def update_session(ctx: Context, session_uuid: str, body: Any) -> dict[str, Any]:
+    """Change what Plivo allows on a live session (the body is validated against the session's own
+    kind: only a single-party session may get its parties), then store Plivo's answer."""
     row = get_session(ctx, session_uuid)
+    params = validate_update(body, single_party=bool(row.create_params.get("create_session_with_single_party")))
     if row.status == "expired":
         raise Conflict("The session has expired and can no longer be changed", code="session_expired")
     try:
@@ -414,14 +417,14 @@ def update_session(ctx: Context, session_uuid: str, params: dict[str, Any]) -> M
             .values(create_params=MaskingSession.create_params.op("||")(_jsonb(params)), **values)
             .returning(MaskingSession)
         ).scalar_one()
-    return row
+    return serialize_session(row)
 
 
 def _jsonb(value: dict[str, Any]):
     return cast(literal(json.dumps(value)), JSONB)
 
 
-def expire_session(ctx: Context, session_uuid: str) -> MaskingSession:
+def expire_session(ctx: Context, session_uuid: str) -> dict[str, Any]:
     """Expire on Plivo, then mark the row expired (kept, with the time). Idempotent."""
     row = get_session(ctx, session_uuid)
     if row.status != "expired":
@@ -441,7 +444,7 @@ def expire_session(ctx: Context, session_uuid: str) -> MaskingSession:
             .values(status="expired", expired_at=func.coalesce(MaskingSession.expired_at, now), updated_at=now)
             .returning(MaskingSession)
         ).scalar_one()
-    return row
+    return serialize_session(row)
 
 
 

@@ -8,7 +8,7 @@ from flask import Blueprint, current_app, g, jsonify, request
 
 from ..context import Context
 from ..domain import jsonbody
-from ..domain.requests import validate_create, validate_list, validate_update
+from ..domain.requests import validate_create, validate_list
 from ..errors import ApiError, NotFound, Unauthorized
 from ..services import sessions as service
 
@@ -82,17 +82,12 @@ def get_session(session_uuid: str):
 def update_session(session_uuid: str):
     session_uuid = _session_uuid(session_uuid)
     body = _json_body()
-    row = service.get_session(ctx(), session_uuid)
-    single = bool(row.create_params.get("create_session_with_single_party"))
-    params = validate_update(body, single_party=single)
     with ctx().plivo_slot():
-        row = service.update_session(ctx(), session_uuid, params)
-    return jsonify(service.serialize_session(row))
+        return jsonify(service.update_session(ctx(), session_uuid, body))
 
 
 @bp.delete("/sessions/<session_uuid>")
 def expire_session(session_uuid: str):
     session_uuid = _session_uuid(session_uuid)
     with ctx().plivo_slot():
-        row = service.expire_session(ctx(), session_uuid)
-    return jsonify(service.serialize_session(row))
+        return jsonify(service.expire_session(ctx(), session_uuid))
