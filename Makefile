@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test lint bench-webhooks bench-apply bench-reporting clean-db
+.PHONY: install run test lint bench-webhooks bench-reporting clean-db
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,16 +34,12 @@ lint: install
 clean-db: install
 	$(PY) -c "from webhook_service.devdb import stop; stop(delete=True)"
 
-# The webhook path's req/s, p50/p99 and worker RSS beside four baselines (bench/webhooks.py), with
-# Debian's wrk as the load tool (installed when missing). Prints one table; takes several minutes.
+# The request path's req/s beside four baselines, the rate sustained with the projection lag under a
+# second, a busy session, p99 at 300 req/s and worker RSS (bench/webhooks.py), with Debian's wrk as
+# the load tool (installed when missing). Prints its tables; takes about fifteen minutes.
 bench-webhooks: install
 	command -v wrk || (apt-get update && apt-get install -y wrk)
 	$(PY) bench/webhooks.py
-
-# What each step of apply_leg_callback costs Postgres, and what committing 4 callbacks per
-# transaction would save (bench/apply_breakdown.py); about a minute.
-bench-apply: install
-	$(PY) bench/apply_breakdown.py
 
 # The reporting queries at 100 000 sessions / 1 000 000 legs, beside the raw tables (bench/reporting.py).
 bench-reporting: install

@@ -121,3 +121,18 @@ def test_session_uuids_that_start_with_digits_are_not_mistaken_for_phone_numbers
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "session 08040334-dde7-4d1b-9c9e-b4b653233c03"
     assert line["session_uuid"] == "12345678-dde7-4d1b-9c9e-b4b653233c03"
+
+
+def test_sessions_project_projects_every_due_session_now(live, sandbox, engine, app):
+    uuid = create_session(live, record=True)
+    for callback in play(sandbox, uuid, deliver=False)["callbacks"]:
+        send(callback)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM projection_queue")).scalar() == 7
+    result = app.test_cli_runner().invoke(args=["sessions", "project"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1]) == {"projected": 1}
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM projection_queue")).scalar() == 0
+        assert conn.execute(text("SELECT call_count FROM masking_sessions WHERE session_uuid = :u"),
+                            {"u": uuid}).scalar() == 2

@@ -60,6 +60,12 @@ def sessions_reconcile(limit: int, concurrency: int, every: float | None) -> Non
                     limit=limit, concurrency=concurrency)
 
 
+@sessions_cli.command("project")
+def sessions_project() -> None:
+    """Project every session that is due, now (waiting for any that a projector holds)."""
+    click.echo(json.dumps({"projected": _ctx().projector.project_all_due()}))
+
+
 @click.command("worker")
 @click.option("--reconcile-every", default=60.0, show_default=True, help="Seconds between reconciliation runs.")
 @click.option("--poll", default=0.2, show_default=True, help="Seconds between looks at an empty projection queue.")
