@@ -6,7 +6,11 @@ import secrets
 import socket
 import string
 import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
+from sqlalchemy import text
 from werkzeug.serving import make_server
 
 from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
@@ -96,3 +100,71 @@ def plivo_dedupe_key(method: str, url: str, params: dict) -> str:
 
     signed = construct_get_url(url, dict(params)) if method == "GET" else construct_post_url(url, dict(params))
     return hashlib.sha256(bytes(signed)).hexdigest()
+
+
+@contextmanager
+def trigger_on(engine, table: str, body: str, *, events: str = "INSERT", name: str = "test_trigger") -> Iterator[None]:
+    """While the block runs, every row written to `table` (by `events`) first runs the PL/pgSQL `body`
+    (NEW is the row; RETURN NEW is added). The test's way to break or hold the database for real."""
+    with engine.begin() as conn:
+        conn.execute(text(f"""
+            CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN {body}; RETURN NEW; END $$;
+            CREATE TRIGGER {name} BEFORE {events} ON {table} FOR EACH ROW EXECUTE FUNCTION {name}();
+        """))
+    try:
+        yield
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP TRIGGER {name} ON {table}; DROP FUNCTION {name}();"))
+
+
+def writes_refused(engine, table: str, message: str, *, when: str = "true"):
+    """Every write to `table` whose new row meets `when` fails with `message` (formatted by RAISE)."""
+    return trigger_on(engine, table, f"IF {when} THEN RAISE EXCEPTION {message}; END IF", name="test_refuse")
+
+
+@contextmanager
+def writes_held(engine, table: str, key: int, *, when: str = "true", events: str = "INSERT") -> Iterator[Callable]:
+    """Make every writer of `table` (whose new row meets `when`) wait inside its statement, on an
+    advisory lock the test holds, until it calls the `release()` it is given (or the block ends).
+
+    On the way out the lock goes first, then the trigger: dropping a trigger waits for the
+    statements it holds.
+    """
+    holder = engine.connect()
+    holder.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+    holder.commit()
+    held = [True]
+
+    def release() -> None:
+        if held[0]:
+            holder.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+            holder.commit()
+            held[0] = False
+
+    try:
+        with trigger_on(engine, table, f"IF {when} THEN PERFORM pg_advisory_xact_lock({key}); END IF",
+                        events=events, name=f"test_hold_{key}"):
+            try:
+                yield release
+            finally:
+                release()
+    finally:
+        release()
+        holder.close()
+
+
+LOCK_WAITS = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                  " AND wait_event_type IN ('Lock', 'LWLock') AND query ILIKE :query")
+
+
+def wait_for_lock(engine, query: str, timeout: float = 10.0) -> None:
+    """Until some backend waits on a lock while running a statement like `query` (an ILIKE pattern)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            if conn.execute(LOCK_WAITS, {"query": query}).scalar():
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"nothing came to wait on a lock in {query}")

@@ -101,9 +101,10 @@ def test_upgrading_from_0005_keeps_every_leg_total_and_recording(scratch_url, sa
         return {
             "sessions": pg.execute("SELECT session_uuid, call_count, answered_call_count, billed_duration, amount,"
                                    " recording_count, virtual_number FROM masking_sessions ORDER BY 1").fetchall(),
-            "legs": pg.execute("SELECT s.session_uuid, l.party, l.initiated_at, l.ringing_at, l.answered_at, l.ended_at,"
-                               " l.end_event, l.billed_duration, l.amount FROM call_legs l JOIN masking_sessions s"
-                               " ON s.id = l.session_id ORDER BY 1, 2, 6").fetchall(),
+            "legs": pg.execute("SELECT s.session_uuid, l.party, l.initiated_at, l.ringing_at, l.answered_at,"
+                               " l.ended_at, l.end_event, l.billed_duration, l.amount"
+                               " FROM call_legs l JOIN masking_sessions s ON s.id = l.session_id"
+                               " ORDER BY 1, 2, 6").fetchall(),
             "recordings": pg.execute("SELECT recording_uuid, status, resource_url, duration, started_at, ended_at"
                                      " FROM recordings").fetchall(),
             "numbers": pg.execute("SELECT virtual_number, assigned_at FROM virtual_number_history"

@@ -14,22 +14,8 @@ from sqlalchemy import text
 
 from webhook_service import create_app
 
-from .helpers import LiveServer, free_port, make_settings, settle
+from .helpers import LiveServer, free_port, make_settings, settle, wait_for_lock, writes_held, writes_refused
 from .test_webhooks import AUTH, create_session, play, send, snapshot
-
-WAITING = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-               " AND wait_event_type IN ('Lock', 'LWLock') AND query ILIKE :query")
-
-
-def wait_for(engine, query: str, timeout: float = 10.0) -> None:
-    """Until some backend waits on a lock while running a statement like `query`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with engine.connect() as conn:
-            if conn.execute(WAITING, {"query": query}).scalar():
-                return
-        time.sleep(0.01)
-    raise AssertionError(f"nothing came to wait on a lock in {query}")
 
 
 def queued(engine) -> int:
@@ -80,27 +66,14 @@ def test_a_fact_committed_during_a_projection_is_projected_afterwards(database_u
         for callback in callbacks:
             if callback not in late:
                 assert send(callback).json() == {"status": "recorded"}
-        with engine.begin() as conn:
-            conn.execute(text("""
-                CREATE FUNCTION hold_projection() RETURNS trigger LANGUAGE plpgsql AS
-                $$ BEGIN PERFORM pg_advisory_xact_lock(4243); RETURN NEW; END $$;
-                CREATE TRIGGER hold_projection BEFORE INSERT ON call_legs
-                   FOR EACH ROW EXECUTE FUNCTION hold_projection();
-            """))
         outcome = {}
-        try:
-            with engine.connect() as holder:
-                holder.execute(text("SELECT pg_advisory_lock(4243)"))
-                projection = threading.Thread(target=lambda: outcome.update(first=projector.project([uuid])))
-                projection.start()
-                wait_for(engine, "%INSERT INTO call_legs%")  # it has read the queue and the facts
-                assert send(late[0]).json() == {"status": "recorded"}  # committed while it runs
-                holder.execute(text("SELECT pg_advisory_unlock(4243)"))
-                holder.commit()
-                projection.join(10)
-        finally:
-            with engine.begin() as conn:
-                conn.execute(text("DROP TRIGGER hold_projection ON call_legs; DROP FUNCTION hold_projection();"))
+        with writes_held(engine, "call_legs", 4243) as release:
+            projection = threading.Thread(target=lambda: outcome.update(first=projector.project([uuid])))
+            projection.start()
+            wait_for_lock(engine, "%INSERT INTO call_legs%")  # it has read the queue and the facts
+            assert send(late[0]).json() == {"status": "recorded"}  # committed while it runs
+            release()
+            projection.join(10)
         assert [p.session_uuid for p in outcome["first"].projected] == [uuid]
         assert queued(engine) == 1 and projector.is_due(uuid)  # the late fact's row survived
         first_billed = counters(engine, uuid)[1]
@@ -125,7 +98,7 @@ def test_a_background_projector_skips_a_session_another_holds_and_a_read_waits_f
             reader = threading.Thread(target=lambda: requests.get(f"{live.url}/v1/sessions/{uuid}", headers=AUTH,
                                                                   timeout=10))
             reader.start()
-            wait_for(engine, "%FOR UPDATE%")  # the read-your-writes projection waits for the lock
+            wait_for_lock(engine, "%FOR UPDATE%")  # the read-your-writes projection waits for the lock
         reader.join(10)
         assert counters(engine, uuid)[0] == 2 and queued(engine) == 0
     finally:
@@ -171,22 +144,9 @@ def test_one_session_that_cannot_be_projected_does_not_hold_up_the_others(databa
         for uuid in (good, bad):
             for callback in play(sandbox, uuid, deliver=False)["callbacks"]:
                 send(callback)
-        with engine.begin() as conn:
-            conn.execute(text("""
-                CREATE FUNCTION refuse_one() RETURNS trigger LANGUAGE plpgsql AS
-                $$ BEGIN
-                    IF NEW.session_id = (SELECT id FROM masking_sessions WHERE session_uuid = '""" + bad + """') THEN
-                        RAISE EXCEPTION 'this session''s legs are refused';
-                    END IF;
-                    RETURN NEW;
-                END $$;
-                CREATE TRIGGER refuse_one BEFORE INSERT ON call_legs FOR EACH ROW EXECUTE FUNCTION refuse_one();
-            """))
-        try:
+        refused = f"NEW.session_id = (SELECT id FROM masking_sessions WHERE session_uuid = '{bad}')"
+        with writes_refused(engine, "call_legs", "'this session''s legs are refused'", when=refused):
             outcome = projector.project_due()
-        finally:
-            with engine.begin() as conn:
-                conn.execute(text("DROP TRIGGER refuse_one ON call_legs; DROP FUNCTION refuse_one();"))
         assert [p.session_uuid for p in outcome.projected] == [good] and outcome.failed == {bad}
         assert counters(engine, good)[0] == 2 and counters(engine, bad) == (0, 0) and projector.is_due(bad)
         ready = requests.get(live.url + "/readyz", timeout=5).json()
@@ -230,35 +190,22 @@ def test_two_projections_of_one_session_never_interleave(database_url, sandbox, 
         result = play(sandbox, uuid, deliver=False, duration=70)
         for callback in result["callbacks"]:
             send(callback)
-        with engine.begin() as conn:
-            conn.execute(text("""
-                CREATE FUNCTION hold_projection() RETURNS trigger LANGUAGE plpgsql AS
-                $$ BEGIN PERFORM pg_advisory_xact_lock(4251); RETURN NEW; END $$;
-                CREATE TRIGGER hold_projection BEFORE INSERT ON call_legs
-                   FOR EACH ROW EXECUTE FUNCTION hold_projection();
-            """))
         outcomes: dict[str, object] = {}
         waiting_on = text("SELECT wait_event FROM pg_stat_activity WHERE datname = current_database()"
-                          " AND wait_event_type = 'Lock' AND query ILIKE :query")
-        try:
-            with engine.connect() as holder:
-                holder.execute(text("SELECT pg_advisory_lock(4251)"))
-                a = threading.Thread(target=lambda: outcomes.update(a=first.project([uuid], wait=True)))
-                a.start()
-                wait_for(engine, "%INSERT INTO call_legs%")  # A has read the session and writes
-                b = threading.Thread(target=lambda: outcomes.update(b=second.project([uuid], wait=True)))
-                b.start()
-                wait_for(engine, "%FOR UPDATE%")  # B waits on the row lock A holds...
-                with engine.connect() as conn:  # ...and nowhere else: it has read nothing yet
-                    waits = sorted(r[0] for r in conn.execute(waiting_on, {"query": "%"}))
-                assert waits == ["advisory", "transactionid"] or waits == ["advisory", "tuple"], waits
-                holder.execute(text("SELECT pg_advisory_unlock(4251)"))
-                holder.commit()
-                a.join(10)
-                b.join(10)
-        finally:
-            with engine.begin() as conn:
-                conn.execute(text("DROP TRIGGER hold_projection ON call_legs; DROP FUNCTION hold_projection();"))
+                          " AND wait_event_type = 'Lock'")
+        with writes_held(engine, "call_legs", 4251) as release:
+            a = threading.Thread(target=lambda: outcomes.update(a=first.project([uuid], wait=True)))
+            a.start()
+            wait_for_lock(engine, "%INSERT INTO call_legs%")  # A has read the session and writes
+            b = threading.Thread(target=lambda: outcomes.update(b=second.project([uuid], wait=True)))
+            b.start()
+            wait_for_lock(engine, "%FOR UPDATE%")  # B waits on the row lock A holds...
+            with engine.connect() as conn:  # ...and nowhere else: it has read nothing yet
+                waits = sorted(r[0] for r in conn.execute(waiting_on))
+            assert waits in (["advisory", "transactionid"], ["advisory", "tuple"]), waits
+            release()
+            a.join(10)
+            b.join(10)
         assert [p.session_uuid for p in outcomes["a"].projected] == [uuid]
         assert outcomes["b"].projected == []  # nothing was due once A had committed
         plivo = result["session"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from urllib.parse import urlencode
@@ -16,7 +15,7 @@ from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, comp
 from webhook_service.services.reconcile import RateLimiter, apply_plivo_session, reconcile
 from webhook_service.settings import SANDBOX_AUTH_TOKEN
 
-from .helpers import settle
+from .helpers import settle, wait_for_lock, writes_held
 from .test_webhooks import (
     assert_daily_totals_match_a_recount,
     create_session,
@@ -238,37 +237,16 @@ def test_a_callback_arriving_while_reconciliation_projects_is_counted_once(live,
     for callback in result["callbacks"]:
         if callback not in second:
             assert send(callback).status_code == 200
-    with engine.begin() as conn:
-        conn.execute(text("""
-            CREATE FUNCTION hold_reconciliation() RETURNS trigger LANGUAGE plpgsql AS
-            $$ BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NEW; END $$;
-            CREATE TRIGGER hold_reconciliation BEFORE INSERT ON call_legs
-               FOR EACH ROW EXECUTE FUNCTION hold_reconciliation();
-        """))
-    waiting = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                   " AND wait_event_type = 'Lock' AND query LIKE '%INSERT INTO call_legs%'")
     plivo_session = ctx_of(live).plivo.get_session(uuid)
     outcomes: dict[str, object] = {}
-    try:
-        with engine.connect() as holder:
-            holder.execute(text("SELECT pg_advisory_lock(4242)"))
-            reconciliation = threading.Thread(target=lambda: outcomes.update(
-                reconciled=apply_plivo_session(ctx_of(live), plivo_session, datetime.now(UTC))))
-            reconciliation.start()
-            for _ in range(500):  # until reconciliation's projection waits in the trigger
-                with engine.connect() as conn:
-                    if conn.execute(waiting).scalar():
-                        break
-                time.sleep(0.01)
-            else:
-                raise AssertionError("reconciliation never reached its projection")
-            outcomes["during"] = [send(c).json()["status"] for c in second]
-            holder.execute(text("SELECT pg_advisory_unlock(4242)"))
-            holder.commit()
-            reconciliation.join(10)
-    finally:
-        with engine.begin() as conn:
-            conn.execute(text("DROP TRIGGER hold_reconciliation ON call_legs; DROP FUNCTION hold_reconciliation();"))
+    with writes_held(engine, "call_legs", 4242) as release:
+        reconciliation = threading.Thread(target=lambda: outcomes.update(
+            reconciled=apply_plivo_session(ctx_of(live), plivo_session, datetime.now(UTC))))
+        reconciliation.start()
+        wait_for_lock(engine, "%INSERT INTO call_legs%")  # reconciliation's projection waits in the trigger
+        outcomes["during"] = [send(c).json()["status"] for c in second]
+        release()
+        reconciliation.join(10)
     assert outcomes["during"] == ["recorded"] * len(second)
     assert outcomes["reconciled"][1] is False  # no drift: Plivo's record gave the missing leg's billing
     final = snapshot(live, engine, uuid)  # projects the callbacks that came in meanwhile

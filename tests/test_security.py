@@ -43,6 +43,7 @@ from .helpers import (
     make_settings,
     settle,
     unavailable_database_url,
+    writes_refused,
 )
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -492,23 +493,14 @@ def test_logs_mask_phone_numbers_and_never_contain_tokens(database_url, sandbox,
         settle(server.app)
         # A projection that fails with a database error quoting phone numbers (read-your-writes
         # projects it in the request, so its error is logged before the request answers).
-        with engine.begin() as conn:
-            conn.execute(text("""
-                CREATE FUNCTION refuse_leg() RETURNS trigger LANGUAGE plpgsql AS
-                $$ BEGIN RAISE EXCEPTION 'refused a leg from % to %', NEW.from_number, NEW.to_number; END $$;
-                CREATE TRIGGER refuse_leg BEFORE INSERT ON call_legs FOR EACH ROW EXECUTE FUNCTION refuse_leg();
-            """))
         failing = {"EventName": "SessionFirstPartyHangup", "SessionUUID": uuid, "From": FIRST, "To": SECOND,
                    "BilledDuration": "60", "EventTimestamp": "2026-11-20 10:00:00"}
-        try:
+        with writes_refused(engine, "call_legs", "'refused a leg from % to %', NEW.from_number, NEW.to_number"):
             for params, token in ((failing, SANDBOX_AUTH_TOKEN), ({"From": FIRST}, "forged")):
                 signature = compute_signature("POST", url, params, "1", token)
                 requests.post(url, data=params, headers={NONCE_HEADER: "1", SIGNATURE_HEADER: signature}, timeout=10)
             pending = requests.get(f"{server.url}/v1/sessions/{uuid}", headers=AUTH, timeout=10).json()
             assert pending["projection_pending"] is True
-        finally:
-            with engine.begin() as conn:
-                conn.execute(text("DROP TRIGGER refuse_leg ON call_legs; DROP FUNCTION refuse_leg();"))
         requests.get(f"{server.url}/v1/sessions", headers=AUTH, params={"first_party": FIRST}, timeout=10)
         requests.get(f"{server.url}/v1/sessions/{FIRST}", headers=AUTH, timeout=10)
         requests.get(f"{server.url}/v1/sessions", headers={"Authorization": "Bearer wrong-token-zzz"}, timeout=10)

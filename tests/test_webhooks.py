@@ -27,6 +27,7 @@ from .helpers import (
     settle,
     signed_headers,
     unavailable_database_url,
+    writes_refused,
 )
 
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
@@ -415,22 +416,13 @@ def test_a_projection_that_fails_keeps_the_session_due_until_it_succeeds(live, s
     uuid = create_session(live, record=True)
     callbacks = several_calls(sandbox, uuid)
     # Break the projection for real: the database refuses new legs for a while.
-    with engine.begin() as conn:
-        conn.execute(text("""
-            CREATE FUNCTION refuse_legs() RETURNS trigger LANGUAGE plpgsql AS
-            $$ BEGIN RAISE EXCEPTION 'legs are refused for this test'; END $$;
-            CREATE TRIGGER refuse_legs BEFORE INSERT ON call_legs FOR EACH ROW EXECUTE FUNCTION refuse_legs();
-        """))
-    try:
+    with writes_refused(engine, "call_legs", "'legs are refused for this test'"):
         # Plivo is answered all the same: the callbacks are stored, their facts too.
         assert {send(callback).json()["status"] for callback in callbacks} == {"recorded"}
         body = requests.get(f"{live.url}/v1/sessions/{uuid}", headers=AUTH, timeout=10).json()
         assert body["projection_pending"] is True and body["call_count"] == 0 and body["call_legs"] == []
         with engine.connect() as conn:
             assert conn.execute(text("SELECT count(*) FROM projection_queue")).scalar() == len(callbacks)
-    finally:
-        with engine.begin() as conn:
-            conn.execute(text("DROP TRIGGER refuse_legs ON call_legs; DROP FUNCTION refuse_legs();"))
     live.app.extensions["webhook_service"].projector._failed_until.clear()  # no waiting for the retry delay
     body = requests.get(f"{live.url}/v1/sessions/{uuid}", headers=AUTH, timeout=10).json()
     assert body["projection_pending"] is False and body["call_count"] == 8

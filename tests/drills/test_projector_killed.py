@@ -17,6 +17,7 @@ import time
 import pytest
 from sqlalchemy import text
 
+from ..helpers import writes_held
 from .harness import (
     WorkerProcess,
     check_exact,
@@ -55,15 +56,7 @@ def test_projector_killed_mid_projection(drill_db, drill_engine, drill_sandbox, 
         held = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                     " AND wait_event = 'advisory' AND application_name = 'webhook_service'"
                     " AND query LIKE '%call_legs%'")
-        with drill_engine.connect() as holder:
-            holder.execute(text(f"SELECT pg_advisory_lock({HOLD})"))
-            with drill_engine.begin() as conn:
-                conn.execute(text(f"""
-                    CREATE FUNCTION drill_hold_projection() RETURNS trigger LANGUAGE plpgsql AS
-                    $$ BEGIN PERFORM pg_advisory_xact_lock({HOLD}); RETURN NEW; END $$;
-                    CREATE TRIGGER drill_hold_projection BEFORE INSERT OR UPDATE ON call_legs
-                       FOR EACH ROW EXECUTE FUNCTION drill_hold_projection();
-                """))
+        with writes_held(drill_engine, "call_legs", HOLD, events="INSERT OR UPDATE") as release:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
                 with drill_engine.connect() as conn:
@@ -78,13 +71,8 @@ def test_projector_killed_mid_projection(drill_db, drill_engine, drill_sandbox, 
                     " WHERE l.relation = 'masking_sessions'::regclass AND l.mode = 'RowShareLock'"
                     " AND a.wait_event = 'advisory'")).scalar()
             worker.kill(signal.SIGKILL)  # mid-projection: sessions claimed, writes under way
-            # Let go first (dropping the trigger waits for the statement it holds): the dead worker's
-            # backend finishes its statement, finds its client gone, and rolls back.
-            holder.execute(text(f"SELECT pg_advisory_unlock({HOLD})"))
-            holder.commit()
-            with drill_engine.begin() as conn:
-                conn.execute(text("DROP TRIGGER drill_hold_projection ON call_legs;"
-                                  " DROP FUNCTION drill_hold_projection();"))
+            # The dead worker's backend finishes its statement, finds its client gone, and rolls back.
+            release()
         due_when_killed = queued(drill_engine)
         answers = load.join()
         drill_report.phase("load")

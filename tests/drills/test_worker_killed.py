@@ -19,6 +19,7 @@ import time
 import pytest
 from sqlalchemy import text
 
+from ..helpers import writes_held
 from .harness import (
     create_sessions,
     plan_calls,
@@ -36,21 +37,6 @@ KILLS = (0.25, 0.5, 0.75)  # fractions of the load sent when a worker is killed
 HOLD = 4247  # the advisory lock the trigger waits on
 
 
-def hold_commits_of(engine, session_uuid: str) -> None:
-    """From now on, a callback of this session waits inside its statement, before it commits."""
-    with engine.begin() as conn:
-        conn.execute(text(f"""
-            CREATE OR REPLACE FUNCTION drill_hold_commit() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN
-                IF NEW.session_uuid = '{session_uuid}' THEN PERFORM pg_advisory_xact_lock({HOLD}); END IF;
-                RETURN NEW;
-            END $$;
-            DROP TRIGGER IF EXISTS drill_hold_commit ON projection_queue;
-            CREATE TRIGGER drill_hold_commit BEFORE INSERT ON projection_queue
-               FOR EACH ROW EXECUTE FUNCTION drill_hold_commit();
-        """))
-
-
 def kill_a_worker_in_the_commit_window(service, engine, session_uuid: str, wait: float = 15.0) -> tuple[int, int]:
     """Hold the session's callbacks before their commit until some wait there; SIGKILL the worker with
     the most of them, terminate its held connections (their transactions roll back), let go.
@@ -58,30 +44,22 @@ def kill_a_worker_in_the_commit_window(service, engine, session_uuid: str, wait:
     held = text("SELECT pid, client_port FROM pg_stat_activity WHERE datname = current_database()"
                 " AND wait_event_type = 'Lock' AND wait_event = 'advisory' AND query LIKE '%callback_inbox%'")
     deadline = time.monotonic() + wait
-    with engine.connect() as holder:
-        holder.execute(text(f"SELECT pg_advisory_lock({HOLD})"))
-        hold_commits_of(engine, session_uuid)
-        try:
-            while time.monotonic() < deadline:
-                with engine.connect() as conn:
-                    backends = dict(conn.execute(held).all())  # pid -> client port
-                waiting = service.connections_from(set(backends.values()))
-                if waiting and max(waiting.values()) > 0:
-                    victim = max(waiting, key=waiting.get)
-                    ports = service.client_ports(victim)
-                    os.kill(victim, signal.SIGKILL)  # its requests are in the commit window: no answer
-                    with engine.connect() as conn:  # a dead machine's connections die with it
-                        for pid, port in backends.items():
-                            if port in ports:
-                                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-                    return victim, waiting[victim]
-                time.sleep(0.005)
-        finally:
-            # Let go first: dropping the trigger waits for the statements it holds.
-            holder.execute(text(f"SELECT pg_advisory_unlock({HOLD})"))
-            holder.commit()
-            with engine.begin() as conn:
-                conn.execute(text("DROP TRIGGER IF EXISTS drill_hold_commit ON projection_queue"))
+    # The session's callbacks wait inside their statement, before they commit (let go on the way out).
+    with writes_held(engine, "projection_queue", HOLD, when=f"NEW.session_uuid = '{session_uuid}'"):
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                backends = dict(conn.execute(held).all())  # pid -> client port
+            waiting = service.connections_from(set(backends.values()))
+            if waiting and max(waiting.values()) > 0:
+                victim = max(waiting, key=waiting.get)
+                ports = service.client_ports(victim)
+                os.kill(victim, signal.SIGKILL)  # its requests are in the commit window: no answer
+                with engine.connect() as conn:  # a dead machine's connections die with it
+                    for pid, port in backends.items():
+                        if port in ports:
+                            conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+                return victim, waiting[victim]
+            time.sleep(0.005)
     raise TimeoutError(f"no callback for session {session_uuid} came to wait before its commit")
 
 

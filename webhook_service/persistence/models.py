@@ -191,7 +191,21 @@ class CallbackInbox(Base):
     attempts: Mapped[int] = mapped_column(Integer, server_default="1")  # 1, plus one per replay
 
 
-class CallbackFact(Base):
+class LegValues:
+    """The values a leg callback reports and a call leg keeps, in one place for both tables."""
+
+    call_uuid: Mapped[str | None] = mapped_column(Text)
+    end_event: Mapped[str | None] = mapped_column(Text)  # how an ended leg ended
+    duration: Mapped[int | None] = mapped_column(Integer)
+    billed_duration: Mapped[int | None] = mapped_column(Integer)
+    amount: Mapped[Decimal | None]
+    hangup_cause: Mapped[str | None] = mapped_column(Text)
+    hangup_cause_code: Mapped[int | None] = mapped_column(Integer)
+    from_number: Mapped[str | None] = mapped_column(Text)
+    to_number: Mapped[str | None] = mapped_column(Text)
+
+
+class CallbackFact(LegValues, Base):
     """What one callback reported, read by `domain.callbacks.parse_callback`: a projection's input.
 
     One row per callback that carried a fact (`inbox_id`), written in the same statement as its
@@ -219,18 +233,9 @@ class CallbackFact(Base):
     sequence_number: Mapped[int | None] = mapped_column(BigInteger)
     party: Mapped[str | None] = mapped_column(Text)  # a leg's party; None: the caller, known by number
     phase: Mapped[str | None] = mapped_column(Text)  # a leg's phase: initiated, ringing, answered, ended
-    end_event: Mapped[str | None] = mapped_column(Text)  # how an ended leg ended
     first_party: Mapped[str | None] = mapped_column(Text)
     second_party: Mapped[str | None] = mapped_column(Text)
     virtual_number: Mapped[str | None] = mapped_column(Text)
-    from_number: Mapped[str | None] = mapped_column(Text)
-    to_number: Mapped[str | None] = mapped_column(Text)
-    call_uuid: Mapped[str | None] = mapped_column(Text)
-    duration: Mapped[int | None] = mapped_column(Integer)
-    billed_duration: Mapped[int | None] = mapped_column(Integer)
-    amount: Mapped[Decimal | None]
-    hangup_cause: Mapped[str | None] = mapped_column(Text)
-    hangup_cause_code: Mapped[int | None] = mapped_column(Integer)
     pin_status: Mapped[str | None] = mapped_column(Text)  # success | failed | AuthorizedCaller, as sent
     pin_retry_counter: Mapped[int | None] = mapped_column(Integer)
     recording_uuid: Mapped[str | None] = mapped_column(Text)
@@ -260,7 +265,7 @@ class ProjectionQueue(Base):
     queued_at: Mapped[datetime] = _now()
 
 
-class CallLeg(Base):
+class CallLeg(LegValues, Base):
     """One call leg (the first or the second party's) of a call through a session: projected.
 
     Derived from the session's leg facts (callbacks carry no call UUID, so a leg is known by its
@@ -283,15 +288,6 @@ class CallLeg(Base):
     ringing_at: Mapped[datetime | None]
     answered_at: Mapped[datetime | None]
     ended_at: Mapped[datetime | None]
-    call_uuid: Mapped[str | None] = mapped_column(Text)
-    end_event: Mapped[str | None] = mapped_column(Text)
-    duration: Mapped[int | None] = mapped_column(Integer)
-    billed_duration: Mapped[int | None] = mapped_column(Integer)
-    amount: Mapped[Decimal | None]
-    hangup_cause: Mapped[str | None] = mapped_column(Text)
-    hangup_cause_code: Mapped[int | None] = mapped_column(Integer)
-    from_number: Mapped[str | None] = mapped_column(Text)
-    to_number: Mapped[str | None] = mapped_column(Text)
     source: Mapped[str] = mapped_column(Text, server_default="callback")
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()
