@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -77,7 +78,8 @@ def _pin(name: str, value: Any) -> str:
     # leading zero is not lost.
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    if not isinstance(value, str) or not value.isdigit() or not 4 <= len(value) <= 15:
+    # ASCII digits only: str.isdigit() is also true of "²" and of other scripts' digits.
+    if not isinstance(value, str) or not (value.isascii() and value.isdigit()) or not 4 <= len(value) <= 15:
         raise ValueError("must be 4 to 15 digits")
     return value
 
@@ -162,10 +164,30 @@ def _json_object(body: Any) -> Mapping[str, Any]:
     return body
 
 
+# An error answer lists at most this many fields, each name cut at MAX_NAME_SHOWN characters: a body
+# of 90 000 unknown fields (or one field named with 900 KB) gets a short answer, not megabytes.
+# `details.fields_not_listed` counts the fields left out.
+MAX_FIELDS_LISTED = 20
+MAX_NAME_SHOWN = 100
+
+
+def _shown(name: str) -> str:
+    return name if len(name) <= MAX_NAME_SHOWN else name[:MAX_NAME_SHOWN] + "…"
+
+
 def _fail(errors: dict[str, str]) -> ApiError:
     first = next(iter(errors.items()))
-    summary = f"{first[0]} {first[1]}" if len(errors) == 1 else f"{len(errors)} fields are invalid"
-    return ApiError(summary, details={"fields": errors})
+    if len(errors) == 1:
+        summary = f"{_shown(first[0])} {first[1]}"
+    elif len(errors) <= MAX_FIELDS_LISTED:
+        summary = f"{len(errors)} fields are invalid"
+    else:
+        summary = f"{len(errors)} fields are invalid; the first {MAX_FIELDS_LISTED} are listed"
+    listed = dict(itertools.islice(((_shown(name), problem) for name, problem in errors.items()), MAX_FIELDS_LISTED))
+    details: dict[str, Any] = {"fields": listed}
+    if len(errors) > MAX_FIELDS_LISTED:
+        details["fields_not_listed"] = len(errors) - MAX_FIELDS_LISTED
+    return ApiError(summary, details=details)
 
 
 def validate_create(body: Any) -> CreateRequest:
@@ -296,8 +318,9 @@ def validate_list(args: Mapping[str, str]) -> ListQuery:
             elif name in ("created_after", "created_before"):
                 values[name] = _timestamp(name, raw)
             elif name == "limit":
-                if not raw.isdigit() or not 1 <= int(raw) <= 100:
-                    raise ValueError("must be an integer between 1 and 100")
+                # ASCII digits only: int() also reads "²", "١٠" or " 5", and would say so in Python's words.
+                if not (raw.isascii() and raw.isdigit() and len(raw) <= 10 and 1 <= int(raw) <= 100):
+                    raise ValueError("must be a whole number from 1 to 100")
                 values[name] = int(raw)
             elif name == "cursor":
                 values[name] = _cursor(name, raw)

@@ -154,7 +154,8 @@ def _response(description: str, schema: Mapping[str, Any], headers: Mapping[str,
 
 
 ERROR_RESPONSES: dict[str, dict[str, Any]] = {
-    "400": _response("Invalid input (`invalid_request`, naming each bad field in `details.fields`), or Plivo "
+    "400": _response("Invalid input (`invalid_request`, naming each bad field in `details.fields`: the first 20, "
+                     "with `details.fields_not_listed` counting the rest), or Plivo "
                      "refused the input.", ERROR),
     "401": _response("Missing or invalid bearer token (`unauthorized`).", ERROR, {
         "WWW-Authenticate": {"required": True, "schema": {"type": "string"}}}),
