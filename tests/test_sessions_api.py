@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -343,6 +344,37 @@ def test_list_rejects_bad_filters(client, auth, sandbox, query, field):
         assert response.status_code == 200 and response.get_json()["sessions"] == []
         return
     assert field in assert_error(response, 400, "invalid_request")["details"]["fields"]
+
+
+def _cursor(raw: str) -> str:
+    """A cursor made here, in the form `next_cursor` has (base64url of "time|id"), to forge one."""
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+ID_RANGE = "is not a cursor this API returned: its id must be a whole number from 1 to 9223372036854775807"
+
+
+@pytest.mark.parametrize(("raw", "problem"), [
+    ("2026-11-20T10:00:00+00:00|9223372036854775808", ID_RANGE),  # 2^63: NumericValueOutOfRange, a 500 before
+    ("2026-11-20T10:00:00+00:00|" + "9" * 40, ID_RANGE),
+    ("2026-11-20T10:00:00+00:00|0", ID_RANGE),
+    ("2026-11-20T10:00:00+00:00|-5", ID_RANGE),
+    ("2026-11-20T10:00:00+00:00| 5", ID_RANGE),
+    ("2026-11-20T10:00:00+00:00|١٢", ID_RANGE),  # Arabic-Indic digits, which int() reads
+    ("2026-11-20T10:00:00|12", "is not a cursor this API returned: its time has no UTC offset"),
+    ("yesterday|12", "is not a cursor this API returned"),
+    ("2026-11-20T10:00:00+00:00", "is not a cursor this API returned"),
+], ids=["2^63", "40 digits", "zero", "negative", "space", "arabic-indic", "no offset", "no time", "no id"])
+def test_list_refuses_a_forged_cursor_with_a_precise_400(client, auth, sandbox, raw, problem):
+    response = client.get("/v1/sessions", headers=auth, query_string={"cursor": _cursor(raw)})
+    assert assert_error(response, 400, "invalid_request")["details"]["fields"] == {"cursor": problem}
+
+
+@pytest.mark.parametrize("raw", ["2026-11-20T10:00:00+00:00|9223372036854775807", "0001-01-01T00:00:00+14:00|1",
+                                 "9999-12-31T23:59:59.999999-14:00|1"], ids=["2^63-1", "year 1", "year 9999"])
+def test_list_takes_any_cursor_within_the_ranges(client, auth, sandbox, raw):
+    response = client.get("/v1/sessions", headers=auth, query_string={"cursor": _cursor(raw)})
+    assert response.status_code == 200 and response.get_json() == {"sessions": [], "next_cursor": None}
 
 
 # Update, expire -----------------------------------------------------------------------------

@@ -291,13 +291,24 @@ def encode_cursor(created_at: datetime, row_id: int) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+MAX_ROW_ID = 2**63 - 1  # Postgres bigint: a larger id in a query is an error there, not "no rows"
+
+
 def _cursor(name: str, value: str) -> tuple[datetime, int]:
+    """`encode_cursor`'s output read back: a time with its UTC offset and a row id from 1 to 2^63 − 1.
+    Anything else (a forged or damaged cursor) is refused here, before it reaches Postgres."""
     try:
         raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
         stamp, row_id = raw.rsplit("|", 1)
-        return datetime.fromisoformat(stamp), int(row_id)
+        created_at = datetime.fromisoformat(stamp)
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ValueError("is not a cursor this API returned") from None
+    if created_at.tzinfo is None or created_at.utcoffset() is None:
+        raise ValueError("is not a cursor this API returned: its time has no UTC offset")
+    # ASCII digits only (int() also reads " 7", "+7", "7_0" and other scripts' digits), at most 19 of them.
+    if not (row_id.isascii() and row_id.isdigit() and len(row_id) <= 19 and 1 <= int(row_id) <= MAX_ROW_ID):
+        raise ValueError(f"is not a cursor this API returned: its id must be a whole number from 1 to {MAX_ROW_ID}")
+    return created_at, int(row_id)
 
 
 def validate_list(args: Mapping[str, str]) -> ListQuery:
