@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 
+import pytest
 import requests
 from sqlalchemy import text
 
@@ -104,6 +106,23 @@ def test_one_json_log_line_per_request_with_request_id_route_status_latency_and_
     line = json.loads(formatter.format(record))
     assert line["request_id"] == "req-123" and line["route"] == "/v1/sessions" and line["status"] == 201
     assert line["session_uuid"] == response.get_json()["session_uuid"] and line["latency_ms"] > 0
+
+
+@pytest.mark.parametrize("sent", ["a" * 129, "x" * 8000, "<script>alert(1)</script>", 'id" onload="x', "req 123",
+                                  "req-123\u00e9", "req\t123", "req/123", "req;123", "req=123", ""])
+def test_an_ill_formed_request_id_is_replaced_by_a_new_one(app, auth, sandbox, caplog, sent):
+    with caplog.at_level(logging.INFO, logger="webhook_service.access"):
+        response = app.test_client().get("/v1/sessions", headers=auth | {"X-Request-Id": sent})
+    given = response.headers["X-Request-Id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", given) and given != sent  # a uuid4 of ours
+    [record] = [r for r in caplog.records if r.name == "webhook_service.access"]
+    assert record.request_id == given
+
+
+@pytest.mark.parametrize("sent", ["a" * 128, "08040334-dde7-4d1b-9c9e-b4b653233c03", "01ARZ3NDEKTSV4RRFFQ69G5FAV",
+                                  "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "svc.orders:42_retry-1"])
+def test_a_well_formed_request_id_is_kept(app, auth, sandbox, sent):
+    assert app.test_client().get("/v1/sessions", headers=auth | {"X-Request-Id": sent}).headers["X-Request-Id"] == sent
 
 
 def test_phone_numbers_are_masked_in_log_lines():
