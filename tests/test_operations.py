@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
+import sys
 import threading
+import uuid as uuid_module
 
 import pytest
 import requests
 from sqlalchemy import text
 
-from webhook_service.logs import JsonFormatter, mask_phone
+from webhook_service.logs import JsonFormatter, mask_phone, mask_phones_in
 
 from .helpers import settle
 from .test_webhooks import create_session, play, send
@@ -131,6 +134,40 @@ def test_phone_numbers_are_masked_in_log_lines():
     line = JsonFormatter().format(record)
     assert "+14155552345" not in line and "14155550123" not in line and "447700900123" not in line
     assert "+1415***2345" in line and mask_phone("+14155552345") == "+1415***2345"
+
+
+@pytest.mark.parametrize(("written", "masked"), [
+    ("+1 415-555-0100", "+1415***0100"), ("+1 (415) 555-0100", "+1415***0100"), ("(415) 555-0100", "4155***0100"),
+    ("415.555.0100", "4155***0100"), ("a14155550100", "a1415***0100"), ("tel:+14155550100x", "tel:+1415***0100x"),
+    ("+44 7700 900123", "+4477***0123"), ("+91 98765 43210", "+9198***3210"), ("011 44 7700 900123", "0114***0123"),
+])
+def test_phone_numbers_written_with_spaces_dashes_or_letters_around_them_are_masked(written, masked):
+    record = logging.makeLogRecord({"msg": "call from %s", "args": (written,), "levelno": logging.INFO,
+                                    "levelname": "INFO", "to_number": f"to {written}."})
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == f"call from {masked}" and line["to_number"] == f"to {masked}."
+
+
+def test_a_number_in_the_sql_parameters_of_a_logged_traceback_is_masked(engine):
+    # What psycopg and SQLAlchemy put in the exception text: the statement and its parameters, as given.
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT CAST(:n AS integer), :m"), {"n": "+1 415-555-0100", "m": "a14155550123"})
+    except Exception:
+        record = logging.makeLogRecord({"msg": "unhandled error", "levelno": logging.ERROR, "levelname": "ERROR",
+                                        "exc_info": sys.exc_info()})
+    line = json.loads(JsonFormatter().format(record))
+    assert "parameters" in line["exception"] and "+1415***0100" in line["exception"]
+    assert "555-0100" not in line["exception"] and "4155550123" not in line["exception"]
+
+
+def test_uuids_and_hex_ids_are_never_masked():
+    # The matcher alone would find a "number" in about one UUID in five.
+    rng = random.Random(15)
+    for _ in range(500):
+        uuid, hex_id = str(uuid_module.UUID(int=rng.getrandbits(128), version=4)), f"{rng.getrandbits(128):032x}"
+        text = f"session {uuid} request {hex_id} sha {rng.getrandbits(256):064x}"
+        assert mask_phones_in(text) == text and mask_phones_in(uuid) == uuid and mask_phones_in(hex_id) == hex_id
 
 
 def test_session_uuids_that_start_with_digits_are_not_mistaken_for_phone_numbers():
