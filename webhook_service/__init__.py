@@ -18,7 +18,7 @@ from .persistence.db import Database
 from .plivo.client import PlivoClient
 from .services.projector import BackgroundProjector, Projector
 from .settings import Settings
-from .web.errors import register_error_handlers
+from .web.errors import register_body_framing, register_error_handlers
 
 access_log = logging.getLogger("webhook_service.access")
 
@@ -69,6 +69,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     register_error_handlers(app)
     _register_request_logging(app)
+    register_body_framing(app)  # after the request id is set: its 400 is logged with one
 
     from .web.health import bp as health_bp
     from .web.openapi import bp as openapi_bp
