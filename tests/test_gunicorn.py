@@ -113,3 +113,15 @@ def test_werkzeugs_server_answers_the_same_bodies_in_the_json_shape(live):
             assert 400 <= status < 500, f"{label}, {case}: {status} {rest[:300]!r}"
             json_error(answer_headers, rest)
 
+
+def test_gunicorns_request_limits_are_the_configured_ones(service):
+    # gunicorn refuses these itself, with an HTML page the app never sees (docs/deploy.md: the proxy in
+    # front refuses them first, in the JSON shape). The limits are gunicorn.conf.py's.
+    def get(line_length: int = 0, headers: int = 0, header_size: int = 0) -> int:
+        lines = [f"GET /healthz?{'x' * line_length} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+        lines += [f"X-Filler-{n}: 1" for n in range(headers)] + ([f"X-Big: {'b' * header_size}"] if header_size else [])
+        return exchange(service.port, ("\r\n".join(lines) + "\r\n\r\n").encode())[0]
+
+    assert get(line_length=4000) == 200 and get(line_length=4100) == 414  # limit_request_line 4094
+    assert get(headers=45) == 200 and get(headers=60) == 431  # limit_request_fields 50
+    assert get(header_size=4000) == 200 and get(header_size=5000) == 431  # limit_request_field_size 4096
