@@ -319,7 +319,8 @@ def build_document() -> dict[str, Any]:
                     "summary": "Create a Plivo masking session",
                     "description": "Calls Plivo once. The service sets the callback URLs itself. With an "
                                    "`Idempotency-Key`, a repeat returns the first response (header "
-                                   "`Idempotent-Replayed: true`), and a different body with the same key is 409.",
+                                   "`Idempotent-Replayed: true`), and a different body with the same key is 409. "
+                                   "Keys are per bearer token: another token's identical key is another request.",
                     "parameters": [{
                         "name": "Idempotency-Key", "in": "header", "required": False,
                         "schema": {"type": "string", "minLength": 1, "maxLength": 255},
