@@ -70,6 +70,57 @@ def test_prune_rejects_a_malformed_age(app):
     assert result.exit_code != 0 and "90d" in result.output
 
 
+ATTEMPT_STATES = ("pending", "succeeded", "failed", "unknown", "recovered", "not_found")
+
+
+def _attempts(engine, rows):
+    with engine.begin() as conn:
+        for state, days_old in rows:
+            conn.execute(text(
+                "INSERT INTO session_create_attempts (started_at, state, idempotency_key, request_hash, request_body,"
+                " plivo_params) VALUES (now() - make_interval(days => :days), :state, :key, 'h', '{}', '{}')"
+            ), {"days": days_old, "state": state, "key": f"{state}-{days_old}"})
+
+
+def _attempt_keys(engine):
+    with engine.connect() as conn:
+        return sorted(conn.execute(text("SELECT idempotency_key FROM session_create_attempts")).scalars())
+
+
+def test_prune_attempts_deletes_only_old_finished_create_attempts(app, engine):
+    _attempts(engine, [(state, days) for state in ATTEMPT_STATES for days in (400, 91, 89, 0)])
+    result = app.test_cli_runner().invoke(args=["sessions", "prune-attempts", "--older-than", "90d",
+                                                "--batch-size", "3"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1]) == {"deleted": 8}  # 4 finished states x 2 old ages
+    kept = [f"{state}-{days}" for state in ATTEMPT_STATES for days in (400, 91, 89, 0)
+            if state in ("pending", "unknown") or days < 90]
+    assert _attempt_keys(engine) == sorted(kept)
+
+
+def test_prune_attempts_skips_rows_a_live_transaction_holds_instead_of_waiting(app, engine):
+    _attempts(engine, [("succeeded", 100), ("failed", 100), ("not_found", 100)])
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_one_row():
+        with engine.begin() as conn:
+            conn.execute(text("SELECT id FROM session_create_attempts WHERE state = 'failed' FOR UPDATE"))
+            locked.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_one_row)
+    holder.start()
+    locked.wait(5)
+    try:
+        result = app.test_cli_runner().invoke(args=["sessions", "prune-attempts", "--older-than", "90d",
+                                                    "--batch-size", "1"])
+        assert json.loads(result.output.strip().splitlines()[-1]) == {"deleted": 2}
+    finally:
+        release.set()
+        holder.join()
+    assert _attempt_keys(engine) == ["failed-100"]
+
+
 def _samples(live) -> dict[str, float]:
     body = requests.get(live.url + "/metrics", timeout=5).text
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()

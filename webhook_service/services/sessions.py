@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, cast, func, literal, literal_column, or_, select, update
+from sqlalchemy import and_, cast, delete, func, literal, literal_column, or_, select, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Session
 
 from ..context import Context
 from ..domain.requests import CreateRequest, ListQuery, encode_cursor
+from ..domain.vocabulary import UNRESOLVED_ATTEMPT_STATES
 from ..errors import ApiError, Conflict, NotFound
 from ..logs import mask_phone
 from ..persistence.models import (
@@ -355,6 +356,37 @@ def resolve_pending_attempts(ctx: Context, *, grace: timedelta = timedelta(minut
         state = attempt.state if attempt else "missing"
         counts[state] = counts.get(state, 0) + 1
     return counts
+
+
+# Retention -----------------------------------------------------------------------------------
+
+
+def prune_attempts(ctx: Context, *, older_than: timedelta, batch_size: int = 1000, pause: float = 0.0) -> int:
+    """Delete finished create attempts started before `older_than` ago, in small batches; return how many.
+
+    Pending and unknown attempts are kept, whatever their age, until `resolve` settles them. The
+    sessions created stay (`masking_sessions`); what goes is each create's request, answer and
+    idempotency key, which is then free again (as Stripe forgets keys after a day). Each batch is its
+    own short transaction, walks the table in id order from where the last one stopped, and skips
+    rows another transaction holds (a replay answering from one), so nothing waits on it.
+    """
+    cutoff = datetime.now(UTC) - older_than
+    deleted = after = 0
+    while True:
+        oldest = (select(SessionCreateAttempt.id)
+                  .where(SessionCreateAttempt.id > after, SessionCreateAttempt.started_at < cutoff,
+                         SessionCreateAttempt.state.not_in(UNRESOLVED_ATTEMPT_STATES))
+                  .order_by(SessionCreateAttempt.id).limit(batch_size).with_for_update(skip_locked=True))
+        with ctx.db.engine.begin() as conn:
+            ids = conn.execute(delete(SessionCreateAttempt)
+                               .where(SessionCreateAttempt.id.in_(oldest.scalar_subquery()))
+                               .returning(SessionCreateAttempt.id)).scalars().all()
+        deleted += len(ids)
+        if len(ids) < batch_size:
+            return deleted
+        after = max(ids)
+        if pause:
+            time.sleep(pause)
 
 
 # Read, list ----------------------------------------------------------------------------------
