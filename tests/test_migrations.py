@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from webhook_service.migrate import alembic_config
 from webhook_service.persistence.db import sqlalchemy_url
@@ -128,3 +130,30 @@ def test_upgrading_from_0005_keeps_every_leg_total_and_recording(scratch_url, sa
         app.extensions["webhook_service"].close()
     with psycopg.connect(scratch_url) as pg:
         assert record(pg) == before
+
+
+def test_0007_scopes_idempotency_keys_per_token_and_its_downgrade_restores_one_key_space(scratch_url):
+    config = alembic_config(scratch_url)
+    command.upgrade(config, "0006")
+    engine = create_engine(sqlalchemy_url(scratch_url))
+    attempt = ("INSERT INTO session_create_attempts ({columns}idempotency_key, request_hash, request_body, "
+               "plivo_params) VALUES ({values}:key, 'h', '{{}}', '{{}}')")
+    with engine.begin() as conn:  # made before 0007: one key space
+        conn.execute(text(attempt.format(columns="", values="")), [{"key": "k1"}, {"key": "k2"}])
+    command.upgrade(config, "0007")
+    with_token = attempt.format(columns="token_id, ", values=":token, ")
+    with engine.begin() as conn:
+        assert conn.execute(text("SELECT count(*) FROM session_create_attempts WHERE token_id IS NULL")).scalar() == 2
+        # Each caller has its own k1 (none of them is the k1 from before 0007); a caller's k2 is unique.
+        conn.execute(text(with_token), [{"token": "a", "key": "k1"}, {"token": "b", "key": "k1"},
+                                        {"token": "a", "key": "k2"}])
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        conn.execute(text(with_token), {"token": "a", "key": "k2"})
+    command.downgrade(config, "0006")
+    with engine.connect() as conn:
+        keys = conn.execute(text("SELECT idempotency_key FROM session_create_attempts ORDER BY id")).scalars().all()
+    assert keys == ["k1", "k2", None, None, None]  # the earliest attempt keeps a shared key
+    with pytest.raises(IntegrityError), engine.begin() as conn:
+        conn.execute(text(attempt.format(columns="", values="")), {"key": "k1"})
+    engine.dispose()
+    command.upgrade(config, "head")

@@ -246,6 +246,48 @@ def test_metadata_over_16_kib_is_refused(client, auth, sandbox):
     assert "metadata" in assert_error(response, 400)["details"]["fields"]
 
 
+def test_a_body_of_90000_unknown_fields_gets_a_short_answer_listing_twenty(client, auth, sandbox):
+    # Just under the 1 MiB limit: the answer once listed every field (2.87 MB for 979 KB).
+    fields = {f"f{n:05d}": 0 for n in range(90_000)}
+    body = json.dumps({"first_party": FIRST, "second_party": SECOND} | fields, separators=(",", ":")).encode()
+    assert 900_000 < len(body) < 1024 * 1024
+    for method, path in (("post", "/v1/sessions"), ("patch", "/v1/sessions/some-uuid")):
+        response = getattr(client, method)(path, data=body, headers=auth | {"Content-Type": "application/json"})
+        if method == "patch":  # no such session: the 404 comes first, and is short too
+            assert_error(response, 404)
+            continue
+        answer = assert_error(response, 400)
+        assert len(response.get_data()) < 4096
+        assert answer["message"] == "90000 fields are invalid; the first 20 are listed"
+        assert answer["details"]["fields"] == {f"f{n:05d}": "is not a known field" for n in range(20)}
+        assert answer["details"]["fields_not_listed"] == 89_980
+    # One field with a 200 000-character name: named, but not echoed whole.
+    response = client.post("/v1/sessions", headers=auth, json={"first_party": FIRST, "second_party": SECOND,
+                                                                "n" * 200_000: 1})
+    answer = assert_error(response, 400)
+    assert len(response.get_data()) < 1024
+    assert answer["details"]["fields"] == {"n" * 100 + "…": "is not a known field"}
+    assert "fields_not_listed" not in answer["details"]
+
+
+@pytest.mark.parametrize("raw", ["²", "¹⁰", "١٠", "５", "9" * 5000, " 5", "+5", "5_0", "1e1", "-1"])
+def test_limit_takes_ascii_digits_only_and_says_so_in_its_own_words(client, auth, raw):
+    # int() reads "١٠" as 10 and fails on "²" (which str.isdigit() accepts) or on 5000 digits in
+    # Python's words ("invalid literal for int()", "Exceeds the limit"); the answer says what is expected.
+    response = client.get("/v1/sessions", headers=auth, query_string={"limit": raw})
+    answer = assert_error(response, 400)
+    assert answer["details"]["fields"] == {"limit": "must be a whole number from 1 to 100"}
+    assert "int()" not in response.get_data(as_text=True) and "literal" not in response.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("pin", ["١٢٣٤", "1234²", "１２３４"])
+def test_pins_take_ascii_digits_only(client, auth, sandbox, pin):
+    response = client.post("/v1/sessions", headers=auth, json={"first_party": FIRST, "second_party": SECOND,
+                                                                "first_party_pin": pin})
+    assert assert_error(response, 400)["details"]["fields"] == {"first_party_pin": "must be 4 to 15 digits"}
+    assert requests.get(sandbox.url + "/sandbox/requests", timeout=5).json()["requests"] == []
+
+
 def _chunks(data: bytes) -> Iterator[bytes]:
     for start in range(0, len(data), 8192):
         yield data[start:start + 8192]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -176,6 +177,38 @@ def test_same_idempotency_key_with_a_different_body_is_a_conflict(client, auth, 
     assert len(plivo_requests(sandbox, create_only=True)) == 1
 
 
+def test_an_idempotency_key_is_scoped_to_the_token_that_sent_it(client, auth, sandbox, db):
+    # Token B sends the key and body token A used: B gets a session of its own, never A's answer.
+    other = {"Authorization": "Bearer second-token-2"}
+    first = create(client, auth, None, **{"Idempotency-Key": "order-42"})
+    second = create(client, other, None, **{"Idempotency-Key": "order-42"})
+    assert first.status_code == second.status_code == 201
+    assert "Idempotent-Replayed" not in second.headers
+    assert second.get_json()["session_uuid"] != first.get_json()["session_uuid"]
+    assert len(plivo_requests(sandbox, create_only=True)) == 2
+    # Each token's repeat replays its own answer; each token's key conflicts only with its own body.
+    again_a, again_b = (create(client, h, None, **{"Idempotency-Key": "order-42"}) for h in (auth, other))
+    assert again_a.get_json() == first.get_json() and again_b.get_json() == second.get_json()
+    assert again_a.headers["Idempotent-Replayed"] == again_b.headers["Idempotent-Replayed"] == "true"
+    assert_error(create(client, other, {"first_party": FIRST, "second_party": "+14155552671"},
+                        **{"Idempotency-Key": "order-42"}), 409, "idempotency_key_reused")
+    assert len(plivo_requests(sandbox, create_only=True)) == 2
+    with db.transaction() as s:  # the caller is stored as an identifier of its token, never the token
+        token_ids = s.scalars(select(SessionCreateAttempt.token_id).order_by(SessionCreateAttempt.id)).all()
+    assert len(set(token_ids)) == 2 and all(len(t) == 64 for t in token_ids)
+    assert not {API_TOKEN, "second-token-2"} & set(token_ids)
+
+
+def test_every_token_sees_changes_and_expires_every_session(client, auth, sandbox):
+    # The trust model (docs/security.md): the tokens are one group of trusted internal callers.
+    other = {"Authorization": "Bearer second-token-2"}
+    uuid = create(client, auth).get_json()["session_uuid"]
+    assert client.get(f"/v1/sessions/{uuid}", headers=other).status_code == 200
+    assert [s["session_uuid"] for s in client.get("/v1/sessions", headers=other).get_json()["sessions"]] == [uuid]
+    assert client.patch(f"/v1/sessions/{uuid}", headers=other, json={"record": True}).status_code == 200
+    assert client.delete(f"/v1/sessions/{uuid}", headers=other).get_json()["status"] == "expired"
+
+
 def test_racing_requests_with_one_idempotency_key_create_one_session(app, auth, sandbox, db):
     # Plivo answers slowly, so the second request arrives while the first is still waiting.
     faults(sandbox, {"method": "POST", "path_contains": CREATE_PATH, "delay": 0.5, "after_effect": True})
@@ -345,6 +378,37 @@ def test_list_rejects_bad_filters(client, auth, sandbox, query, field):
     assert field in assert_error(response, 400, "invalid_request")["details"]["fields"]
 
 
+def _cursor(raw: str) -> str:
+    """A cursor made here, in the form `next_cursor` has (base64url of "time|id"), to forge one."""
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+ID_RANGE = "is not a cursor this API returned: its id must be a whole number from 1 to 9223372036854775807"
+
+
+@pytest.mark.parametrize(("raw", "problem"), [
+    ("2026-11-20T10:00:00+00:00|9223372036854775808", ID_RANGE),  # 2^63: NumericValueOutOfRange, a 500 before
+    ("2026-11-20T10:00:00+00:00|" + "9" * 40, ID_RANGE),
+    ("2026-11-20T10:00:00+00:00|0", ID_RANGE),
+    ("2026-11-20T10:00:00+00:00|-5", ID_RANGE),
+    ("2026-11-20T10:00:00+00:00| 5", ID_RANGE),
+    ("2026-11-20T10:00:00+00:00|١٢", ID_RANGE),  # Arabic-Indic digits, which int() reads
+    ("2026-11-20T10:00:00|12", "is not a cursor this API returned: its time has no UTC offset"),
+    ("yesterday|12", "is not a cursor this API returned"),
+    ("2026-11-20T10:00:00+00:00", "is not a cursor this API returned"),
+], ids=["2^63", "40 digits", "zero", "negative", "space", "arabic-indic", "no offset", "no time", "no id"])
+def test_list_refuses_a_forged_cursor_with_a_precise_400(client, auth, sandbox, raw, problem):
+    response = client.get("/v1/sessions", headers=auth, query_string={"cursor": _cursor(raw)})
+    assert assert_error(response, 400, "invalid_request")["details"]["fields"] == {"cursor": problem}
+
+
+@pytest.mark.parametrize("raw", ["2026-11-20T10:00:00+00:00|9223372036854775807", "0001-01-01T00:00:00+14:00|1",
+                                 "9999-12-31T23:59:59.999999-14:00|1"], ids=["2^63-1", "year 1", "year 9999"])
+def test_list_takes_any_cursor_within_the_ranges(client, auth, sandbox, raw):
+    response = client.get("/v1/sessions", headers=auth, query_string={"cursor": _cursor(raw)})
+    assert response.status_code == 200 and response.get_json() == {"sessions": [], "next_cursor": None}
+
+
 # Update, expire -----------------------------------------------------------------------------
 
 
@@ -439,15 +503,17 @@ def test_healthz_reports_the_mode_and_readyz_the_migration_and_the_projection_la
 
 def test_readyz_fails_while_the_schema_is_behind_this_codes_head(sandbox, scratch_url):
     from alembic import command
+    from alembic.script import ScriptDirectory
 
     from webhook_service.migrate import alembic_config
 
+    head = ScriptDirectory.from_config(alembic_config(scratch_url)).get_current_head()
     command.upgrade(alembic_config(scratch_url), "0005")
     app = create_app({"TESTING": True, "settings": make_settings(sandbox.url), "database_url": scratch_url})
     try:
         behind = app.test_client().get("/readyz")
         assert behind.status_code == 503
-        assert behind.get_json() == {"status": "unavailable", "database": "ok", "migration": "0005", "head": "0006"}
+        assert behind.get_json() == {"status": "unavailable", "database": "ok", "migration": "0005", "head": head}
         command.upgrade(alembic_config(scratch_url), "head")
         assert app.test_client().get("/readyz").status_code == 200
     finally:

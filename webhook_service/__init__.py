@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -17,9 +18,23 @@ from .persistence.db import Database
 from .plivo.client import PlivoClient
 from .services.projector import BackgroundProjector, Projector
 from .settings import Settings
-from .web.errors import register_error_handlers
+from .web.errors import register_body_framing, register_error_handlers
 
 access_log = logging.getLogger("webhook_service.access")
+
+# A caller's X-Request-Id is echoed and logged only if it is 1 to 128 characters, each an ASCII letter,
+# digit, ".", "_", ":" or "-": enough for UUIDs (with or without dashes), ULIDs, nginx's $request_id
+# and W3C trace ids, and nothing that could carry markup, quotes, spaces, control characters or a
+# payload (the review sent 8000 bytes). Any other value is replaced by a new id (uuid4 hex), as if
+# none had been sent.
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id(sent: str | None) -> str:
+    """The request's id: the caller's X-Request-Id if it is well formed (REQUEST_ID), else a new one."""
+    if sent and REQUEST_ID.fullmatch(sent):
+        return sent
+    return uuid.uuid4().hex
 
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
@@ -54,6 +69,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     register_error_handlers(app)
     _register_request_logging(app)
+    register_body_framing(app)  # after the request id is set: its 400 is logged with one
 
     from .web.health import bp as health_bp
     from .web.openapi import bp as openapi_bp
@@ -80,7 +96,7 @@ def _register_request_logging(app: Flask) -> None:
     @app.before_request
     def _start() -> None:
         g.started = time.perf_counter()
-        g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+        g.request_id = request_id(request.headers.get("X-Request-Id"))
 
     @app.after_request
     def _finish(response):

@@ -130,6 +130,17 @@ def callbacks_prune(older_than: str, batch_size: int) -> None:
     click.echo(json.dumps({"deleted": deleted}))
 
 
+@sessions_cli.command("prune-attempts")
+@click.option("--older-than", "older_than", default="90d", show_default=True, help="Age, e.g. 90d, 12h.")
+@click.option("--batch-size", default=1000, show_default=True)
+def sessions_prune_attempts(older_than: str, batch_size: int) -> None:
+    """Delete finished create attempts older than the given age (never pending or unknown ones; sessions stay)."""
+    from ..services.sessions import prune_attempts
+
+    deleted = prune_attempts(_ctx(), older_than=_duration(older_than), batch_size=batch_size)
+    click.echo(json.dumps({"deleted": deleted}))
+
+
 def register_cli(app: Flask) -> None:
     app.cli.add_command(db_cli)
     app.cli.add_command(sessions_cli)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -77,7 +78,8 @@ def _pin(name: str, value: Any) -> str:
     # leading zero is not lost.
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
-    if not isinstance(value, str) or not value.isdigit() or not 4 <= len(value) <= 15:
+    # ASCII digits only: str.isdigit() is also true of "²" and of other scripts' digits.
+    if not isinstance(value, str) or not (value.isascii() and value.isdigit()) or not 4 <= len(value) <= 15:
         raise ValueError("must be 4 to 15 digits")
     return value
 
@@ -162,10 +164,30 @@ def _json_object(body: Any) -> Mapping[str, Any]:
     return body
 
 
+# An error answer lists at most this many fields, each name cut at MAX_NAME_SHOWN characters: a body
+# of 90 000 unknown fields (or one field named with 900 KB) gets a short answer, not megabytes.
+# `details.fields_not_listed` counts the fields left out.
+MAX_FIELDS_LISTED = 20
+MAX_NAME_SHOWN = 100
+
+
+def _shown(name: str) -> str:
+    return name if len(name) <= MAX_NAME_SHOWN else name[:MAX_NAME_SHOWN] + "…"
+
+
 def _fail(errors: dict[str, str]) -> ApiError:
     first = next(iter(errors.items()))
-    summary = f"{first[0]} {first[1]}" if len(errors) == 1 else f"{len(errors)} fields are invalid"
-    return ApiError(summary, details={"fields": errors})
+    if len(errors) == 1:
+        summary = f"{_shown(first[0])} {first[1]}"
+    elif len(errors) <= MAX_FIELDS_LISTED:
+        summary = f"{len(errors)} fields are invalid"
+    else:
+        summary = f"{len(errors)} fields are invalid; the first {MAX_FIELDS_LISTED} are listed"
+    listed = dict(itertools.islice(((_shown(name), problem) for name, problem in errors.items()), MAX_FIELDS_LISTED))
+    details: dict[str, Any] = {"fields": listed}
+    if len(errors) > MAX_FIELDS_LISTED:
+        details["fields_not_listed"] = len(errors) - MAX_FIELDS_LISTED
+    return ApiError(summary, details=details)
 
 
 def validate_create(body: Any) -> CreateRequest:
@@ -269,13 +291,24 @@ def encode_cursor(created_at: datetime, row_id: int) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+MAX_ROW_ID = 2**63 - 1  # Postgres bigint: a larger id in a query is an error there, not "no rows"
+
+
 def _cursor(name: str, value: str) -> tuple[datetime, int]:
+    """`encode_cursor`'s output read back: a time with its UTC offset and a row id from 1 to 2^63 − 1.
+    Anything else (a forged or damaged cursor) is refused here, before it reaches Postgres."""
     try:
         raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode()
         stamp, row_id = raw.rsplit("|", 1)
-        return datetime.fromisoformat(stamp), int(row_id)
+        created_at = datetime.fromisoformat(stamp)
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise ValueError("is not a cursor this API returned") from None
+    if created_at.tzinfo is None or created_at.utcoffset() is None:
+        raise ValueError("is not a cursor this API returned: its time has no UTC offset")
+    # ASCII digits only (int() also reads " 7", "+7", "7_0" and other scripts' digits), at most 19 of them.
+    if not (row_id.isascii() and row_id.isdigit() and len(row_id) <= 19 and 1 <= int(row_id) <= MAX_ROW_ID):
+        raise ValueError(f"is not a cursor this API returned: its id must be a whole number from 1 to {MAX_ROW_ID}")
+    return created_at, int(row_id)
 
 
 def validate_list(args: Mapping[str, str]) -> ListQuery:
@@ -296,8 +329,9 @@ def validate_list(args: Mapping[str, str]) -> ListQuery:
             elif name in ("created_after", "created_before"):
                 values[name] = _timestamp(name, raw)
             elif name == "limit":
-                if not raw.isdigit() or not 1 <= int(raw) <= 100:
-                    raise ValueError("must be an integer between 1 and 100")
+                # ASCII digits only: int() also reads "²", "١٠" or " 5", and would say so in Python's words.
+                if not (raw.isascii() and raw.isdigit() and len(raw) <= 10 and 1 <= int(raw) <= 100):
+                    raise ValueError("must be a whole number from 1 to 100")
                 values[name] = int(raw)
             elif name == "cursor":
                 values[name] = _cursor(name, raw)

@@ -6,6 +6,8 @@ The models' CHECK constraints and the OpenAPI document are built from these, so 
 SESSION_STATUSES = ("active", "in-progress", "expired")
 SESSION_ORIGINS = ("api", "callback", "reconcile")
 ATTEMPT_STATES = ("pending", "succeeded", "failed", "unknown", "recovered", "not_found")
+# Attempts whose outcome is not settled yet (`flask sessions resolve` works on these; retention keeps them).
+UNRESOLVED_ATTEMPT_STATES = ("pending", "unknown")
 INBOX_STATUSES = ("recorded", "ignored", "failed")
 INBOX_ENDPOINTS = ("session", "recording")
 PARTIES = ("first", "second")

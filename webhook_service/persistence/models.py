@@ -20,6 +20,7 @@ from sqlalchemy import (
     Numeric,
     SmallInteger,
     Text,
+    UniqueConstraint,
     func,
     text,
 )
@@ -123,15 +124,17 @@ class MaskingSession(Base):
 
 
 class SessionCreateAttempt(Base):
-    """One `POST /v1/sessions`: its idempotency key, what we sent Plivo, and how it ended.
+    """One `POST /v1/sessions`: its caller and idempotency key, what we sent Plivo, and how it ended.
 
     The row is committed before Plivo is called, so a create whose outcome is unknown (a timeout
     after sending) is never forgotten: `flask sessions resolve` finds the session on Plivo later.
+    A key is unique per caller (`token_id`), not across callers.
     """
 
     __tablename__ = "session_create_attempts"
     __table_args__ = (
         CheckConstraint(f"state IN {ATTEMPT_STATES}", name="state"),
+        UniqueConstraint("token_id", "idempotency_key", name="uq_session_create_attempts_token_id_idempotency_key"),
         Index(
             "ix_session_create_attempts_unresolved",
             "started_at",
@@ -140,7 +143,10 @@ class SessionCreateAttempt(Base):
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    idempotency_key: Mapped[str | None] = mapped_column(Text, unique=True)
+    # The caller: `domain.callers.token_id` of the bearer token (never the token). NULL: made before
+    # revision 0007, when keys were shared by every token; such a row's key is nobody's to replay.
+    token_id: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(Text)
     request_hash: Mapped[str] = mapped_column(Text)
     request_body: Mapped[dict[str, Any]]
     plivo_params: Mapped[dict[str, Any]]

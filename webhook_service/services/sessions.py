@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, cast, func, literal, literal_column, or_, select, update
+from sqlalchemy import and_, cast, delete, func, literal, literal_column, or_, select, update
 from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Session
 
 from ..context import Context
 from ..domain.requests import CreateRequest, ListQuery, encode_cursor, validate_update
+from ..domain.vocabulary import UNRESOLVED_ATTEMPT_STATES
 from ..errors import ApiError, Conflict, NotFound
 from ..logs import mask_phone
 from ..persistence.models import (
@@ -108,8 +109,13 @@ def _request_hash(req: CreateRequest) -> str:
     return hashlib.sha256(json.dumps(req.canonical, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def create_session(ctx: Context, req: CreateRequest, idempotency_key: str | None) -> Result:
-    """Create a Plivo session for `req`, at most once per idempotency key."""
+def create_session(ctx: Context, req: CreateRequest, idempotency_key: str | None, *, token_id: str) -> Result:
+    """Create a Plivo session for `req`, at most once per idempotency key of the caller.
+
+    `token_id` identifies the bearer token that called (`domain.callers.token_id`): a key is the
+    caller's own, as Stripe scopes keys per account, so one caller's key never replays another's
+    response, and two callers that pick the same key (an order id) each get their own session.
+    """
     settings = ctx.settings
     plivo_params = dict(req.plivo_params) | {
         "callback_url": settings.session_callback_url,
@@ -122,6 +128,7 @@ def create_session(ctx: Context, req: CreateRequest, idempotency_key: str | None
         attempt_id = s.execute(
             insert(SessionCreateAttempt)
             .values(
+                token_id=token_id,
                 idempotency_key=idempotency_key,
                 request_hash=request_hash,
                 request_body=req.canonical,
@@ -129,12 +136,12 @@ def create_session(ctx: Context, req: CreateRequest, idempotency_key: str | None
                 first_party=req.plivo_params.get("first_party"),
                 second_party=req.plivo_params.get("second_party"),
             )
-            .on_conflict_do_nothing(index_elements=["idempotency_key"])
+            .on_conflict_do_nothing(index_elements=["token_id", "idempotency_key"])
             .returning(SessionCreateAttempt.id)
         ).scalar()
     if attempt_id is None:
-        # The key was used before (or is being used right now by a concurrent request).
-        return _replay(ctx, idempotency_key, request_hash)  # type: ignore[arg-type]
+        # The caller used the key before (or is using it right now in a concurrent request).
+        return _replay(ctx, token_id, idempotency_key, request_hash)  # type: ignore[arg-type]
 
     try:
         created = ctx.plivo.create_session(plivo_params)
@@ -249,14 +256,15 @@ def _store_created(ctx: Context, attempt_id: int, req: CreateRequest, plivo_para
     return row
 
 
-def _replay(ctx: Context, key: str, request_hash: str) -> Result:
-    """Answer a repeated idempotency key: the first response, or 409 if the body differs."""
+def _replay(ctx: Context, token_id: str, key: str, request_hash: str) -> Result:
+    """Answer a caller's repeated idempotency key: the first response, or 409 if the body differs."""
     deadline = time.monotonic() + sum(ctx.plivo.timeout) + 2
     delay = 0.02
     while True:
         with ctx.db.transaction() as s:
             attempt = s.scalars(
-                select(SessionCreateAttempt).where(SessionCreateAttempt.idempotency_key == key)
+                select(SessionCreateAttempt).where(SessionCreateAttempt.token_id == token_id,
+                                                   SessionCreateAttempt.idempotency_key == key)
             ).one_or_none()
         if attempt is None:
             # The first request freed its key (Plivo was unreachable) between our insert and
@@ -348,6 +356,37 @@ def resolve_pending_attempts(ctx: Context, *, grace: timedelta = timedelta(minut
         state = attempt.state if attempt else "missing"
         counts[state] = counts.get(state, 0) + 1
     return counts
+
+
+# Retention -----------------------------------------------------------------------------------
+
+
+def prune_attempts(ctx: Context, *, older_than: timedelta, batch_size: int = 1000, pause: float = 0.0) -> int:
+    """Delete finished create attempts started before `older_than` ago, in small batches; return how many.
+
+    Pending and unknown attempts are kept, whatever their age, until `resolve` settles them. The
+    sessions created stay (`masking_sessions`); what goes is each create's request, answer and
+    idempotency key, which is then free again (as Stripe forgets keys after a day). Each batch is its
+    own short transaction, walks the table in id order from where the last one stopped, and skips
+    rows another transaction holds (a replay answering from one), so nothing waits on it.
+    """
+    cutoff = datetime.now(UTC) - older_than
+    deleted = after = 0
+    while True:
+        oldest = (select(SessionCreateAttempt.id)
+                  .where(SessionCreateAttempt.id > after, SessionCreateAttempt.started_at < cutoff,
+                         SessionCreateAttempt.state.not_in(UNRESOLVED_ATTEMPT_STATES))
+                  .order_by(SessionCreateAttempt.id).limit(batch_size).with_for_update(skip_locked=True))
+        with ctx.db.engine.begin() as conn:
+            ids = conn.execute(delete(SessionCreateAttempt)
+                               .where(SessionCreateAttempt.id.in_(oldest.scalar_subquery()))
+                               .returning(SessionCreateAttempt.id)).scalars().all()
+        deleted += len(ids)
+        if len(ids) < batch_size:
+            return deleted
+        after = max(ids)
+        if pause:
+            time.sleep(pause)
 
 
 # Read, list ----------------------------------------------------------------------------------

@@ -154,7 +154,8 @@ def _response(description: str, schema: Mapping[str, Any], headers: Mapping[str,
 
 
 ERROR_RESPONSES: dict[str, dict[str, Any]] = {
-    "400": _response("Invalid input (`invalid_request`, naming each bad field in `details.fields`), or Plivo "
+    "400": _response("Invalid input (`invalid_request`, naming each bad field in `details.fields`: the first 20, "
+                     "with `details.fields_not_listed` counting the rest), or Plivo "
                      "refused the input.", ERROR),
     "401": _response("Missing or invalid bearer token (`unauthorized`).", ERROR, {
         "WWW-Authenticate": {"required": True, "schema": {"type": "string"}}}),
@@ -318,7 +319,8 @@ def build_document() -> dict[str, Any]:
                     "summary": "Create a Plivo masking session",
                     "description": "Calls Plivo once. The service sets the callback URLs itself. With an "
                                    "`Idempotency-Key`, a repeat returns the first response (header "
-                                   "`Idempotent-Replayed: true`), and a different body with the same key is 409.",
+                                   "`Idempotent-Replayed: true`), and a different body with the same key is 409. "
+                                   "Keys are per bearer token: another token's identical key is another request.",
                     "parameters": [{
                         "name": "Idempotency-Key", "in": "header", "required": False,
                         "schema": {"type": "string", "minLength": 1, "maxLength": 255},

@@ -8,6 +8,7 @@ from flask import Blueprint, current_app, g, jsonify, request
 
 from ..context import Context
 from ..domain import jsonbody
+from ..domain.callers import token_id
 from ..domain.requests import validate_create, validate_list
 from ..errors import ApiError, NotFound, Unauthorized
 from ..services import sessions as service
@@ -32,6 +33,8 @@ def require_bearer_token() -> None:
     if not ok:
         raise Unauthorized("The bearer token is not valid",
                            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
+    # Which caller this is (the token itself is never passed on or stored): its idempotency keys are its own.
+    g.token_id = token_id(token.strip())
 
 
 def _json_body():
@@ -58,7 +61,7 @@ def create_session():
     if key is not None and not 1 <= len(key.strip()) <= 255:
         raise ApiError("Idempotency-Key must be 1 to 255 characters")
     with ctx().plivo_slot():
-        result = service.create_session(ctx(), req, key.strip() if key else None)
+        result = service.create_session(ctx(), req, key.strip() if key else None, token_id=g.token_id)
     if result.status == 201:
         g.session_uuid = result.body.get("session_uuid")
     response = jsonify(result.body)
