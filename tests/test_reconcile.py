@@ -279,3 +279,37 @@ def test_a_callback_arriving_while_reconciliation_projects_is_counted_once(live,
         ("first", "callback", True), ("second", "callback", True)]
     assert [row.status for row in inbox_rows(engine)] == ["recorded"] * len(result["callbacks"])
     assert_daily_totals_match_a_recount(engine)
+
+
+def test_a_session_long_expired_and_reconciled_is_fetched_again_while_a_leg_has_no_end(live, sandbox, engine):
+    """The first party's hangup never came: its leg stays open. Long after the session expired and
+    was read settled, reconciliation still fetches it, and Plivo's record of the call closes the leg."""
+    uuid = create_session(live)
+    result = play(sandbox, uuid, deliver=False, duration=70)
+    for callback in result["callbacks"]:
+        if callback["params"]["EventName"] != "SessionFirstPartyHangup":
+            assert send(callback).status_code == 200
+    legs = legs_of(live, engine, uuid)
+    assert [(leg.party, leg.ended_at is None) for leg in legs] == [("first", True), ("second", False)]
+    with engine.begin() as conn:  # expired long ago, and already read settled since
+        conn.execute(text("UPDATE masking_sessions SET status = 'expired', expired_at = now() - interval '3 days', "
+                          "reconciled_at = now() - interval '2 days' WHERE session_uuid = :u"), {"u": uuid})
+    requests.delete(f"{sandbox.url}/sandbox/requests", timeout=5)
+
+    report = reconcile(ctx_of(live), now=datetime.now(UTC))
+    fetched = [r["path"] for r in requests.get(f"{sandbox.url}/sandbox/requests", timeout=5).json()["requests"]
+               if r["method"] == "GET"]
+    assert [path.rstrip("/").rsplit("/", 1)[1] for path in fetched] == [uuid]
+    assert report.checked == 1 and report.changed == 1 and report.errors == 0
+    legs = legs_of(live, engine, uuid)
+    assert [(leg.party, leg.ended_at is not None) for leg in legs] == [("first", True), ("second", True)]
+    plivo = result["session"]
+    row = session_row(live, engine, uuid)
+    assert (row["call_count"], row["billed_duration"]) == (plivo["total_call_count"],
+                                                           plivo["total_call_billed_duration"])
+    assert row["reconciled_at"] > row["expired_at"]
+    # Settled now: the next run leaves it alone.
+    requests.delete(f"{sandbox.url}/sandbox/requests", timeout=5)
+    reconcile(ctx_of(live), now=datetime.now(UTC))
+    assert [r for r in requests.get(f"{sandbox.url}/sandbox/requests", timeout=5).json()["requests"]
+            if r["method"] == "GET"] == []
