@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -244,11 +243,25 @@ def test_plivo_unreachable_is_502_and_frees_the_idempotency_key(app, auth, datab
     down.extensions["webhook_service"].close()
 
 
-def test_create_timeout_after_sending_is_504_and_resolved_later_without_a_duplicate(client, auth, app, sandbox, db):
-    # Plivo creates the session but answers after our 2 s read timeout.
-    faults(sandbox, {"method": "POST", "path_contains": CREATE_PATH, "delay": 3, "after_effect": True, "times": 1})
-    response = create(client, auth, {"first_party": FIRST, "second_party": SECOND, "external_ref": "o-7"},
-                      **{"Idempotency-Key": "k-timeout"})
+def impatient_app(database_url, sandbox):
+    """The app with a short Plivo read timeout, for the tests where the sandbox holds Plivo's answer."""
+    settings = make_settings(sandbox.url, PLIVO_READ_TIMEOUT=0.2)
+    return create_app({"TESTING": True, "settings": settings, "database_url": database_url})
+
+
+def test_create_timeout_after_sending_is_504_and_resolved_later_without_a_duplicate(client, auth, app, sandbox, db,
+                                                                                    database_url):
+    # Plivo creates the session but holds its answer past our read timeout (until the test releases it).
+    faults(sandbox, {"method": "POST", "path_contains": CREATE_PATH, "delay": 30, "after_effect": True, "times": 1})
+    impatient = impatient_app(database_url, sandbox)
+    try:
+        response = create(impatient.test_client(), auth,
+                          {"first_party": FIRST, "second_party": SECOND, "external_ref": "o-7"},
+                          **{"Idempotency-Key": "k-timeout"})
+        assert sandbox.state.wait_held(1)  # Plivo has not answered: it holds the request until released
+    finally:
+        sandbox.state.release_held()
+        impatient.extensions["webhook_service"].close()
     body = assert_error(response, 504, "plivo_timeout")
     assert body["details"]["outcome"] == "unknown"
     with db.transaction() as s:
@@ -397,10 +410,16 @@ def test_delete_expires_on_plivo_and_keeps_the_row(client, auth, sandbox, db):
     assert_error(client.patch(f"/v1/sessions/{uuid}", headers=auth, json={"ring_timeout": 30}), 409)
 
 
-def test_plivo_timeout_on_expire_is_504_and_leaves_the_row_active(client, auth, sandbox, db):
+def test_plivo_timeout_on_expire_is_504_and_leaves_the_row_active(client, auth, sandbox, db, database_url):
     uuid = create(client, auth).get_json()["session_uuid"]
-    faults(sandbox, {"method": "DELETE", "delay": 3})
-    assert_error(client.delete(f"/v1/sessions/{uuid}", headers=auth), 504, "plivo_timeout")
+    faults(sandbox, {"method": "DELETE", "delay": 30})
+    impatient = impatient_app(database_url, sandbox)
+    try:
+        assert_error(impatient.test_client().delete(f"/v1/sessions/{uuid}", headers=auth), 504, "plivo_timeout")
+        assert sandbox.state.wait_held(1)  # Plivo has not answered: it holds the request until released
+    finally:
+        sandbox.state.release_held()
+        impatient.extensions["webhook_service"].close()
     with db.transaction() as s:
         assert s.scalars(select(MaskingSession.status)).one() == "active"
 
@@ -456,28 +475,23 @@ def test_readyz_fails_while_the_schema_is_behind_this_codes_head(sandbox, scratc
 
 def test_slow_plivo_cannot_take_every_thread_of_a_worker(database_url, auth, sandbox):
     # One slot: while one create waits on a slow Plivo, the next is refused at once (503), so the
-    # worker's other threads stay free for Plivo's callbacks.
-    app = create_app({"TESTING": True, "settings": make_settings(sandbox.url, PLIVO_MAX_CONCURRENCY=1),
-                      "database_url": database_url})
-    faults(sandbox, {"method": "POST", "path_contains": CREATE_PATH, "delay": 1.0, "after_effect": True})
-    started = threading.Event()
+    # worker's other threads stay free for Plivo's callbacks. "At once": before Plivo answers the first.
+    settings = make_settings(sandbox.url, PLIVO_MAX_CONCURRENCY=1, PLIVO_READ_TIMEOUT=30)
+    app = create_app({"TESTING": True, "settings": settings, "database_url": database_url})
+    faults(sandbox, {"method": "POST", "path_contains": CREATE_PATH, "delay": 10, "after_effect": True})
     results = {}
-
-    def slow_create():
-        started.set()
-        results["slow"] = create(app.test_client(), auth)
-
-    thread = threading.Thread(target=slow_create)
+    thread = threading.Thread(target=lambda: results.update(slow=create(app.test_client(), auth)))
     thread.start()
-    started.wait()
-    time.sleep(0.3)
-    began = time.monotonic()
-    busy = create(app.test_client(), auth, {"first_party": FIRST, "second_party": "+14155552671"})
-    assert time.monotonic() - began < 0.5
-    assert_error(busy, 503, "plivo_busy")
-    assert busy.headers["Retry-After"] == "1"
-    assert app.test_client().get("/healthz").status_code == 200
-    thread.join()
+    try:
+        assert sandbox.state.wait_held(1)  # the first create holds the slot, and Plivo holds its answer
+        busy = create(app.test_client(), auth, {"first_party": FIRST, "second_party": "+14155552671"})
+        assert "slow" not in results and sandbox.state.held() == 1  # answered while Plivo still held the first
+        assert_error(busy, 503, "plivo_busy")
+        assert busy.headers["Retry-After"] == "1"
+        assert app.test_client().get("/healthz").status_code == 200
+    finally:
+        sandbox.state.release_held()
+        thread.join(30)
     assert results["slow"].status_code == 201
     assert len(plivo_requests(sandbox, create_only=True)) == 1
     app.extensions["webhook_service"].close()
