@@ -13,8 +13,9 @@ import requests
 from sqlalchemy import text
 
 from webhook_service import create_app
+from webhook_service.services.projector import run_worker
 
-from .helpers import LiveServer, free_port, make_settings, settle
+from .helpers import LiveServer, free_port, make_settings, settle, wait_until
 from .test_webhooks import AUTH, create_session, play, send, snapshot
 
 WAITING = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
@@ -212,3 +213,29 @@ def test_projecting_again_with_nothing_new_writes_nothing(live, sandbox, engine)
     assert snapshot(live, engine, uuid) == before
     with engine.connect() as conn:
         assert conn.execute(text("SELECT max(updated_at) FROM call_legs")).scalar() == updated
+
+
+def test_the_worker_loop_projects_what_is_left_due_until_it_is_stopped(database_url, sandbox, engine):
+    """`flask worker`'s loop (`run_worker`): facts stored while nothing projects (no web projector:
+    PROJECT_IN_WEB is off in the test apps) are projected by it, call after call, until it is stopped."""
+    live = quiet_live(database_url, sandbox)
+    projector = live.app.extensions["webhook_service"].projector
+    stop = threading.Event()
+    worker = threading.Thread(target=run_worker, args=(projector, stop), kwargs={"poll": 0.01}, daemon=True)
+    try:
+        uuid = create_session(live)
+        first = play(sandbox, uuid, duration=70)["session"]  # delivered: stored, and nothing projects them
+        assert queued(engine) > 0 and counters(engine, uuid) == (0, 0)
+        worker.start()
+        assert wait_until(lambda: queued(engine) == 0, alive=worker.is_alive), "the worker projected nothing"
+        assert counters(engine, uuid) == (2, first["total_call_billed_duration"])
+        # It keeps going: a later call's facts are projected as well.
+        second = play(sandbox, uuid, duration=130, caller="second")["session"]
+        assert wait_until(lambda: queued(engine) == 0, alive=worker.is_alive)
+        assert counters(engine, uuid) == (4, second["total_call_billed_duration"])
+        assert worker.is_alive()
+    finally:
+        stop.set()
+        worker.join(10)
+        live.stop()
+    assert not worker.is_alive()  # the stop event ends it
