@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import signal
+import subprocess
 import threading
 
 import requests
@@ -11,7 +14,7 @@ from sqlalchemy import text
 
 from webhook_service.logs import JsonFormatter, mask_phone
 
-from .helpers import settle
+from .helpers import FIRST, SECOND, flask_command, settle, store_callback, wait_until
 from .test_webhooks import create_session, play, send
 
 
@@ -121,3 +124,124 @@ def test_session_uuids_that_start_with_digits_are_not_mistaken_for_phone_numbers
     line = json.loads(JsonFormatter().format(record))
     assert line["message"] == "session 08040334-dde7-4d1b-9c9e-b4b653233c03"
     assert line["session_uuid"] == "12345678-dde7-4d1b-9c9e-b4b653233c03"
+
+
+# The operator's commands, run as commands -------------------------------------------------------
+
+
+class Output:
+    """A command's stdout lines, read by a thread, so that the test can wait for the next one."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, args=(proc.stdout,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.put(line)
+        self.lines.put(None)  # the process closed its output (it ended)
+
+    def next(self, timeout: float = 30.0) -> str | None:
+        return self.lines.get(timeout=timeout)
+
+    def rest(self, timeout: float = 30.0) -> list[str]:
+        lines = []
+        while (line := self.next(timeout)) is not None:
+            lines.append(line)
+        return lines
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    """SIGTERM, as a process manager stops a command; its exit code (a failure if it does not end)."""
+    try:
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sessions_reconcile_every_runs_repeatedly_until_sigterm(app, auth, database_url, sandbox, tmp_path):
+    uuid = app.test_client().post("/v1/sessions", headers=auth, json={"first_party": FIRST, "second_party": SECOND}
+                                  ).get_json()["session_uuid"]
+    errors = tmp_path / "stderr"
+    with open(errors, "w") as stderr:
+        proc = flask_command(["sessions", "reconcile", "--every", "0.1"], database_url, sandbox.url, stderr=stderr)
+    try:
+        output = Output(proc)
+        runs = [output.next() for _ in range(2)]
+        assert None not in runs, errors.read_text()
+    finally:
+        code = _stop(proc)
+    assert code == 0, errors.read_text()
+    runs += output.rest()  # a run under way when the signal came finishes; nothing starts after it
+    reports = [json.loads(line) for line in runs]
+    assert len(reports) in (2, 3)
+    assert all(report["checked"] == 1 and report["errors"] == 0 for report in reports), reports
+    fetched = [r for r in sandbox.state.request_log() if r["method"] == "GET" and uuid in r["path"]]
+    assert len(fetched) == len(reports)
+
+
+def test_the_worker_command_projects_what_is_due_reconciles_repeatedly_and_stops_on_sigterm(
+        app, auth, database_url, sandbox, engine, tmp_path):
+    active = app.test_client().post("/v1/sessions", headers=auth, json={"first_party": FIRST, "second_party": SECOND}
+                                    ).get_json()["session_uuid"]
+    uuid = "5a1c0e6e-0000-4000-8000-00000000w0rk"
+    params = {"EventName": "SessionFirstPartyHangup", "SessionUUID": uuid, "EventTimestamp": "2026-11-20 10:00:30",
+              "From": FIRST, "To": SECOND, "Duration": "30", "BilledDuration": "60", "Amount": "0.00850"}
+    assert store_callback(app, "session", params) == "recorded"  # stored; nothing projects in the test app
+
+    def projected() -> bool:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM projection_queue")).scalar() == 0
+
+    def reconciliations() -> int:  # each run fetches the active session from Plivo
+        return sum(1 for r in sandbox.state.request_log() if r["method"] == "GET" and active in r["path"])
+
+    assert not projected()
+    errors = tmp_path / "stderr"
+    with open(errors, "w") as stderr:
+        proc = flask_command(["worker", "--reconcile-every", "0.1", "--poll", "0.05"], database_url, sandbox.url,
+                             stderr=stderr)
+    try:
+        running = lambda: proc.poll() is None  # noqa: E731
+        assert wait_until(projected, timeout=30, alive=running), errors.read_text()
+        assert wait_until(lambda: reconciliations() >= 2, timeout=30, alive=running), errors.read_text()
+    finally:
+        code = _stop(proc)
+    assert code == 0, errors.read_text()
+    assert "Traceback" not in errors.read_text(), errors.read_text()
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT origin, call_count, billed_duration FROM masking_sessions"
+                                " WHERE session_uuid = :u"), {"u": uuid}).one()
+    assert tuple(row) == ("callback", 1, 60)
+
+
+def test_callbacks_replay_by_id_reads_only_that_row_again(app, engine):
+    uuids = [f"5a1c0e6e-0000-4000-8000-0000000re{n:03d}" for n in range(3)]
+    for n, uuid in enumerate(uuids):
+        params = {"EventName": "SessionTimeout", "SessionUUID": uuid, "EventTimestamp": f"2026-11-20 10:0{n}:00"}
+        assert store_callback(app, "session", params) == "recorded"
+    settle(app)
+    with engine.begin() as conn:  # two of them stored failed, as older code left some
+        ids = conn.execute(text("SELECT id FROM callback_inbox ORDER BY id")).scalars().all()
+        conn.execute(text("UPDATE callback_inbox SET status = 'failed', error = 'stranded' WHERE id <> :id"),
+                     {"id": ids[0]})
+
+    def rows():
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT id, status, error, attempts FROM callback_inbox ORDER BY id")).all()
+
+    before = rows()
+    runner = app.test_cli_runner()
+    result = runner.invoke(args=["callbacks", "replay", "--id", str(ids[1])])  # one of the failed ones
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1]) == {"recorded": 1}
+    assert rows() == [before[0], (ids[1], "recorded", None, before[1].attempts + 1), before[2]]
+
+    before = rows()
+    result = runner.invoke(args=["callbacks", "replay", "--id", str(ids[0])])  # a recorded one: read again too
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1]) == {"recorded": 1}
+    assert rows() == [(ids[0], "recorded", None, before[0].attempts + 1), before[1], before[2]]

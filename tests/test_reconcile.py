@@ -13,7 +13,7 @@ import requests
 from sqlalchemy import text
 
 from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
-from webhook_service.services.reconcile import RateLimiter, apply_plivo_session, reconcile
+from webhook_service.services.reconcile import RateLimiter, apply_plivo_session, reconcile, reconcile_every
 from webhook_service.settings import SANDBOX_AUTH_TOKEN
 
 from .helpers import settle
@@ -313,3 +313,19 @@ def test_a_session_long_expired_and_reconciled_is_fetched_again_while_a_leg_has_
     reconcile(ctx_of(live), now=datetime.now(UTC))
     assert [r for r in requests.get(f"{sandbox.url}/sandbox/requests", timeout=5).json()["requests"]
             if r["method"] == "GET"] == []
+
+
+def test_reconcile_every_stops_at_once_while_it_waits_for_its_next_run(live, sandbox):
+    """The worker and `sessions reconcile --every` wait between runs on their stop event: a SIGTERM
+    (which sets it) ends the wait, not the end of the interval (here an hour)."""
+    uuid = create_session(live)
+    stop, ran, reports = threading.Event(), threading.Event(), []
+    thread = threading.Thread(target=reconcile_every, args=(ctx_of(live), 3600, stop), daemon=True,
+                              kwargs={"report": lambda report: (reports.append(report), ran.set())})
+    thread.start()
+    assert ran.wait(30)
+    stop.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert [(r.checked, r.errors) for r in reports] == [(1, 0)]
+    assert len([r for r in sandbox.state.request_log() if r["method"] == "GET" and uuid in r["path"]]) == 1
