@@ -13,7 +13,16 @@ from webhook_service import create_app
 from webhook_service.persistence.models import MaskingSession, SessionCreateAttempt
 from webhook_service.services.sessions import resolve_pending_attempts
 
-from .helpers import API_TOKEN, FIRST, SECOND, make_settings, unavailable_database_url
+from .helpers import (
+    API_TOKEN,
+    FIRST,
+    SECOND,
+    make_settings,
+    settle,
+    signed_headers,
+    store_callback,
+    unavailable_database_url,
+)
 
 CREATE_PATH = "/Masking/Session"
 
@@ -441,6 +450,77 @@ def test_database_down_is_503_json(auth, sandbox):
     assert plivo_requests(sandbox) == []  # nothing is sent to Plivo that we could not record
     assert client.get("/readyz").status_code == 503
     assert client.get("/healthz").status_code == 200
+
+
+def _in_thread(call) -> tuple[threading.Event, dict]:
+    """Run `call()` in a thread; the event is set once it has returned (its result in the dict)."""
+    done, result = threading.Event(), {}
+
+    def run():
+        result["response"] = call()
+        done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done, result
+
+
+def test_a_request_blocked_on_the_database_answers_503_within_the_statement_timeout(database_url, auth, sandbox,
+                                                                                    engine):
+    """DB_STATEMENT_TIMEOUT_MS bounds each wait on Postgres: a request blocked on a lock the test holds,
+    or on a statement that does not end (an insert held by a trigger until the test opens a gate),
+    is answered 503 while the test still holds it, instead of hanging."""
+    app = create_app({"TESTING": True, "settings": make_settings(sandbox.url, DB_STATEMENT_TIMEOUT_MS=300),
+                      "database_url": database_url})
+    db = app.extensions["webhook_service"].db
+    with db.engine.connect() as conn:  # both pools' connections carry the setting
+        assert conn.execute(text("SELECT current_setting('statement_timeout'), current_setting('lock_timeout')")
+                            ).one() == ("300ms", "300ms")
+    with db.pg() as pg:
+        assert pg.execute("SELECT current_setting('statement_timeout')").fetchone() == ("300ms",)
+    uuid = "5a1c0e6e-0000-4000-8000-0000000000t0"
+    hangup = {"EventName": "SessionFirstPartyHangup", "SessionUUID": uuid, "EventTimestamp": "2026-11-20 10:00:30",
+              "BilledDuration": "60"}
+    assert store_callback(app, "session", hangup) == "recorded"
+    settle(app)
+    assert store_callback(app, "session", hangup | {"EventName": "SessionSecondPartyHangup"}) == "recorded"
+    try:
+        # 1. A read must project its session first (read-your-writes) and waits for the session's lock.
+        with engine.connect() as holder, holder.begin():
+            holder.execute(text("SELECT 1 FROM masking_sessions WHERE session_uuid = :u FOR UPDATE"), {"u": uuid})
+            done, result = _in_thread(lambda: app.test_client().get(f"/v1/sessions/{uuid}", headers=auth))
+            assert done.wait(10), "the read still waits for the lock the test holds"
+        assert_error(result["response"], 503, "database_unavailable")
+        assert result["response"].headers["Retry-After"] == "1"
+
+        # 2. A callback whose insert does not end (no lock involved: the trigger polls a gate).
+        with engine.begin() as conn:
+            conn.execute(text("""
+                CREATE TABLE statement_gate (opened boolean);
+                CREATE FUNCTION wait_for_the_gate() RETURNS trigger LANGUAGE plpgsql AS
+                $$ BEGIN
+                    WHILE NOT EXISTS (SELECT 1 FROM statement_gate) LOOP PERFORM pg_sleep(0.01); END LOOP;
+                    RETURN NEW;
+                END $$;
+                CREATE TRIGGER wait_for_the_gate BEFORE INSERT ON callback_inbox
+                   FOR EACH ROW EXECUTE FUNCTION wait_for_the_gate();
+            """))
+        try:
+            timeout = {"EventName": "SessionTimeout", "SessionUUID": uuid, "EventTimestamp": "2026-11-20 11:00:00"}
+            headers = signed_headers("POST", "http://127.0.0.1:9/webhooks/plivo/session", timeout)
+            done, result = _in_thread(lambda: app.test_client().post("/webhooks/plivo/session", data=timeout,
+                                                                     headers=headers))
+            assert done.wait(10), "the callback still waits for its insert"
+            assert_error(result["response"], 503, "database_unavailable")
+        finally:
+            with engine.begin() as conn:
+                conn.execute(text("INSERT INTO statement_gate VALUES (true)"))
+            with engine.begin() as conn:
+                conn.execute(text("DROP TRIGGER wait_for_the_gate ON callback_inbox; DROP FUNCTION wait_for_the_gate();"
+                                  " DROP TABLE statement_gate"))
+        with engine.connect() as conn:  # nothing of it was stored: Plivo will send it again
+            assert conn.execute(text("SELECT count(*) FROM callback_inbox")).scalar() == 2
+    finally:
+        app.extensions["webhook_service"].close()
 
 
 def test_healthz_reports_the_mode_and_readyz_the_migration_and_the_projection_lag(client, engine):
