@@ -12,11 +12,13 @@ from urllib.parse import urlencode
 import requests
 from sqlalchemy import text
 
+from webhook_service.plivo.client import PlivoClient
 from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
+from webhook_service.sandbox.server import SandboxServer
 from webhook_service.services.reconcile import RateLimiter, apply_plivo_session, reconcile, reconcile_every
-from webhook_service.settings import SANDBOX_AUTH_TOKEN
+from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN
 
-from .helpers import settle
+from .helpers import free_port, settle
 from .test_webhooks import (
     assert_daily_totals_match_a_recount,
     create_session,
@@ -185,6 +187,41 @@ def test_rate_limited_answers_are_retried(live, sandbox, engine):
     assert report.checked == 1 and report.errors == 0
     log = requests.get(f"{sandbox.url}/sandbox/requests", timeout=5).json()["requests"]
     assert [r["status"] for r in log if r["method"] == "GET" and uuid in r["path"]] == [429, 429, 200]
+
+
+def test_dropped_connections_to_plivo_are_retried(live, sandbox, engine):
+    """The sandbox closes the first two connections of the session's GET without answering."""
+    uuid = create_session(live)
+    requests.post(f"{sandbox.url}/sandbox/faults", json=[
+        {"method": "GET", "path_contains": uuid, "reset": True, "times": 2}], timeout=5).raise_for_status()
+    report = reconcile(ctx_of(live))
+    assert report.checked == 1 and report.errors == 0
+    assert session_row(live, engine, uuid)["reconciled_at"] is not None
+    log = requests.get(f"{sandbox.url}/sandbox/requests", timeout=5).json()["requests"]
+    assert [r["status"] for r in log if r["method"] == "GET" and uuid in r["path"]] == [None, None, 200]
+
+
+def test_a_refused_connection_to_plivo_is_retried():
+    """Plivo not listening at the first attempt, back by the second: the client's wait between the two
+    (its `sleep`) is where the test starts Plivo again, on the same port with the same sessions."""
+    port = free_port()
+    plivo = SandboxServer(port=port).start()
+    session_uuid = plivo.state.create({"first_party": "+14155550100", "second_party": "+14155550123"})["session_uuid"]
+    plivo.stop()  # connections to its port are refused now
+    waits = []
+
+    def plivo_comes_back(seconds: float) -> None:
+        waits.append(seconds)
+        plivo.start()
+
+    client = PlivoClient(f"http://127.0.0.1:{port}", SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN, connect_timeout=1,
+                         read_timeout=2, sleep=plivo_comes_back)
+    try:
+        assert client.get_session(session_uuid).session_uuid == session_uuid
+    finally:
+        plivo.stop()
+    assert len(waits) == 1  # one refused attempt, then the answer
+    assert [r["status"] for r in plivo.state.request_log()] == [200]
 
 
 def test_unreachable_plivo_is_counted_as_errors_and_changes_nothing(live, sandbox, engine):

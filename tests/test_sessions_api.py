@@ -291,6 +291,17 @@ def test_create_timeout_after_sending_is_504_and_resolved_later_without_a_duplic
     assert len(plivo_requests(sandbox, create_only=True)) == 1
 
 
+def test_a_create_whose_connection_drops_after_sending_is_an_unknown_outcome_never_retried(client, auth, sandbox,
+                                                                                          db):
+    # Plivo creates the session, then the connection drops before its answer: maybe created.
+    faults(sandbox, {"method": "POST", "path_contains": CREATE_PATH, "reset": True, "after_effect": True, "times": 1})
+    body = assert_error(create(client, auth), 504, "plivo_timeout")
+    assert body["details"]["outcome"] == "unknown"
+    assert [r["status"] for r in plivo_requests(sandbox, create_only=True)] == [None]  # asked once, no answer
+    with db.transaction() as s:
+        assert s.scalars(select(SessionCreateAttempt.state)).one() == "unknown"
+
+
 def test_unknown_create_that_plivo_never_made_is_marked_not_found(client, auth, app, sandbox, db):
     faults(sandbox, {"method": "POST", "path_contains": CREATE_PATH, "status": 503, "times": 1})
     assert_error(create(client, auth), 502)
