@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import signal
 import subprocess
 import threading
+import uuid as uuids
 
 import requests
 from sqlalchemy import text
 
 from webhook_service.logs import JsonFormatter, mask_phone
 
-from .helpers import FIRST, SECOND, flask_command, settle, store_callback, wait_until
+from .helpers import FIRST, SECOND, flask_command, settle, signed_headers, store_callback, wait_until
 from .test_webhooks import create_session, play, send
 
 
@@ -69,7 +71,12 @@ def test_prune_rejects_a_malformed_age(app):
 
 
 def _samples(live) -> dict[str, float]:
-    body = requests.get(live.url + "/metrics", timeout=5).text
+    return _scrape(live.url)
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """/metrics as {sample with its labels: value}."""
+    body = requests.get(url + "/metrics", timeout=5).text
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
             if line and not line.startswith("#")}
 
@@ -94,6 +101,50 @@ def test_metrics_count_callbacks_by_kind_and_outcome(live, sandbox, engine):
     assert 'plivo_api_calls_total{op="create",outcome="ok"}' in after
     assert 'http_request_duration_seconds_bucket{le="0.001",route="/webhooks/plivo/<any(session, recording):kind>",' \
            'status="2xx"}' in after
+
+
+RECORDED = 'plivo_callbacks_total{kind="session",outcome="recorded"}'
+
+
+def _recorded_by_worker(metrics_dir, pids) -> dict[int, float]:
+    """Each worker's own count of recorded session callbacks, from the file it writes its samples to."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    counts = {}
+    for pid in pids:
+        path = metrics_dir / f"counter_{pid}.db"
+        counts[pid] = sum(value for key, value, _, _ in (MmapedDict.read_all_values_from_file(path)
+                                                             if path.exists() else ())
+                          if json.loads(key)[1:3] == ["plivo_callbacks_total",
+                                                      {"kind": "session", "outcome": "recorded"}])
+    return counts
+
+
+def test_metrics_are_summed_across_gunicorn_workers(database_url, sandbox, engine, tmp_path):
+    """The real app under gunicorn with two workers: each worker takes a known share of the callbacks
+    (the other one is paused with SIGSTOP meanwhile), and /metrics, whichever worker answers, counts all."""
+    from .drills.harness import GunicornService, service_env
+
+    service = GunicornService(tmp_path, service_env(database_url, sandbox.url, WEB_CONCURRENCY="2")).start()
+    try:
+        workers = sorted(service.worker_pids())
+        assert len(workers) == 2
+        url = service.url + "/webhooks/plivo/session"
+        for paused, share in ((workers[0], 3), (workers[1], 2)):
+            os.kill(paused, signal.SIGSTOP)  # the other worker alone accepts connections meanwhile
+            try:
+                for _ in range(share):
+                    params = {"EventName": "SessionTimeout", "SessionUUID": str(uuids.uuid4()),
+                              "EventTimestamp": "2026-11-20 11:00:00"}
+                    response = requests.post(url, data=params, headers=signed_headers("POST", url, params), timeout=10)
+                    assert response.json() == {"status": "recorded"}
+            finally:
+                os.kill(paused, signal.SIGCONT)
+        assert _recorded_by_worker(tmp_path / "service-metrics", workers) == {workers[0]: 2, workers[1]: 3}
+        scrapes = [_scrape(service.url)[RECORDED] for _ in range(6)]  # answered by either worker
+        assert scrapes == [5] * 6
+    finally:
+        service.stop()
 
 
 def test_one_json_log_line_per_request_with_request_id_route_status_latency_and_session(app, auth, sandbox,
