@@ -81,9 +81,12 @@ def _scrape(url: str) -> dict[str, float]:
             if line and not line.startswith("#")}
 
 
+WEBHOOKS = 'route="/webhooks/plivo/<any(session, recording):kind>",status="2xx"'
+
+
 def test_metrics_count_callbacks_by_kind_and_outcome(live, sandbox, engine):
-    uuid = create_session(live, record=True)
     before = _samples(live)  # the counters live in this test process, across tests: compare increases
+    uuid = create_session(live, record=True)
     callbacks = play(sandbox, uuid, deliver=False)["callbacks"]  # 5 session events, 2 recording events
     for callback in callbacks + callbacks[:1]:
         send(callback)
@@ -97,10 +100,19 @@ def test_metrics_count_callbacks_by_kind_and_outcome(live, sandbox, engine):
     assert increase('plivo_callbacks_total{kind="recording",outcome="recorded"}') == 2
     assert increase('plivo_callbacks_total{kind="session",outcome="duplicate"}') == 1
     assert increase('projection_lag_seconds_count') == 7  # every fact's queue row, read once
+    assert increase('plivo_api_calls_total{op="create",outcome="ok"}') == 1
+    assert increase('http_request_duration_seconds_count{' + WEBHOOKS + '}') == 8
+    assert increase('http_request_duration_seconds_count{route="/v1/sessions",status="2xx"}') == 1
+    assert increase('http_request_duration_seconds_bucket{le="+Inf",' + WEBHOOKS + '}') == 8
     assert after["plivo_callback_inbox_failed"] == 0 and after["projection_oldest_due_seconds"] == 0
-    assert 'plivo_api_calls_total{op="create",outcome="ok"}' in after
-    assert 'http_request_duration_seconds_bucket{le="0.001",route="/webhooks/plivo/<any(session, recording):kind>",' \
-           'status="2xx"}' in after
+    # The gauges are read from the database at each scrape: a failed callback and a fact due for 42 s show.
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO callback_inbox (endpoint, method, params, dedupe_key, status, error)"
+                          " VALUES ('session', 'POST', '{}', 'failed-one', 'failed', 'for the gauge')"))
+        conn.execute(text("INSERT INTO projection_queue (session_uuid, queued_at)"
+                          " VALUES (:u, now() - interval '42 s')"), {"u": uuid})
+    later = _samples(live)
+    assert later["plivo_callback_inbox_failed"] == 1 and 42 <= later["projection_oldest_due_seconds"] < 60
 
 
 RECORDED = 'plivo_callbacks_total{kind="session",outcome="recorded"}'

@@ -550,6 +550,7 @@ def test_latest_call_from_the_second_party_that_is_not_answered(sandbox, receive
         "SessionFirstPartyFailed",
         "SessionSecondPartyComplete",
     ]  # no answer, so no recording
+    assert [got["params"]["EventName"] for got in receiver.requests] == event_names(result["callbacks"])
     for got in receiver.requests:
         assert_signed("POST", got["url"], got["headers"], got["params"])
     params = [c["params"] for c in result["callbacks"]]
@@ -586,7 +587,8 @@ def test_legacy_names_swap_when_the_second_party_calls(sandbox):
 
 def test_json_and_get_callbacks_are_signed_over_what_is_sent(sandbox, receiver):
     session_uuid = create(sandbox, callback_url=receiver.url + "/cb")["session_uuid"]
-    play(sandbox, session_uuid, encoding="json")
+    sent = play(sandbox, session_uuid, encoding="json")["callbacks"]
+    assert [got["params"] for got in receiver.requests] == [c["params"] for c in sent] and sent
     for got in receiver.requests:
         assert got["headers"]["Content-Type"] == "application/json"
         assert_signed("POST", got["url"], got["headers"], got["params"])

@@ -329,8 +329,10 @@ def test_get_session_returns_the_stored_row_with_counters(client, auth, sandbox)
                   ).get_json()["session_uuid"]
     body = client.get(f"/v1/sessions/{uuid}", headers=auth).get_json()
     assert body["session_uuid"] == uuid and body["external_ref"] == "o-1"
-    for counter in ("call_count", "billed_duration", "amount", "recording_count", "last_interaction_at"):
-        assert counter in body
+    assert {k: body[k] for k in ("call_count", "answered_call_count", "billed_duration", "amount", "recording_count",
+                                 "last_interaction_at", "projection_pending", "call_legs", "recordings")} == {
+        "call_count": 0, "answered_call_count": 0, "billed_duration": 0, "amount": "0.00000", "recording_count": 0,
+        "last_interaction_at": None, "projection_pending": False, "call_legs": [], "recordings": []}
     assert_error(client.get("/v1/sessions/no-such-session", headers=auth), 404, "not_found")
 
 
@@ -468,8 +470,10 @@ def _in_thread(call) -> tuple[threading.Event, dict]:
     done, result = threading.Event(), {}
 
     def run():
-        result["response"] = call()
-        done.set()
+        try:
+            result["response"] = call()
+        finally:
+            done.set()
 
     threading.Thread(target=run, daemon=True).start()
     return done, result
