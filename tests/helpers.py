@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
 import string
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +31,11 @@ def free_port() -> int:
 
 
 def make_settings(sandbox_url: str, public_base_url: str = "http://127.0.0.1:9", **overrides) -> Settings:
+    return Settings.from_env(settings_env(sandbox_url, public_base_url, **overrides))
+
+
+def settings_env(sandbox_url: str, public_base_url: str = "http://127.0.0.1:9", **overrides) -> dict[str, str]:
+    """The test settings as environment variables (for the service run as a command)."""
     env = {
         "PLIVO_AUTH_ID": SANDBOX_AUTH_ID,
         "PLIVO_AUTH_TOKEN": SANDBOX_AUTH_TOKEN,
@@ -42,7 +50,23 @@ def make_settings(sandbox_url: str, public_base_url: str = "http://127.0.0.1:9",
         "PROJECT_IN_WEB": "false",
     }
     env.update({k: str(v) for k, v in overrides.items()})
-    return Settings.from_env(env)
+    return env
+
+
+def wait_until(condition: Callable[[], bool], *, timeout: float = 10.0, alive: Callable[[], bool] = lambda: True
+               ) -> bool:
+    """Poll `condition` until it holds (True), `alive()` turns false or `timeout` seconds pass (False).
+
+    For what the test cannot be told about directly (another process's work, a row committed by a
+    thread of the service); never to give something time to happen.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if not alive() or time.monotonic() > deadline:
+            return condition()
+        time.sleep(0.01)
 
 
 class LiveServer:
@@ -168,3 +192,18 @@ def wait_for_lock(engine, query: str, timeout: float = 10.0) -> None:
                 return
         time.sleep(0.01)
     raise AssertionError(f"nothing came to wait on a lock in {query}")
+
+
+# Variables the service reads: never inherited from the environment of the test run.
+SERVICE_VARIABLES = ("DATABASE_URL", "PLIVO_", "PUBLIC_BASE_URL", "API_TOKENS", "DB_", "WEBHOOK_", "LOG_LEVEL",
+                     "PROJECT_IN_WEB", "CALLBACK_METHOD", "PROMETHEUS_MULTIPROC_DIR")
+
+
+def flask_command(args: list[str], database_url: str, sandbox_url: str, *, stderr=subprocess.DEVNULL,
+                  **overrides) -> subprocess.Popen:
+    """`python -m flask --app 'webhook_service:create_app()' <args>` in a process of its own, with the
+    test settings; its stdout is a text pipe, line-buffered."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith(SERVICE_VARIABLES)}
+    env = inherited | settings_env(sandbox_url, **overrides) | {"DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "flask", "--app", "webhook_service:create_app()", *args],
+                            env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1)

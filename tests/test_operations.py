@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import queue
 import random
 import re
+import signal
+import subprocess
 import sys
 import threading
 import uuid as uuid_module
@@ -16,7 +20,7 @@ from sqlalchemy import text
 
 from webhook_service.logs import JsonFormatter, mask_phone, mask_phones_in
 
-from .helpers import settle
+from .helpers import FIRST, SECOND, flask_command, settle, signed_headers, store_callback, wait_until
 from .test_webhooks import create_session, play, send
 
 
@@ -122,14 +126,22 @@ def test_prune_attempts_skips_rows_a_live_transaction_holds_instead_of_waiting(a
 
 
 def _samples(live) -> dict[str, float]:
-    body = requests.get(live.url + "/metrics", timeout=5).text
+    return _scrape(live.url)
+
+
+def _scrape(url: str) -> dict[str, float]:
+    """/metrics as {sample with its labels: value}."""
+    body = requests.get(url + "/metrics", timeout=5).text
     return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in body.splitlines()
             if line and not line.startswith("#")}
 
 
+WEBHOOKS = 'route="/webhooks/plivo/<any(session, recording):kind>",status="2xx"'
+
+
 def test_metrics_count_callbacks_by_kind_and_outcome(live, sandbox, engine):
-    uuid = create_session(live, record=True)
     before = _samples(live)  # the counters live in this test process, across tests: compare increases
+    uuid = create_session(live, record=True)
     callbacks = play(sandbox, uuid, deliver=False)["callbacks"]  # 5 session events, 2 recording events
     for callback in callbacks + callbacks[:1]:
         send(callback)
@@ -143,10 +155,63 @@ def test_metrics_count_callbacks_by_kind_and_outcome(live, sandbox, engine):
     assert increase('plivo_callbacks_total{kind="recording",outcome="recorded"}') == 2
     assert increase('plivo_callbacks_total{kind="session",outcome="duplicate"}') == 1
     assert increase('projection_lag_seconds_count') == 7  # every fact's queue row, read once
+    assert increase('plivo_api_calls_total{op="create",outcome="ok"}') == 1
+    assert increase('http_request_duration_seconds_count{' + WEBHOOKS + '}') == 8
+    assert increase('http_request_duration_seconds_count{route="/v1/sessions",status="2xx"}') == 1
+    assert increase('http_request_duration_seconds_bucket{le="+Inf",' + WEBHOOKS + '}') == 8
     assert after["plivo_callback_inbox_failed"] == 0 and after["projection_oldest_due_seconds"] == 0
-    assert 'plivo_api_calls_total{op="create",outcome="ok"}' in after
-    assert 'http_request_duration_seconds_bucket{le="0.001",route="/webhooks/plivo/<any(session, recording):kind>",' \
-           'status="2xx"}' in after
+    # The gauges are read from the database at each scrape: a failed callback and a fact due for 42 s show.
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO callback_inbox (endpoint, method, params, dedupe_key, status, error)"
+                          " VALUES ('session', 'POST', '{}', 'failed-one', 'failed', 'for the gauge')"))
+        conn.execute(text("INSERT INTO projection_queue (session_uuid, queued_at)"
+                          " VALUES (:u, now() - interval '42 s')"), {"u": uuid})
+    later = _samples(live)
+    assert later["plivo_callback_inbox_failed"] == 1 and 42 <= later["projection_oldest_due_seconds"] < 60
+
+
+RECORDED = 'plivo_callbacks_total{kind="session",outcome="recorded"}'
+
+
+def _recorded_by_worker(metrics_dir, pids) -> dict[int, float]:
+    """Each worker's own count of recorded session callbacks, from the file it writes its samples to."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    counts = {}
+    for pid in pids:
+        path = metrics_dir / f"counter_{pid}.db"
+        counts[pid] = sum(value for key, value, _, _ in (MmapedDict.read_all_values_from_file(path)
+                                                             if path.exists() else ())
+                          if json.loads(key)[1:3] == ["plivo_callbacks_total",
+                                                      {"kind": "session", "outcome": "recorded"}])
+    return counts
+
+
+def test_metrics_are_summed_across_gunicorn_workers(database_url, sandbox, engine, tmp_path):
+    """The real app under gunicorn with two workers: each worker takes a known share of the callbacks
+    (the other one is paused with SIGSTOP meanwhile), and /metrics, whichever worker answers, counts all."""
+    from .drills.harness import GunicornService, service_env
+
+    service = GunicornService(tmp_path, service_env(database_url, sandbox.url, WEB_CONCURRENCY="2")).start()
+    try:
+        workers = sorted(service.worker_pids())
+        assert len(workers) == 2
+        url = service.url + "/webhooks/plivo/session"
+        for paused, share in ((workers[0], 3), (workers[1], 2)):
+            os.kill(paused, signal.SIGSTOP)  # the other worker alone accepts connections meanwhile
+            try:
+                for _ in range(share):
+                    params = {"EventName": "SessionTimeout", "SessionUUID": str(uuid_module.uuid4()),
+                              "EventTimestamp": "2026-11-20 11:00:00"}
+                    response = requests.post(url, data=params, headers=signed_headers("POST", url, params), timeout=10)
+                    assert response.json() == {"status": "recorded"}
+            finally:
+                os.kill(paused, signal.SIGCONT)
+        assert _recorded_by_worker(tmp_path / "service-metrics", workers) == {workers[0]: 2, workers[1]: 3}
+        scrapes = [_scrape(service.url)[RECORDED] for _ in range(6)]  # answered by either worker
+        assert scrapes == [5] * 6
+    finally:
+        service.stop()
 
 
 def test_one_json_log_line_per_request_with_request_id_route_status_latency_and_session(app, auth, sandbox,
@@ -243,3 +308,124 @@ def test_sessions_project_projects_every_due_session_now(live, sandbox, engine, 
         assert conn.execute(text("SELECT count(*) FROM projection_queue")).scalar() == 0
         assert conn.execute(text("SELECT call_count FROM masking_sessions WHERE session_uuid = :u"),
                             {"u": uuid}).scalar() == 2
+
+
+# The operator's commands, run as commands -------------------------------------------------------
+
+
+class Output:
+    """A command's stdout lines, read by a thread, so that the test can wait for the next one."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, args=(proc.stdout,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.lines.put(line)
+        self.lines.put(None)  # the process closed its output (it ended)
+
+    def next(self, timeout: float = 30.0) -> str | None:
+        return self.lines.get(timeout=timeout)
+
+    def rest(self, timeout: float = 30.0) -> list[str]:
+        lines = []
+        while (line := self.next(timeout)) is not None:
+            lines.append(line)
+        return lines
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    """SIGTERM, as a process manager stops a command; its exit code (a failure if it does not end)."""
+    try:
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sessions_reconcile_every_runs_repeatedly_until_sigterm(app, auth, database_url, sandbox, tmp_path):
+    uuid = app.test_client().post("/v1/sessions", headers=auth, json={"first_party": FIRST, "second_party": SECOND}
+                                  ).get_json()["session_uuid"]
+    errors = tmp_path / "stderr"
+    with open(errors, "w") as stderr:
+        proc = flask_command(["sessions", "reconcile", "--every", "0.1"], database_url, sandbox.url, stderr=stderr)
+    try:
+        output = Output(proc)
+        runs = [output.next() for _ in range(2)]
+        assert None not in runs, errors.read_text()
+    finally:
+        code = _stop(proc)
+    assert code == 0, errors.read_text()
+    runs += output.rest()  # a run under way when the signal came finishes; nothing starts after it
+    reports = [json.loads(line) for line in runs]
+    assert len(reports) in (2, 3)
+    assert all(report["checked"] == 1 and report["errors"] == 0 for report in reports), reports
+    fetched = [r for r in sandbox.state.request_log() if r["method"] == "GET" and uuid in r["path"]]
+    assert len(fetched) == len(reports)
+
+
+def test_the_worker_command_projects_what_is_due_reconciles_repeatedly_and_stops_on_sigterm(
+        app, auth, database_url, sandbox, engine, tmp_path):
+    active = app.test_client().post("/v1/sessions", headers=auth, json={"first_party": FIRST, "second_party": SECOND}
+                                    ).get_json()["session_uuid"]
+    uuid = "5a1c0e6e-0000-4000-8000-00000000w0rk"
+    params = {"EventName": "SessionFirstPartyHangup", "SessionUUID": uuid, "EventTimestamp": "2026-11-20 10:00:30",
+              "From": FIRST, "To": SECOND, "Duration": "30", "BilledDuration": "60", "Amount": "0.00850"}
+    assert store_callback(app, "session", params) == "recorded"  # stored; nothing projects in the test app
+
+    def projected() -> bool:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM projection_queue")).scalar() == 0
+
+    def reconciliations() -> int:  # each run fetches the active session from Plivo
+        return sum(1 for r in sandbox.state.request_log() if r["method"] == "GET" and active in r["path"])
+
+    assert not projected()
+    errors = tmp_path / "stderr"
+    with open(errors, "w") as stderr:
+        proc = flask_command(["worker", "--reconcile-every", "0.1", "--poll", "0.05"], database_url, sandbox.url,
+                             stderr=stderr)
+    try:
+        running = lambda: proc.poll() is None  # noqa: E731
+        assert wait_until(projected, timeout=30, alive=running), errors.read_text()
+        assert wait_until(lambda: reconciliations() >= 2, timeout=30, alive=running), errors.read_text()
+    finally:
+        code = _stop(proc)
+    assert code == 0, errors.read_text()
+    assert "Traceback" not in errors.read_text(), errors.read_text()
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT origin, call_count, billed_duration FROM masking_sessions"
+                                " WHERE session_uuid = :u"), {"u": uuid}).one()
+    assert tuple(row) == ("callback", 1, 60)
+
+
+def test_callbacks_replay_by_id_reads_only_that_row_again(app, engine):
+    uuids = [f"5a1c0e6e-0000-4000-8000-0000000re{n:03d}" for n in range(3)]
+    for n, uuid in enumerate(uuids):
+        params = {"EventName": "SessionTimeout", "SessionUUID": uuid, "EventTimestamp": f"2026-11-20 10:0{n}:00"}
+        assert store_callback(app, "session", params) == "recorded"
+    settle(app)
+    with engine.begin() as conn:  # two of them stored failed, as older code left some
+        ids = conn.execute(text("SELECT id FROM callback_inbox ORDER BY id")).scalars().all()
+        conn.execute(text("UPDATE callback_inbox SET status = 'failed', error = 'stranded' WHERE id <> :id"),
+                     {"id": ids[0]})
+
+    def rows():
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT id, status, error, attempts FROM callback_inbox ORDER BY id")).all()
+
+    before = rows()
+    runner = app.test_cli_runner()
+    result = runner.invoke(args=["callbacks", "replay", "--id", str(ids[1])])  # one of the failed ones
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1]) == {"recorded": 1}
+    assert rows() == [before[0], (ids[1], "recorded", None, before[1].attempts + 1), before[2]]
+
+    before = rows()
+    result = runner.invoke(args=["callbacks", "replay", "--id", str(ids[0])])  # a recorded one: read again too
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1]) == {"recorded": 1}
+    assert rows() == [(ids[0], "recorded", None, before[0].attempts + 1), before[1], before[2]]

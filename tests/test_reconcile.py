@@ -11,11 +11,13 @@ from urllib.parse import urlencode
 import requests
 from sqlalchemy import text
 
+from webhook_service.plivo.client import PlivoClient
 from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
-from webhook_service.services.reconcile import RateLimiter, apply_plivo_session, reconcile
-from webhook_service.settings import SANDBOX_AUTH_TOKEN
+from webhook_service.sandbox.server import SandboxServer
+from webhook_service.services.reconcile import RateLimiter, apply_plivo_session, reconcile, reconcile_every
+from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN
 
-from .helpers import settle, wait_for_lock, writes_held
+from .helpers import free_port, settle, wait_for_lock, writes_held
 from .test_webhooks import (
     assert_daily_totals_match_a_recount,
     create_session,
@@ -186,6 +188,41 @@ def test_rate_limited_answers_are_retried(live, sandbox, engine):
     assert [r["status"] for r in log if r["method"] == "GET" and uuid in r["path"]] == [429, 429, 200]
 
 
+def test_dropped_connections_to_plivo_are_retried(live, sandbox, engine):
+    """The sandbox closes the first two connections of the session's GET without answering."""
+    uuid = create_session(live)
+    requests.post(f"{sandbox.url}/sandbox/faults", json=[
+        {"method": "GET", "path_contains": uuid, "reset": True, "times": 2}], timeout=5).raise_for_status()
+    report = reconcile(ctx_of(live))
+    assert report.checked == 1 and report.errors == 0
+    assert session_row(live, engine, uuid)["reconciled_at"] is not None
+    log = requests.get(f"{sandbox.url}/sandbox/requests", timeout=5).json()["requests"]
+    assert [r["status"] for r in log if r["method"] == "GET" and uuid in r["path"]] == [None, None, 200]
+
+
+def test_a_refused_connection_to_plivo_is_retried():
+    """Plivo not listening at the first attempt, back by the second: the client's wait between the two
+    (its `sleep`) is where the test starts Plivo again, on the same port with the same sessions."""
+    port = free_port()
+    plivo = SandboxServer(port=port).start()
+    session_uuid = plivo.state.create({"first_party": "+14155550100", "second_party": "+14155550123"})["session_uuid"]
+    plivo.stop()  # connections to its port are refused now
+    waits = []
+
+    def plivo_comes_back(seconds: float) -> None:
+        waits.append(seconds)
+        plivo.start()
+
+    client = PlivoClient(f"http://127.0.0.1:{port}", SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN, connect_timeout=1,
+                         read_timeout=2, sleep=plivo_comes_back)
+    try:
+        assert client.get_session(session_uuid).session_uuid == session_uuid
+    finally:
+        plivo.stop()
+    assert len(waits) == 1  # one refused attempt, then the answer
+    assert [r["status"] for r in plivo.state.request_log()] == [200]
+
+
 def test_unreachable_plivo_is_counted_as_errors_and_changes_nothing(live, sandbox, engine):
     uuid = create_session(live)
     requests.post(f"{sandbox.url}/sandbox/faults", json=[
@@ -257,3 +294,53 @@ def test_a_callback_arriving_while_reconciliation_projects_is_counted_once(live,
         ("first", "callback", True), ("second", "callback", True)]
     assert [row.status for row in inbox_rows(engine)] == ["recorded"] * len(result["callbacks"])
     assert_daily_totals_match_a_recount(engine)
+
+
+def test_a_session_long_expired_and_reconciled_is_fetched_again_while_a_leg_has_no_end(live, sandbox, engine):
+    """The first party's hangup never came: its leg stays open. Long after the session expired and
+    was read settled, reconciliation still fetches it, and Plivo's record of the call closes the leg."""
+    uuid = create_session(live)
+    result = play(sandbox, uuid, deliver=False, duration=70)
+    for callback in result["callbacks"]:
+        if callback["params"]["EventName"] != "SessionFirstPartyHangup":
+            assert send(callback).status_code == 200
+    legs = legs_of(live, engine, uuid)
+    assert [(leg.party, leg.ended_at is None) for leg in legs] == [("first", True), ("second", False)]
+    with engine.begin() as conn:  # expired long ago, and already read settled since
+        conn.execute(text("UPDATE masking_sessions SET status = 'expired', expired_at = now() - interval '3 days', "
+                          "reconciled_at = now() - interval '2 days' WHERE session_uuid = :u"), {"u": uuid})
+    requests.delete(f"{sandbox.url}/sandbox/requests", timeout=5)
+
+    report = reconcile(ctx_of(live), now=datetime.now(UTC))
+    fetched = [r["path"] for r in requests.get(f"{sandbox.url}/sandbox/requests", timeout=5).json()["requests"]
+               if r["method"] == "GET"]
+    assert [path.rstrip("/").rsplit("/", 1)[1] for path in fetched] == [uuid]
+    assert report.checked == 1 and report.changed == 1 and report.errors == 0
+    legs = legs_of(live, engine, uuid)
+    assert [(leg.party, leg.ended_at is not None) for leg in legs] == [("first", True), ("second", True)]
+    plivo = result["session"]
+    row = session_row(live, engine, uuid)
+    assert (row["call_count"], row["billed_duration"]) == (plivo["total_call_count"],
+                                                           plivo["total_call_billed_duration"])
+    assert row["reconciled_at"] > row["expired_at"]
+    # Settled now: the next run leaves it alone.
+    requests.delete(f"{sandbox.url}/sandbox/requests", timeout=5)
+    reconcile(ctx_of(live), now=datetime.now(UTC))
+    assert [r for r in requests.get(f"{sandbox.url}/sandbox/requests", timeout=5).json()["requests"]
+            if r["method"] == "GET"] == []
+
+
+def test_reconcile_every_stops_at_once_while_it_waits_for_its_next_run(live, sandbox):
+    """The worker and `sessions reconcile --every` wait between runs on their stop event: a SIGTERM
+    (which sets it) ends the wait, not the end of the interval (here an hour)."""
+    uuid = create_session(live)
+    stop, ran, reports = threading.Event(), threading.Event(), []
+    thread = threading.Thread(target=reconcile_every, args=(ctx_of(live), 3600, stop), daemon=True,
+                              kwargs={"report": lambda report: (reports.append(report), ran.set())})
+    thread.start()
+    assert ran.wait(30)
+    stop.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert [(r.checked, r.errors) for r in reports] == [(1, 0)]
+    assert len([r for r in sandbox.state.request_log() if r["method"] == "GET" and uuid in r["path"]]) == 1

@@ -462,6 +462,8 @@ def test_recording_and_play_urls_that_are_not_plivos_are_stored_and_never_fetche
     from webhook_service.services.reconcile import reconcile
 
     base, hits = trap
+    assert requests.get(f"{base}/control", timeout=5).status_code == 200 and hits == ["/control"]  # it records
+    hits.clear()
     created = requests.post(live.url + "/v1/sessions", headers=AUTH, timeout=10, json={
         "first_party": FIRST, "second_party": SECOND, "record": True,
         "first_party_play_url": f"{base}/play.mp3", "second_party_play_url": f"{base}/play2.mp3"})

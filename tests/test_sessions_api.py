@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -15,7 +14,17 @@ from webhook_service import create_app
 from webhook_service.persistence.models import MaskingSession, SessionCreateAttempt
 from webhook_service.services.sessions import resolve_pending_attempts
 
-from .helpers import API_TOKEN, FIRST, SECOND, make_settings, unavailable_database_url
+from .helpers import (
+    API_TOKEN,
+    FIRST,
+    SECOND,
+    make_settings,
+    settle,
+    signed_headers,
+    store_callback,
+    trigger_on,
+    unavailable_database_url,
+)
 
 CREATE_PATH = "/Masking/Session"
 
@@ -277,11 +286,25 @@ def test_plivo_unreachable_is_502_and_frees_the_idempotency_key(app, auth, datab
     down.extensions["webhook_service"].close()
 
 
-def test_create_timeout_after_sending_is_504_and_resolved_later_without_a_duplicate(client, auth, app, sandbox, db):
-    # Plivo creates the session but answers after our 2 s read timeout.
-    faults(sandbox, {"method": "POST", "path_contains": CREATE_PATH, "delay": 3, "after_effect": True, "times": 1})
-    response = create(client, auth, {"first_party": FIRST, "second_party": SECOND, "external_ref": "o-7"},
-                      **{"Idempotency-Key": "k-timeout"})
+def impatient_app(database_url, sandbox):
+    """The app with a short Plivo read timeout, for the tests where the sandbox holds Plivo's answer."""
+    settings = make_settings(sandbox.url, PLIVO_READ_TIMEOUT=0.2)
+    return create_app({"TESTING": True, "settings": settings, "database_url": database_url})
+
+
+def test_create_timeout_after_sending_is_504_and_resolved_later_without_a_duplicate(client, auth, app, sandbox, db,
+                                                                                    database_url):
+    # Plivo creates the session but holds its answer past our read timeout (until the test releases it).
+    faults(sandbox, {"method": "POST", "path_contains": CREATE_PATH, "delay": 30, "after_effect": True, "times": 1})
+    impatient = impatient_app(database_url, sandbox)
+    try:
+        response = create(impatient.test_client(), auth,
+                          {"first_party": FIRST, "second_party": SECOND, "external_ref": "o-7"},
+                          **{"Idempotency-Key": "k-timeout"})
+        assert sandbox.state.wait_held(1)  # Plivo has not answered: it holds the request until released
+    finally:
+        sandbox.state.release_held()
+        impatient.extensions["webhook_service"].close()
     body = assert_error(response, 504, "plivo_timeout")
     assert body["details"]["outcome"] == "unknown"
     with db.transaction() as s:
@@ -300,6 +323,17 @@ def test_create_timeout_after_sending_is_504_and_resolved_later_without_a_duplic
                    **{"Idempotency-Key": "k-timeout"})
     assert retry.status_code == 201 and retry.get_json()["session_uuid"] == row.session_uuid
     assert len(plivo_requests(sandbox, create_only=True)) == 1
+
+
+def test_a_create_whose_connection_drops_after_sending_is_an_unknown_outcome_never_retried(client, auth, sandbox,
+                                                                                          db):
+    # Plivo creates the session, then the connection drops before its answer: maybe created.
+    faults(sandbox, {"method": "POST", "path_contains": CREATE_PATH, "reset": True, "after_effect": True, "times": 1})
+    body = assert_error(create(client, auth), 504, "plivo_timeout")
+    assert body["details"]["outcome"] == "unknown"
+    assert [r["status"] for r in plivo_requests(sandbox, create_only=True)] == [None]  # asked once, no answer
+    with db.transaction() as s:
+        assert s.scalars(select(SessionCreateAttempt.state)).one() == "unknown"
 
 
 def test_unknown_create_that_plivo_never_made_is_marked_not_found(client, auth, app, sandbox, db):
@@ -329,8 +363,10 @@ def test_get_session_returns_the_stored_row_with_counters(client, auth, sandbox)
                   ).get_json()["session_uuid"]
     body = client.get(f"/v1/sessions/{uuid}", headers=auth).get_json()
     assert body["session_uuid"] == uuid and body["external_ref"] == "o-1"
-    for counter in ("call_count", "billed_duration", "amount", "recording_count", "last_interaction_at"):
-        assert counter in body
+    assert {k: body[k] for k in ("call_count", "answered_call_count", "billed_duration", "amount", "recording_count",
+                                 "last_interaction_at", "projection_pending", "call_legs", "recordings")} == {
+        "call_count": 0, "answered_call_count": 0, "billed_duration": 0, "amount": "0.00000", "recording_count": 0,
+        "last_interaction_at": None, "projection_pending": False, "call_legs": [], "recordings": []}
     assert_error(client.get("/v1/sessions/no-such-session", headers=auth), 404, "not_found")
 
 
@@ -461,10 +497,16 @@ def test_delete_expires_on_plivo_and_keeps_the_row(client, auth, sandbox, db):
     assert_error(client.patch(f"/v1/sessions/{uuid}", headers=auth, json={"ring_timeout": 30}), 409)
 
 
-def test_plivo_timeout_on_expire_is_504_and_leaves_the_row_active(client, auth, sandbox, db):
+def test_plivo_timeout_on_expire_is_504_and_leaves_the_row_active(client, auth, sandbox, db, database_url):
     uuid = create(client, auth).get_json()["session_uuid"]
-    faults(sandbox, {"method": "DELETE", "delay": 3})
-    assert_error(client.delete(f"/v1/sessions/{uuid}", headers=auth), 504, "plivo_timeout")
+    faults(sandbox, {"method": "DELETE", "delay": 30})
+    impatient = impatient_app(database_url, sandbox)
+    try:
+        assert_error(impatient.test_client().delete(f"/v1/sessions/{uuid}", headers=auth), 504, "plivo_timeout")
+        assert sandbox.state.wait_held(1)  # Plivo has not answered: it holds the request until released
+    finally:
+        sandbox.state.release_held()
+        impatient.extensions["webhook_service"].close()
     with db.transaction() as s:
         assert s.scalars(select(MaskingSession.status)).one() == "active"
 
@@ -486,6 +528,74 @@ def test_database_down_is_503_json(auth, sandbox):
     assert plivo_requests(sandbox) == []  # nothing is sent to Plivo that we could not record
     assert client.get("/readyz").status_code == 503
     assert client.get("/healthz").status_code == 200
+
+
+def _in_thread(call) -> tuple[threading.Event, dict]:
+    """Run `call()` in a thread; the event is set once it has returned (its result in the dict)."""
+    done, result = threading.Event(), {}
+
+    def run():
+        try:
+            result["response"] = call()
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return done, result
+
+
+def test_a_request_blocked_on_the_database_answers_503_within_the_statement_timeout(database_url, auth, sandbox,
+                                                                                    engine):
+    """DB_STATEMENT_TIMEOUT_MS bounds each wait on Postgres: a request blocked on a lock the test holds,
+    or on a statement that does not end (an insert held by a trigger until the test opens a gate),
+    is answered 503 while the test still holds it, instead of hanging."""
+    app = create_app({"TESTING": True, "settings": make_settings(sandbox.url, DB_STATEMENT_TIMEOUT_MS=300),
+                      "database_url": database_url})
+    db = app.extensions["webhook_service"].db
+    with db.engine.connect() as conn:  # both pools' connections carry the setting
+        assert conn.execute(text("SELECT current_setting('statement_timeout'), current_setting('lock_timeout')")
+                            ).one() == ("300ms", "300ms")
+    with db.pg() as pg:
+        assert pg.execute("SELECT current_setting('statement_timeout')").fetchone() == ("300ms",)
+    uuid = "5a1c0e6e-0000-4000-8000-0000000000t0"
+    hangup = {"EventName": "SessionFirstPartyHangup", "SessionUUID": uuid, "EventTimestamp": "2026-11-20 10:00:30",
+              "BilledDuration": "60"}
+    assert store_callback(app, "session", hangup) == "recorded"
+    settle(app)
+    assert store_callback(app, "session", hangup | {"EventName": "SessionSecondPartyHangup"}) == "recorded"
+    try:
+        # 1. A read must project its session first (read-your-writes) and waits for the session's lock.
+        with engine.connect() as holder, holder.begin():
+            holder.execute(text("SELECT 1 FROM masking_sessions WHERE session_uuid = :u FOR UPDATE"), {"u": uuid})
+            done, result = _in_thread(lambda: app.test_client().get(f"/v1/sessions/{uuid}", headers=auth))
+            assert done.wait(10), "the read still waits for the lock the test holds"
+        assert_error(result["response"], 503, "database_unavailable")
+        assert result["response"].headers["Retry-After"] == "1"
+
+        # 2. A callback whose insert does not end (no lock involved: the trigger polls a gate).
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE statement_gate (opened boolean)"))
+        waits = "WHILE NOT EXISTS (SELECT 1 FROM statement_gate) LOOP PERFORM pg_sleep(0.01); END LOOP"
+        try:
+            with trigger_on(engine, "callback_inbox", waits):
+                try:
+                    timeout = {"EventName": "SessionTimeout", "SessionUUID": uuid,
+                               "EventTimestamp": "2026-11-20 11:00:00"}
+                    headers = signed_headers("POST", "http://127.0.0.1:9/webhooks/plivo/session", timeout)
+                    done, result = _in_thread(lambda: app.test_client().post("/webhooks/plivo/session",
+                                                                             data=timeout, headers=headers))
+                    assert done.wait(10), "the callback still waits for its insert"
+                    assert_error(result["response"], 503, "database_unavailable")
+                finally:
+                    with engine.begin() as conn:
+                        conn.execute(text("INSERT INTO statement_gate VALUES (true)"))
+        finally:
+            with engine.begin() as conn:
+                conn.execute(text("DROP TABLE statement_gate"))
+        with engine.connect() as conn:  # nothing of it was stored: Plivo will send it again
+            assert conn.execute(text("SELECT count(*) FROM callback_inbox")).scalar() == 2
+    finally:
+        app.extensions["webhook_service"].close()
 
 
 def test_healthz_reports_the_mode_and_readyz_the_migration_and_the_projection_lag(client, engine):
@@ -522,28 +632,23 @@ def test_readyz_fails_while_the_schema_is_behind_this_codes_head(sandbox, scratc
 
 def test_slow_plivo_cannot_take_every_thread_of_a_worker(database_url, auth, sandbox):
     # One slot: while one create waits on a slow Plivo, the next is refused at once (503), so the
-    # worker's other threads stay free for Plivo's callbacks.
-    app = create_app({"TESTING": True, "settings": make_settings(sandbox.url, PLIVO_MAX_CONCURRENCY=1),
-                      "database_url": database_url})
-    faults(sandbox, {"method": "POST", "path_contains": CREATE_PATH, "delay": 1.0, "after_effect": True})
-    started = threading.Event()
+    # worker's other threads stay free for Plivo's callbacks. "At once": before Plivo answers the first.
+    settings = make_settings(sandbox.url, PLIVO_MAX_CONCURRENCY=1, PLIVO_READ_TIMEOUT=30)
+    app = create_app({"TESTING": True, "settings": settings, "database_url": database_url})
+    faults(sandbox, {"method": "POST", "path_contains": CREATE_PATH, "delay": 10, "after_effect": True})
     results = {}
-
-    def slow_create():
-        started.set()
-        results["slow"] = create(app.test_client(), auth)
-
-    thread = threading.Thread(target=slow_create)
+    thread = threading.Thread(target=lambda: results.update(slow=create(app.test_client(), auth)))
     thread.start()
-    started.wait()
-    time.sleep(0.3)
-    began = time.monotonic()
-    busy = create(app.test_client(), auth, {"first_party": FIRST, "second_party": "+14155552671"})
-    assert time.monotonic() - began < 0.5
-    assert_error(busy, 503, "plivo_busy")
-    assert busy.headers["Retry-After"] == "1"
-    assert app.test_client().get("/healthz").status_code == 200
-    thread.join()
+    try:
+        assert sandbox.state.wait_held(1)  # the first create holds the slot, and Plivo holds its answer
+        busy = create(app.test_client(), auth, {"first_party": FIRST, "second_party": "+14155552671"})
+        assert "slow" not in results and sandbox.state.held() == 1  # answered while Plivo still held the first
+        assert_error(busy, 503, "plivo_busy")
+        assert busy.headers["Retry-After"] == "1"
+        assert app.test_client().get("/healthz").status_code == 200
+    finally:
+        sandbox.state.release_held()
+        thread.join(30)
     assert results["slow"].status_code == 201
     assert len(plivo_requests(sandbox, create_only=True)) == 1
     app.extensions["webhook_service"].close()

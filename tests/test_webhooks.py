@@ -328,6 +328,47 @@ def test_callback_for_an_unknown_session_creates_it_as_discovered(live, engine):
     assert body["call_count"] == 1 and body["billed_duration"] == 60 and body["amount"] == "0.00850"
 
 
+# Each leg's (Duration, BilledDuration, Amount) as sent, and what must be kept of them (None: dropped).
+BILLING_VALUES = [
+    (("60", "60", "0.00850"), (60, 60, "0.00850")),
+    (("-1", "-60", "0.00850"), (None, None, "0.00850")),  # negative seconds: dropped (Duration=-1)
+    (("60.5", "60.5", "0.00425"), (None, None, "0.00425")),  # not a whole number of seconds: dropped, not 60
+    (("1e12", "1e12", "1e12"), (None, None, None)),  # out of range
+    (("99999999999", "99999999999", "99999999999"), (None, None, None)),
+    (("abc", "abc", "abc"), (None, None, None)),  # not numbers
+    (("NaN", "NaN", "NaN"), (None, None, None)),
+    (("-0", "6E1", "0.01700"), (0, 60, "0.01700")),  # odd spellings of whole numbers are numbers
+    (("95", "120", "0.01700"), (95, 120, "0.01700")),
+]
+
+
+def test_billing_values_out_of_range_fractional_or_not_numbers_are_dropped_from_the_totals(live, sandbox, engine):
+    """docs/security.md: a bad Duration, BilledDuration or Amount is "unknown", never counted; the
+    rest of the callback applies (its leg counts, with the values that were good)."""
+    uuid = create_session(live)
+    for i, ((duration, billed, amount), _) in enumerate(BILLING_VALUES):
+        party = "First" if i % 2 == 0 else "Second"
+        params = {"EventName": f"Session{party}PartyHangup", "SessionUUID": uuid,
+                  "EventTimestamp": f"2026-11-20 10:{i:02d}:30", "From": FIRST, "To": SECOND,
+                  "Duration": duration, "BilledDuration": billed, "Amount": amount,
+                  "PlivoHangupCause": "NORMAL_CLEARING", "PlivoHangupCauseCode": "4000"}
+        assert _signed(live, params).json() == {"status": "recorded"}, params
+    body = requests.get(f"{live.url}/v1/sessions/{uuid}", headers=AUTH, timeout=10).json()
+    kept = [kept for _, kept in BILLING_VALUES]
+    legs = sorted(body["call_legs"], key=lambda leg: leg["ended_at"])
+    assert [(leg["duration"], leg["billed_duration"], leg["amount"]) for leg in legs] == kept
+    assert body["call_count"] == len(BILLING_VALUES)
+    assert body["billed_duration"] == 60 + 60 + 120
+    assert Decimal(body["amount"]) == Decimal("0.00850") * 2 + Decimal("0.00425") + Decimal("0.01700") * 2
+    with engine.connect() as conn:
+        daily = conn.execute(text(
+            "SELECT day::text, sum(call_legs), sum(answered_legs), sum(billed_duration), sum(amount),"
+            " sum(sessions_with_calls) FROM daily_call_totals GROUP BY day")).all()
+    assert [tuple(row) for row in daily] == [
+        ("2026-11-20", len(BILLING_VALUES), 0, 240, Decimal(body["amount"]), 1)]
+    assert_daily_totals_match_a_recount(engine)
+
+
 def test_callbacks_come_by_the_configured_method_only(live, database_url, sandbox, engine):
     params = {"EventName": "SessionTimeout", "SessionUUID": "5a1c0e6e-0000-4000-8000-000000000003",
               "EventTimestamp": "2026-11-20 11:00:00", "VirtualNumber": "+16505550199", "SequenceNumber": "9"}

@@ -75,13 +75,14 @@ def worker(reconcile_every: float, poll: float) -> None:
     SIGTERM or SIGINT stops it after the batch in hand (a batch cut short is rolled back and
     projected again by whoever comes next).
     """
+    from ..services import reconcile
     from ..services.projector import run_worker
-    from ..services.reconcile import reconcile_every
 
     ctx = _ctx()
     stop = _stop_on_signals()
-    reconciler = threading.Thread(target=reconcile_every, args=(ctx, reconcile_every, stop), name="reconcile",
-                                  daemon=True)
+    # (`reconcile_every` is the option's value here, the seconds; the function is reconcile.reconcile_every.)
+    reconciler = threading.Thread(target=reconcile.reconcile_every, args=(ctx, reconcile_every, stop),
+                                  name="reconcile", daemon=True)
     reconciler.start()
     logging.getLogger(__name__).info("worker started: projecting, and reconciling every %g s", reconcile_every)
     run_worker(ctx.projector, stop, poll=poll)

@@ -9,7 +9,7 @@ Reading is strict: a callback this service acts on needs its `SessionUUID` and a
 `EventTimestamp` that parses (a fact is never dated by its arrival); without them it is stored
 as `failed`, with the reason. A callback with an event this service does not act on is stored as
 `ignored`. Numbers are normalised to E.164, counts and money parsed by `domain.values` (a negative
-duration or a non-finite amount is dropped, never counted).
+or fractional duration, or a non-finite amount, is dropped, never counted).
 """
 
 from __future__ import annotations

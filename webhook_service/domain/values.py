@@ -59,9 +59,15 @@ def to_decimal(value: Any) -> Decimal | None:
 
 
 def to_int(value: Any) -> int | None:
-    """A count or a number of seconds: a whole number from 0 to 2**31 - 1, or None."""
+    """A count or a number of seconds: a whole number from 0 to 2**31 - 1, or None.
+
+    A fraction ("60.5") is not a count: it is dropped like any other value out of range, never
+    truncated ("60", "60.0" and "6E1" are the same whole number).
+    """
     number = to_decimal(value)
     if number is None or not 0 <= number <= 2**31 - 1:
+        return None
+    if number != number.to_integral_value():
         return None
     return int(number)
 

@@ -7,6 +7,7 @@ or `python -m webhook_service.sandbox` (`make run`). All state is a `SandboxStat
 * `POST /sandbox/sessions/<uuid>/calls`, `.../timeout`, `.../replace-number`: play events, answer
   `{"callbacks": [...], "session": {...}}`;
 * `GET|POST|DELETE /sandbox/faults`: fault rules for API requests (first match wins);
+* `POST /sandbox/faults/release`: end the delay of every request a fault holds now;
 * `GET|DELETE /sandbox/requests`: the log of API requests;
 * `POST /sandbox/clock` `{"advance": seconds}`, `POST /sandbox/reset`, `GET /sandbox/healthz`.
 """
@@ -14,7 +15,9 @@ or `python -m webhook_service.sandbox` (`make run`). All state is a `SandboxStat
 from __future__ import annotations
 
 import hmac
-import time
+import socket
+import struct
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
 from uuid import uuid4
@@ -56,7 +59,9 @@ def create_sandbox_app(auth_id: str, auth_token: str, *, pool: list[str] | None 
         rule = state.take_fault(request.method, request.path)
         g.after_fault = rule if rule and rule["after_effect"] else None
         if rule and not rule["after_effect"]:
-            time.sleep(rule["delay"])
+            state.hold(rule["delay"])
+            if rule["reset"]:
+                return _dropped()
             if rule["status"] is not None:
                 return _fault_response(rule)
         credentials = request.authorization
@@ -79,10 +84,13 @@ def create_sandbox_app(auth_id: str, auth_token: str, *, pool: list[str] | None 
             return response
         rule = g.get("after_fault")
         if rule:
-            time.sleep(rule["delay"])
-            if rule["status"] is not None:
+            state.hold(rule["delay"])
+            if rule["reset"]:
+                response = _dropped()
+            elif rule["status"] is not None:
                 response = _fault_response(rule)
-        state.set_request_status(entry, response.status_code)
+        if not isinstance(response.response, _Dropped):  # a dropped connection keeps the status None
+            state.set_request_status(entry, response.status_code)
         return response
 
     @app.errorhandler(ApiError)
@@ -179,6 +187,11 @@ def create_sandbox_app(auth_id: str, auth_token: str, *, pool: list[str] | None 
         state.clear_faults()
         return {"faults": []}
 
+    @app.post("/sandbox/faults/release")
+    def release_held() -> dict[str, Any]:
+        """End the delay of every request a fault holds now."""
+        return {"released": state.release_held()}
+
     @app.get("/sandbox/requests")
     def list_requests() -> dict[str, Any]:
         """The API requests received, oldest first."""
@@ -220,6 +233,28 @@ def _error(status: int, message: str) -> tuple[Response, int]:
     if request.path.startswith("/v1/"):
         return _api({"error": message}, status)  # Plivo's error shape: {"api_id", "error"} (§7)
     return jsonify({"error": message}), status
+
+
+class _Dropped:
+    """The body of a `reset` fault's answer: instead of a first byte, the connection is dropped.
+
+    The socket is shut down and ConnectionResetError raised while the server iterates the body, so
+    werkzeug's server sends nothing, reads no further request on the connection and closes it (with
+    SO_LINGER 0: a TCP reset after the FIN). The client sees the connection closed with no answer.
+    """
+
+    def __init__(self, connection: socket.socket | None):
+        self.connection = connection
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self.connection is not None:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.shutdown(socket.SHUT_RDWR)
+        raise ConnectionResetError("sandbox fault: the connection is dropped without an answer")
+
+
+def _dropped() -> Response:
+    return Response(_Dropped(request.environ.get("werkzeug.socket")))
 
 
 def _json_body() -> Any:

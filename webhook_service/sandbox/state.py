@@ -35,10 +35,11 @@ FAULT_DEFAULTS: dict[str, Any] = {
     "path_contains": None,  # substring of the request path (without the query); None matches any
     "status": None,  # answer with this status instead; None: only delay
     "body": None,  # JSON body of that answer (a JSON string is sent as text/plain); default: a Plivo-style error
-    "delay": 0,  # seconds to sleep before answering
+    "delay": 0,  # seconds to hold the request before answering (`release_held` ends every hold at once)
     "retry_after": None,  # Retry-After header value
     "times": None,  # how many requests it applies to; None: unlimited
     "after_effect": False,  # perform the operation first, then delay/answer (outcome-unknown timeouts)
+    "reset": False,  # close the connection without answering (after the delay; the client sees it dropped)
 }
 FAULT_CHECKS: dict[str, Callable[[Any], bool]] = {
     "method": lambda v: v is None or isinstance(v, str),
@@ -49,6 +50,7 @@ FAULT_CHECKS: dict[str, Callable[[Any], bool]] = {
     "retry_after": lambda v: v is None or isinstance(v, str) or _is_int(v),
     "times": lambda v: v is None or (_is_int(v) and v >= 1),
     "after_effect": lambda v: isinstance(v, bool),
+    "reset": lambda v: isinstance(v, bool),
 }
 OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
     "": operator.eq,
@@ -72,6 +74,10 @@ class SandboxState:
                 raise ValueError(f"pool number {number!r} is not 8 to 15 digits")
             self.pool.append(match.group(1))
         self.lock = threading.Lock()
+        # Requests held by a fault's delay wait on `_gate`; `release_held` opens it (and sets a new one).
+        self._hold_changed = threading.Condition(self.lock)
+        self._gate = threading.Event()
+        self._holding = 0
         self._sessions: dict[str, Session] = {}
         self._faults: list[dict[str, Any]] = []
         self._requests: list[dict[str, Any]] = []
@@ -228,6 +234,39 @@ class SandboxState:
                     return dict(rule)
             return None
 
+    def hold(self, seconds: float) -> None:
+        """Hold a request for a fault's delay: `seconds`, or until `release_held` is called."""
+        if seconds <= 0:
+            return
+        with self._hold_changed:
+            gate = self._gate
+            self._holding += 1
+            self._hold_changed.notify_all()
+        try:
+            gate.wait(seconds)
+        finally:
+            with self._hold_changed:
+                self._holding -= 1
+                self._hold_changed.notify_all()
+
+    def held(self) -> int:
+        """How many requests a fault's delay holds now."""
+        with self.lock:
+            return self._holding
+
+    def wait_held(self, count: int, timeout: float = 10.0) -> bool:
+        """Wait until at least `count` requests are held by a delay (False if the timeout passed first)."""
+        with self._hold_changed:
+            return self._hold_changed.wait_for(lambda: self._holding >= count, timeout)
+
+    def release_held(self) -> int:
+        """End the delay of every request held now (they go on at once); returns how many there were."""
+        with self.lock:
+            released = self._holding
+            self._gate.set()
+            self._gate = threading.Event()
+            return released
+
     def log_request(self, entry: dict[str, Any]) -> None:
         """Append an API request to the request log."""
         with self.lock:
@@ -249,7 +288,8 @@ class SandboxState:
             self._requests.clear()
 
     def reset(self) -> None:
-        """Forget all sessions, fault rules and logged requests, and reset the clock."""
+        """Forget all sessions, fault rules and logged requests, release held requests, reset the clock."""
+        self.release_held()
         with self.lock:
             self._sessions.clear()
             self._faults.clear()
