@@ -339,6 +339,7 @@ BILLING_VALUES = [
     (("NaN", "NaN", "NaN"), (None, None, None)),
     (("-0", "6E1", "0.01700"), (0, 60, "0.01700")),  # odd spellings of whole numbers are numbers
     (("95", "120", "0.01700"), (95, 120, "0.01700")),
+    (("30", "60", "-0.00850"), (30, 60, None)),  # a negative charge: dropped
 ]
 
 
@@ -358,14 +359,15 @@ def test_billing_values_out_of_range_fractional_or_not_numbers_are_dropped_from_
     legs = sorted(body["call_legs"], key=lambda leg: leg["ended_at"])
     assert [(leg["duration"], leg["billed_duration"], leg["amount"]) for leg in legs] == kept
     assert body["call_count"] == len(BILLING_VALUES)
-    assert body["billed_duration"] == 60 + 60 + 120
-    assert Decimal(body["amount"]) == Decimal("0.00850") * 2 + Decimal("0.00425") + Decimal("0.01700") * 2
+    billed = sum(b for _, b, _ in kept if b is not None)
+    amount = sum(Decimal(a) for _, _, a in kept if a is not None)
+    assert (body["billed_duration"], Decimal(body["amount"])) == (billed, amount) == (300, Decimal("0.05525"))
     with engine.connect() as conn:
         daily = conn.execute(text(
             "SELECT day::text, sum(call_legs), sum(answered_legs), sum(billed_duration), sum(amount),"
             " sum(sessions_with_calls) FROM daily_call_totals GROUP BY day")).all()
     assert [tuple(row) for row in daily] == [
-        ("2026-11-20", len(BILLING_VALUES), 0, 240, Decimal(body["amount"]), 1)]
+        ("2026-11-20", len(BILLING_VALUES), 0, billed, amount, 1)]
     assert_daily_totals_match_a_recount(engine)
 
 

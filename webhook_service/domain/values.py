@@ -48,14 +48,15 @@ def normalise_number(value: Any) -> str | None:
 
 
 def to_decimal(value: Any) -> Decimal | None:
-    """A finite decimal (money), or None for anything else ("NaN", "Infinity", "", garbage)."""
+    """An amount charged (or a number to read as a count): a finite decimal from 0 to under 10**9,
+    or None for anything else ("NaN", "Infinity", "-0.5", "", garbage). No charge is negative."""
     if value is None or value == "":
         return None
     try:
         number = Decimal(str(value))
     except InvalidOperation:
         return None
-    return number if number.is_finite() and abs(number) < Decimal("1e9") else None
+    return number if number.is_finite() and 0 <= number < Decimal("1e9") else None
 
 
 def to_int(value: Any) -> int | None:
