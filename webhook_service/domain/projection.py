@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 from .activity import counters, session_activity_of
@@ -72,17 +72,21 @@ class Projection:
     activity: dict[date, dict[str, Any]] = field(default_factory=dict)
 
 
+_first_item = itemgetter(0)
+
+
 def _order(fact: CallbackFact) -> tuple:
     return (fact.at, fact.sequence_number is None, fact.sequence_number or 0)
 
 
 def canonical(facts: Iterable[CallbackFact]) -> list[CallbackFact]:
     """Facts in one order whatever order they came in: by time, `SequenceNumber`, then content."""
-    ordered = sorted(facts, key=_order)
+    keyed = sorted(((_order(fact), fact) for fact in facts), key=_first_item)
+    ordered = [fact for _, fact in keyed]
     i = 0
-    while i < len(ordered):  # ties on (time, sequence) are rare: order those by their whole content
+    while i < len(keyed):  # ties on (time, sequence) are rare: order those by their whole content
         j = i + 1
-        while j < len(ordered) and _order(ordered[j]) == _order(ordered[i]):
+        while j < len(keyed) and keyed[j][0] == keyed[i][0]:
             j += 1
         if j - i > 1:
             ordered[i:j] = sorted(ordered[i:j], key=lambda f: tuple(map(repr, f)))

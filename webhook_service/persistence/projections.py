@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
+from operator import itemgetter
 from typing import Any
 
 import psycopg
@@ -71,6 +72,9 @@ INTERACTION_FIELDS = ("started_at", "ended_at", "first_call_uuid", "second_call_
                       "second_status", "call_count", "duration", "billed_duration", "amount", "recording_uuid",
                       "recording_resource_url")
 RECORDING_COLUMNS = ("recording_uuid", "status", *RECORDING_FIELDS, "reported_at")
+# A stored row's values and a projection's, side by side (a row changed if they differ).
+_leg_values, _recording_values, _session_values = (itemgetter(*names) for names in (
+    LEG_COLUMNS, RECORDING_COLUMNS, SESSION_FIELDS))
 TOTALS = ("call_legs", "answered_legs", "billed_duration", "answered_billed_duration", "amount", "recordings",
           "sessions_with_calls")
 # The activity's names for the totals' columns.
@@ -221,7 +225,7 @@ class Changes:
         for leg, row in pairs:
             if row is None:
                 self.insert_legs.append({"session_id": sid, **leg})
-            elif any(row[c] != leg[c] for c in LEG_COLUMNS):
+            elif _leg_values(row) != _leg_values(leg):
                 self.update_legs.append({"leg_id": row["id"], **leg})
         self.delete_legs += [row["id"] for row in leftover]
 
@@ -230,7 +234,7 @@ class Changes:
             row = kept.pop(recording["recording_uuid"], None)
             if row is None:
                 self.insert_recordings.append({"session_id": sid, **recording})
-            elif any(row[c] != recording[c] for c in RECORDING_COLUMNS):
+            elif _recording_values(row) != _recording_values(recording):
                 self.update_recordings.append({"recording_id": row["id"], **recording})
         self.delete_recordings += [row["id"] for row in kept.values()]
 
@@ -240,7 +244,7 @@ class Changes:
                                 for number, at in projection.numbers if (number, at) not in have]
         self.delete_numbers += [row_id for key, row_id in have.items() if key not in wanted]
 
-        if any(session_row[name] != projection.session[name] for name in SESSION_FIELDS):
+        if _session_values(session_row) != _session_values(projection.session):
             self.sessions.append({"session_id": sid, **projection.session})
         self.dequeue += [row["id"] for row in stored.queue.get(session_row["session_uuid"], [])]
 
