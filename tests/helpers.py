@@ -179,6 +179,14 @@ def writes_held(engine, table: str, key: int, *, when: str = "true", events: str
         holder.close()
 
 
+@contextmanager
+def rows_locked(engine, select_for_update: str) -> Iterator[None]:
+    """While the block runs, another transaction holds the rows `select_for_update` locks."""
+    with engine.connect() as holder, holder.begin():
+        holder.execute(text(select_for_update))
+        yield
+
+
 LOCK_WAITS = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
                   " AND wait_event_type IN ('Lock', 'LWLock') AND query ILIKE :query")
 

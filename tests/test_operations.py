@@ -20,7 +20,7 @@ from sqlalchemy import text
 
 from webhook_service.logs import JsonFormatter, mask_phone, mask_phones_in
 
-from .helpers import FIRST, SECOND, flask_command, settle, signed_headers, store_callback, wait_until
+from .helpers import FIRST, SECOND, flask_command, rows_locked, settle, signed_headers, store_callback, wait_until
 from .test_webhooks import create_session, play, send
 
 
@@ -49,23 +49,9 @@ def test_prune_deletes_only_old_recorded_and_ignored_callbacks(app, engine):
 
 def test_prune_skips_rows_a_live_transaction_holds_instead_of_waiting(app, engine):
     _inbox(engine, [("recorded", 100), ("recorded", 100)])
-    locked, release = threading.Event(), threading.Event()
-
-    def hold_one_row():
-        with engine.begin() as conn:
-            conn.execute(text("SELECT id FROM callback_inbox WHERE dedupe_key = 'k0' FOR UPDATE"))
-            locked.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold_one_row)
-    holder.start()
-    locked.wait(5)
-    try:
+    with rows_locked(engine, "SELECT id FROM callback_inbox WHERE dedupe_key = 'k0' FOR UPDATE"):
         result = app.test_cli_runner().invoke(args=["callbacks", "prune", "--older-than", "90d"])
-        assert json.loads(result.output.strip().splitlines()[-1]) == {"deleted": 1}
-    finally:
-        release.set()
-        holder.join()
+    assert json.loads(result.output.strip().splitlines()[-1]) == {"deleted": 1}
     assert _statuses(engine) == [("k0", "recorded")]
 
 
@@ -104,24 +90,10 @@ def test_prune_attempts_deletes_only_old_finished_create_attempts(app, engine):
 
 def test_prune_attempts_skips_rows_a_live_transaction_holds_instead_of_waiting(app, engine):
     _attempts(engine, [("succeeded", 100), ("failed", 100), ("not_found", 100)])
-    locked, release = threading.Event(), threading.Event()
-
-    def hold_one_row():
-        with engine.begin() as conn:
-            conn.execute(text("SELECT id FROM session_create_attempts WHERE state = 'failed' FOR UPDATE"))
-            locked.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold_one_row)
-    holder.start()
-    locked.wait(5)
-    try:
+    with rows_locked(engine, "SELECT id FROM session_create_attempts WHERE state = 'failed' FOR UPDATE"):
         result = app.test_cli_runner().invoke(args=["sessions", "prune-attempts", "--older-than", "90d",
                                                     "--batch-size", "1"])
-        assert json.loads(result.output.strip().splitlines()[-1]) == {"deleted": 2}
-    finally:
-        release.set()
-        holder.join()
+    assert json.loads(result.output.strip().splitlines()[-1]) == {"deleted": 2}
     assert _attempt_keys(engine) == ["failed-100"]
 
 
