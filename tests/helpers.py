@@ -179,6 +179,12 @@ def writes_held(engine, table: str, key: int, *, when: str = "true", events: str
         holder.close()
 
 
+def queued(engine) -> int:
+    """Rows in the projection queue: facts not yet projected."""
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT count(*) FROM projection_queue")).scalar()
+
+
 @contextmanager
 def rows_locked(engine, select_for_update: str) -> Iterator[None]:
     """While the block runs, another transaction holds the rows `select_for_update` locks."""
@@ -202,16 +208,22 @@ def wait_for_lock(engine, query: str, timeout: float = 10.0) -> None:
     raise AssertionError(f"nothing came to wait on a lock in {query}")
 
 
-# Variables the service reads: never inherited from the environment of the test run.
+# Variables the service (or gunicorn.conf.py) reads: never inherited from the environment of the test run.
 SERVICE_VARIABLES = ("DATABASE_URL", "PLIVO_", "PUBLIC_BASE_URL", "API_TOKENS", "DB_", "WEBHOOK_", "LOG_LEVEL",
-                     "PROJECT_IN_WEB", "CALLBACK_METHOD", "PROMETHEUS_MULTIPROC_DIR")
+                     "PROJECT_IN_WEB", "CALLBACK_METHOD", "PROMETHEUS_MULTIPROC_DIR", "GUNICORN_", "WEB_CONCURRENCY",
+                     "PORT", "FORWARDED_ALLOW_IPS")
+
+
+def environ_without_settings() -> dict[str, str]:
+    """This process's environment without the service's settings: what a service process inherits."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(SERVICE_VARIABLES)}
 
 
 def flask_command(args: list[str], database_url: str, sandbox_url: str, *, stderr=subprocess.DEVNULL,
                   **overrides) -> subprocess.Popen:
     """`python -m flask --app 'webhook_service:create_app()' <args>` in a process of its own, with the
     test settings; its stdout is a text pipe, line-buffered."""
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith(SERVICE_VARIABLES)}
-    env = inherited | settings_env(sandbox_url, **overrides) | {"DATABASE_URL": database_url, "PYTHONUNBUFFERED": "1"}
+    env = environ_without_settings() | settings_env(sandbox_url, **overrides) | {"DATABASE_URL": database_url,
+                                                                                "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "flask", "--app", "webhook_service:create_app()", *args],
                             env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1)

@@ -18,6 +18,8 @@ from .helpers import (
     LiveServer,
     free_port,
     make_settings,
+    queued,
+    rows_locked,
     settle,
     wait_for_lock,
     wait_until,
@@ -25,11 +27,6 @@ from .helpers import (
     writes_refused,
 )
 from .test_webhooks import AUTH, create_session, play, send, snapshot
-
-
-def queued(engine) -> int:
-    with engine.connect() as conn:
-        return conn.execute(text("SELECT count(*) FROM projection_queue")).scalar()
 
 
 def counters(engine, uuid: str) -> tuple:
@@ -58,8 +55,7 @@ def test_callbacks_of_one_session_never_wait_for_its_lock(live, sandbox, engine)
     uuid = create_session(live)
     result = play(sandbox, uuid, deliver=False)
     callbacks = result["callbacks"]
-    with engine.connect() as holder, holder.begin():
-        holder.execute(text("SELECT 1 FROM masking_sessions WHERE session_uuid = :u FOR UPDATE"), {"u": uuid})
+    with rows_locked(engine, f"SELECT 1 FROM masking_sessions WHERE session_uuid = '{uuid}' FOR UPDATE"):
         # Answered while the test still holds the lock (a callback that waited for it would be
         # answered 503 once the 5 s statement timeout cancelled its wait).
         answers = [send(callback).json()["status"] for callback in callbacks]
@@ -106,8 +102,7 @@ def test_a_background_projector_skips_a_session_another_holds_and_a_read_waits_f
         uuid = create_session(live)
         for callback in play(sandbox, uuid, deliver=False)["callbacks"]:
             send(callback)
-        with engine.connect() as holder, holder.begin():
-            holder.execute(text("SELECT 1 FROM masking_sessions WHERE session_uuid = :u FOR UPDATE"), {"u": uuid})
+        with rows_locked(engine, f"SELECT 1 FROM masking_sessions WHERE session_uuid = '{uuid}' FOR UPDATE"):
             skipped = projector.project([uuid])
             assert skipped.busy == {uuid} and skipped.projected == [] and counters(engine, uuid) == (0, 0)
             reader = threading.Thread(target=lambda: requests.get(f"{live.url}/v1/sessions/{uuid}", headers=AUTH,

@@ -19,6 +19,7 @@ from .helpers import (
     FIRST,
     SECOND,
     make_settings,
+    rows_locked,
     settle,
     signed_headers,
     store_callback,
@@ -565,8 +566,7 @@ def test_a_request_blocked_on_the_database_answers_503_within_the_statement_time
     assert store_callback(app, "session", hangup | {"EventName": "SessionSecondPartyHangup"}) == "recorded"
     try:
         # 1. A read must project its session first (read-your-writes) and waits for the session's lock.
-        with engine.connect() as holder, holder.begin():
-            holder.execute(text("SELECT 1 FROM masking_sessions WHERE session_uuid = :u FOR UPDATE"), {"u": uuid})
+        with rows_locked(engine, f"SELECT 1 FROM masking_sessions WHERE session_uuid = '{uuid}' FOR UPDATE"):
             done, result = _in_thread(lambda: app.test_client().get(f"/v1/sessions/{uuid}", headers=auth))
             assert done.wait(10), "the read still waits for the lock the test holds"
         assert_error(result["response"], 503, "database_unavailable")

@@ -47,7 +47,7 @@ from webhook_service.sandbox.server import SandboxServer
 from webhook_service.services.projector import Projector
 from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN, Settings
 
-from ..helpers import free_port, plivo_dedupe_key
+from ..helpers import environ_without_settings, free_port, plivo_dedupe_key
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = ROOT / ".venv" / "bin" / "python"
@@ -184,11 +184,6 @@ class PgCluster:
 
 # The service under gunicorn -----------------------------------------------------------------------
 
-# Variables the service (or gunicorn.conf.py) reads: never inherited from the caller's environment.
-_SERVICE_VARS = ("DATABASE_URL", "PLIVO_", "PUBLIC_BASE_URL", "API_TOKENS", "DB_", "WEBHOOK_", "LOG_LEVEL",
-                 "GUNICORN_", "WEB_CONCURRENCY", "PORT", "PROMETHEUS_MULTIPROC_DIR", "FORWARDED_ALLOW_IPS")
-
-
 def service_env(database_url: str, plivo_url: str, public_base_url: str | None = None, **overrides: str
                 ) -> dict[str, str]:
     """The service's settings for a drill: production mode against the sandbox, short timeouts.
@@ -213,7 +208,7 @@ def service_env(database_url: str, plivo_url: str, public_base_url: str | None =
 
 
 def drill_settings(env: Mapping[str, str]) -> Settings:
-    """The same settings in this process (for the operator's replay and resolve, and reference databases)."""
+    """The same settings in this process (for the operator's replay and resolve)."""
     return Settings.from_env({"PUBLIC_BASE_URL": "http://127.0.0.1:9"} | dict(env))
 
 
@@ -241,7 +236,7 @@ class GunicornService:
 
     def launch(self) -> GunicornService:
         """Launch gunicorn without waiting (several instances then start side by side)."""
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith(_SERVICE_VARS)}
+        inherited = environ_without_settings()
         python = PYTHON if PYTHON.exists() else Path(sys.executable)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -358,7 +353,7 @@ class WorkerProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> WorkerProcess:
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith(_SERVICE_VARS)}
+        inherited = environ_without_settings()
         python = PYTHON if PYTHON.exists() else Path(sys.executable)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -593,12 +588,8 @@ def shuffled_load(callbacks: Sequence[Callback], senders: int, seed: int, *, pac
     return Load(split([(i, callbacks[i], None) for i in order], senders), pace=pace).start()
 
 
-def endpoint_of(callback: Callback) -> str:
-    return urlsplit(callback["url"]).path.rstrip("/").rsplit("/", 1)[-1]
-
-
 def received_params(callback: Callback) -> dict[str, Any]:
-    """The parameters as the service parses them from the request (so `dedupe_key` matches its own)."""
+    """The parameters as the request carries them (what Plivo's SDK signs, for `callback_key`)."""
     if callback["method"] == "GET":
         pairs = parse_qsl(urlsplit(callback["url"]).query, keep_blank_values=True)
     elif (callback.get("content_type") or "").startswith("application/json"):
@@ -756,7 +747,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def resolve_unknown_creates(env: Mapping[str, str]) -> dict[str, int]:
     """Run `flask sessions resolve --grace-seconds 0` as the operator would; return its counts."""
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith(_SERVICE_VARS)}
+    inherited = environ_without_settings()
     python = PYTHON if PYTHON.exists() else Path(sys.executable)
     done = subprocess.run([str(python), "-m", "flask", "--app", "webhook_service", "sessions", "resolve",
                            "--grace-seconds", "0"], cwd=ROOT, env=inherited | dict(env), capture_output=True,
@@ -848,8 +839,11 @@ def check_inbox(engine: Engine, callbacks: Sequence[Callback], accepted: Iterabl
         rows = conn.execute(text("SELECT i.dedupe_key, i.status, i.error, count(f.inbox_id) AS facts"
                                  " FROM callback_inbox i LEFT JOIN callback_facts f ON f.inbox_id = i.id"
                                  " GROUP BY i.id")).all()
+        doubles = conn.execute(text(  # one callback under two keys (the key is unique, the parameters not)
+            "SELECT endpoint, params->>'EventName', count(*) FROM callback_inbox GROUP BY endpoint, params"
+            " HAVING count(*) > 1")).all()
     status = {r.dedupe_key: (r.status, r.error, r.facts) for r in rows}
-    problems = [f"{len(rows) - len(status)} dedupe keys stored more than once"] if len(status) != len(rows) else []
+    problems = [f"callback stored {n} times: {endpoint} {event}" for endpoint, event, n in doubles]
     wanted = range(len(callbacks)) if complete else sorted(set(accepted))
     for i in wanted:
         event = callbacks[i]["params"]["EventName"]

@@ -17,7 +17,7 @@ import time
 import pytest
 from sqlalchemy import text
 
-from ..helpers import writes_held
+from ..helpers import queued, wait_for_lock, wait_until, writes_held
 from .harness import (
     WorkerProcess,
     check_exact,
@@ -35,11 +35,6 @@ PACE = 0.02
 HOLD = 4249
 
 
-def queued(engine) -> int:
-    with engine.connect() as conn:
-        return conn.execute(text("SELECT count(*) FROM projection_queue")).scalar()
-
-
 @pytest.mark.slow
 def test_projector_killed_mid_projection(drill_db, drill_engine, drill_sandbox, start_service, tmp_path,
                                          drill_report):
@@ -53,23 +48,14 @@ def test_projector_killed_mid_projection(drill_db, drill_engine, drill_sandbox, 
     try:
         load = shuffled_load(callbacks, SENDERS, seed=3, pace=PACE)
         load.wait_for(0.4)
-        held = text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event = 'advisory' AND application_name = 'webhook_service'"
-                    " AND query LIKE '%call_legs%'")
         with writes_held(drill_engine, "call_legs", HOLD, events="INSERT OR UPDATE") as release:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                with drill_engine.connect() as conn:
-                    if conn.execute(held).scalar():
-                        break
-                time.sleep(0.01)
-            else:
-                raise AssertionError("the worker never came to write legs")
+            wait_for_lock(drill_engine, "%call_legs%", timeout=20)  # the worker writes legs, held
             with drill_engine.connect() as conn:
                 claimed = conn.execute(text(
                     "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
                     " WHERE l.relation = 'masking_sessions'::regclass AND l.mode = 'RowShareLock'"
                     " AND a.wait_event = 'advisory'")).scalar()
+            assert claimed > 0, "the held projection has no session locked"
             worker.kill(signal.SIGKILL)  # mid-projection: sessions claimed, writes under way
             # The dead worker's backend finishes its statement, finds its client gone, and rolls back.
             release()
@@ -80,12 +66,11 @@ def test_projector_killed_mid_projection(drill_db, drill_engine, drill_sandbox, 
 
         restarted = WorkerProcess(tmp_path, service.env, name="worker-2").start()
         try:
-            deadline = time.monotonic() + 60
-            while queued(drill_engine) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            started = time.monotonic()
+            wait_until(lambda: queued(drill_engine) == 0, timeout=60, alive=lambda: restarted.proc.poll() is None)
             drill_report.update({"load answers": tally(answers), "facts due when killed": due_when_killed,
                                  "projector's lock on sessions when killed": claimed,
-                                 "due after the restart, s": round(time.monotonic() - (deadline - 60), 2)})
+                                 "due after the restart, s": round(time.monotonic() - started, 2)})
             assert queued(drill_engine) == 0, "the restarted worker did not project everything"
         finally:
             restarted.stop()
