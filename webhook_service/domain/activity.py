@@ -38,9 +38,10 @@ def session_activity_of(legs: Iterable[Mapping[str, Any]], recordings: Iterable[
                 first = at
         if first is None:
             continue  # every derived leg has at least one time
-        row = days.get(first.date() if first.tzinfo is UTC else _day(first))
+        day = first.date() if first.tzinfo is UTC else _day(first)
+        row = days.get(day)
         if row is None:
-            row = days[_day(first)] = dict(ZERO)
+            row = days[day] = dict(ZERO)
         billed = leg.get("billed_duration") or 0
         row["legs"] += 1
         row["billed"] += billed

@@ -34,8 +34,8 @@ from .vocabulary import PARTIES
 MATCH_WINDOW = timedelta(seconds=10)
 PHASE_COLUMNS = {"initiated": "initiated_at", "ringing": "ringing_at", "answered": "answered_at"}
 BILLING = ("end_event", "duration", "billed_duration", "amount", "hangup_cause", "hangup_cause_code")
-FACT_FIELDS = ("call_uuid", *BILLING, "from_number", "to_number")
-LEG_COLUMNS = ("party", "initiated_at", "ringing_at", "answered_at", "ended_at", *FACT_FIELDS, "source")
+LEG_FIELDS = ("call_uuid", *BILLING, "from_number", "to_number")
+LEG_COLUMNS = ("party", "initiated_at", "ringing_at", "answered_at", "ended_at", *LEG_FIELDS, "source")
 # Plivo's interaction statuses for a leg that connected (others: no-answer, busy, failed, …).
 ANSWERED_STATUSES = {"completed", "answered", "in-progress"}
 
@@ -65,7 +65,7 @@ class _Leg:
         # The first fact that knows the value: the terminal one, then by time (and kind, for ties).
         phases = sorted(self.phases, key=_by_time_and_kind) if len(self.phases) > 1 else self.phases
         facts = [self.end, *phases] if self.end else phases
-        for name in FACT_FIELDS:
+        for name in LEG_FIELDS:
             row[name] = None
             for fact in facts:
                 value = fact.get(name)
@@ -137,7 +137,7 @@ def build_legs(events: Iterable[Mapping[str, Any]], interactions: Iterable[Mappi
                ) -> list[dict[str, Any]]:
     """A session's legs from its leg events and Plivo interactions (a pure function).
 
-    Each event is a dict with `party`, `kind` (its phase), `at` and the leg's facts (FACT_FIELDS);
+    Each event is a dict with `party`, `kind` (its phase), `at` and the leg's facts (LEG_FIELDS);
     each interaction one of Plivo's `interaction[]` entries as stored.
     """
     events = list(events)

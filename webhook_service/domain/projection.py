@@ -28,15 +28,15 @@ from typing import Any
 
 from .activity import counters, session_activity_of
 from .callbacks import CallbackFact
-from .legs import FACT_FIELDS, build_legs
+from .legs import BILLING, LEG_FIELDS, build_legs
 
 # Facts that mean someone used the session (not its timeout, not Plivo's number swap).
 INTERACTION_KINDS = {"leg", "pin", "call_done"}
 # A leg's values that only its end carries; the others, that any of its events may.
-_BILLING_ONLY = {"end_event", "duration", "billed_duration", "amount", "hangup_cause", "hangup_cause_code"}
-_NOT_BILLING = tuple(name for name in FACT_FIELDS if name not in _BILLING_ONLY)
+_BILLING_ONLY = set(BILLING)
+_NOT_BILLING = tuple(name for name in LEG_FIELDS if name not in _BILLING_ONLY)
 _NO_BILLING = dict.fromkeys(_BILLING_ONLY)
-_values = attrgetter(*FACT_FIELDS)  # a fact's leg values, in FACT_FIELDS' order
+_values = attrgetter(*LEG_FIELDS)  # a fact's leg values, in LEG_FIELDS' order
 RECORDING_RANK = {"initiated": 1, "failed": 2, "completed": 3}
 RECORDING_FIELDS = ("recording_url", "resource_url", "duration", "format", "started_at", "ended_at")
 # The session's columns a projection writes.
@@ -123,11 +123,11 @@ def leg_events(facts: Sequence[CallbackFact], first_party: str | None, second_pa
         event = events.get(key)
         if event is None:
             event = events[key] = {"party": party, "kind": fact.phase, "at": fact.at}
-            event.update(zip(FACT_FIELDS, _values(fact), strict=True))
+            event.update(zip(LEG_FIELDS, _values(fact), strict=True))
             if fact.phase != "ended":
                 event.update(_NO_BILLING)
         else:
-            names = FACT_FIELDS if fact.phase == "ended" else _NOT_BILLING
+            names = LEG_FIELDS if fact.phase == "ended" else _NOT_BILLING
             for name in names:
                 value = getattr(fact, name)
                 if event[name] is None and value is not None:

@@ -93,8 +93,7 @@ class Database:
 
     def dedicated_connection(self) -> psycopg.Connection:
         """A connection of its own, outside the pools, in autocommit (for a session-level lock)."""
-        url = make_url(str(self.fast.url.render_as_string(hide_password=False)))
-        return psycopg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False),
+        return psycopg.connect(self.fast.url.set(drivername="postgresql").render_as_string(hide_password=False),
                                autocommit=True, connect_timeout=self.connect_timeout,
                                application_name="webhook_service")
 

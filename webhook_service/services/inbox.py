@@ -53,7 +53,7 @@ def _inbox_row(endpoint: str, method: str, content_type: str | None, params: Map
     session_uuid = params.get("SessionUUID")
     event_name = params.get("EventName")
     return {
-        "endpoint": endpoint, "method": method, "content_type": content_type, "params": Jsonb(dict(params)),
+        "endpoint": endpoint, "method": method, "content_type": content_type, "params": Jsonb(params),
         "nonce": nonce, "dedupe_key": key, "event_name": event_name[:200] if event_name else None,
         "session_uuid": session_uuid[:200] if session_uuid else None,
     }
@@ -91,7 +91,7 @@ def receive(ctx: Context, endpoint: str, method: str, content_type: str | None, 
             reading = Reading("failed", reason=reason)
     outcome = reading.outcome if stored else "duplicate"
     if outcome == "recorded" and ctx.background is not None:
-        ctx.background.nudge(reading.fact.session_uuid)  # type: ignore[union-attr]
+        ctx.background.nudge()
     metrics.CALLBACKS.labels(endpoint, outcome).inc()
     return outcome
 

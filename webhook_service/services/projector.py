@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .. import metrics
-from ..domain.projection import SESSION_FIELDS, project
+from ..domain.projection import project
 from ..persistence.db import Database, is_database_unavailable
 from ..persistence.projections import IS_DUE, OLDEST_AGE, OLDEST_DUE, Changes, load, save
 
@@ -45,15 +45,10 @@ RETRY_FAILED_AFTER = 60.0  # seconds before a session whose projection raised is
 
 @dataclass(frozen=True)
 class Projected:
-    """One session's projection: its columns before and after."""
+    """One session's projection: its columns as projected (SESSION_FIELDS)."""
 
     session_uuid: str
-    before: dict[str, Any]
     after: dict[str, Any]
-
-    @property
-    def changed(self) -> bool:
-        return self.before != self.after
 
 
 @dataclass
@@ -168,7 +163,7 @@ class Projector:
                 projection = project(loaded.record(row), loaded.facts.get(uuid, ()),
                                      loaded.interactions.get(row["id"], ()))
                 changes.add(row, loaded, projection)
-                outcome.projected.append(Projected(uuid, {k: row[k] for k in SESSION_FIELDS}, projection.session))
+                outcome.projected.append(Projected(uuid, projection.session))
             if not outcome.projected:
                 pg.rollback()
                 return outcome
@@ -311,7 +306,7 @@ class BackgroundProjector:
         self._pid = 0
         self._lock = threading.Lock()
 
-    def nudge(self, session_uuid: str) -> None:
+    def nudge(self) -> None:
         """A callback was stored: make sure this process takes part in projecting."""
         if self._thread is not None and self._pid == os.getpid():
             return

@@ -169,10 +169,13 @@ def apply_plivo_session(ctx: Context, plivo: PlivoSession, now: datetime) -> tup
                if expired else {}),
         ))
         conn.execute(insert(queue).values(session_uuid=plivo.session_uuid))
-    ctx.projector.project([plivo.session_uuid], wait=True)
-    with ctx.db.engine.connect() as conn:
-        after = dict(conn.execute(select(sessions.c.id, *(sessions.c[k] for k in WATCHED))
-                                  .where(sessions.c.id == row.id)).one()._mapping)
+    projected = ctx.projector.project([plivo.session_uuid], wait=True).projected
+    if projected:
+        after = {"id": row.id} | {k: projected[0].after[k] for k in WATCHED}
+    else:  # its projection failed (and stays due): what is stored
+        with ctx.db.engine.connect() as conn:
+            after = dict(conn.execute(select(sessions.c.id, *(sessions.c[k] for k in WATCHED))
+                                      .where(sessions.c.id == row.id)).one()._mapping)
     drift = (after["call_count"], after["billed_duration"], after["amount"]) != (
         plivo.total_call_count, plivo.total_call_billed_duration, plivo.total_call_amount)
     return after != before, drift

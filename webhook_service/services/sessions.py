@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from ..context import Context
 from ..domain.requests import CreateRequest, ListQuery, encode_cursor, validate_update
-from ..domain.vocabulary import UNRESOLVED_ATTEMPT_STATES
+from ..domain.vocabulary import SESSION_STATUSES, UNRESOLVED_ATTEMPT_STATES
 from ..errors import ApiError, Conflict, NotFound
 from ..logs import mask_phone
 from ..persistence.models import (
@@ -202,7 +202,7 @@ def _session_values(created: PlivoSession) -> dict[str, Any]:
     return {
         "first_party": created.first_party,
         "second_party": created.second_party,
-        "status": created.status if created.status in ("active", "in-progress", "expired") else "active",
+        "status": created.status if created.status in SESSION_STATUSES else "active",
         "plivo_created_at": created.created_time,
         "plivo_modified_at": created.modified_time,
         "expires_at": created.expiry_time,

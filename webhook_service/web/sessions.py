@@ -8,6 +8,7 @@ from flask import Blueprint, current_app, g, jsonify, request
 
 from ..context import Context
 from ..domain import jsonbody
+from ..domain.callbacks import MAX_SESSION_UUID
 from ..domain.callers import token_id
 from ..domain.requests import validate_create, validate_list
 from ..errors import ApiError, NotFound, Unauthorized
@@ -48,7 +49,7 @@ def _json_body():
 
 def _session_uuid(value: str) -> str:
     # No stored session has such an id; answering here keeps NUL characters away from Postgres.
-    if len(value) > 100 or jsonbody.text_problem(value):
+    if len(value) > MAX_SESSION_UUID or jsonbody.text_problem(value):
         raise NotFound("No such session")
     g.session_uuid = value
     return value
