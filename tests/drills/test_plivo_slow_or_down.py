@@ -184,7 +184,9 @@ def test_plivo_slow_or_down_while_creating(drill_cluster, drill_db, drill_engine
         "callback latency p50 / p99 / max, s": (round(percentile(latencies, 0.5), 3),
                                                 round(percentile(latencies, 0.99), 3), round(max(latencies), 3)),
     })
-    assert most_in_flight[0] >= 10
+    # The premise, from what the service answered (the clients' own peak depends on thread start-up):
+    # more creates came at once than there were slots, so some found every slot taken.
+    assert busy, "no create found every slot taken: the load never exceeded the slots"
     assert len(creates) == len(timeouts) + len(busy), counts(creates)
     assert len(timeouts) >= 2 * SLOTS, "too few creates reached Plivo"
     assert most_at_once(timeouts) <= SLOTS * int(service.env["WEB_CONCURRENCY"]), "more creates than slots"
