@@ -248,3 +248,53 @@ def test_the_worker_loop_projects_what_is_left_due_until_it_is_stopped(database_
         worker.join(10)
         live.stop()
     assert not worker.is_alive()  # the stop event ends it
+
+
+def test_a_kept_session_projects_as_if_it_were_read_whole(database_url, sandbox, engine):
+    """A busy session's projector keeps its facts and projection and reads only what is new: call
+    after call, with a callback arriving late (an earlier time), a replay, and another projector
+    (another process) projecting it in between, the stored rows are what a projector reading the
+    session whole makes of them, and the daily totals match a recount."""
+    from webhook_service.services import inbox
+    from webhook_service.services.projector import Projector
+
+    from .test_webhooks import assert_daily_totals_match_a_recount
+
+    live = quiet_live(database_url, sandbox)
+    ctx = live.app.extensions["webhook_service"]
+    mine = ctx.projector = Projector(ctx.db, keep_from=1)
+    other = Projector(ctx.db)
+    try:
+        uuid = create_session(live, record=True, session_expiry=7200)
+        late = None
+        kept = []
+        for call in range(6):
+            callbacks = play(sandbox, uuid, deliver=False, duration=30 + 20 * call)["callbacks"]
+            if call == 1:
+                late, callbacks = callbacks[1], callbacks[:1] + callbacks[2:]
+            for n, callback in enumerate(callbacks):
+                assert send(callback).status_code == 200
+                if call == 4 and n == 2:
+                    other.project_all_due()  # another process projects it: the kept copy is stale
+            if call == 3:
+                assert send(late).status_code == 200
+            if call == 2:  # a replay projects (from the kept copy), so nothing is left due below
+                with engine.connect() as conn:
+                    replayed = conn.execute(text("SELECT max(id) FROM callback_inbox")).scalar()
+                assert inbox.replay(ctx, ids=[replayed]) == {"recorded": 1}
+            outcome = mine.project([uuid])
+            kept.append(outcome.projected[0].legs_kept if outcome.projected else "nothing due")
+            requests.post(f"{sandbox.url}/sandbox/clock", json={"advance": 300}, timeout=5)  # the next call, later
+        # Legs kept from the last projection (by party: how many), None when derived whole.
+        assert kept == [None, {"first": 1, "second": 1}, "nothing due", {"first": 1, "second": 1}, None,
+                        {"first": 5, "second": 5}], kept
+        incremental = snapshot(live, engine, uuid)
+        with engine.connect() as conn:
+            conn.execute(text("INSERT INTO projection_queue (session_uuid) VALUES (:u)"), {"u": uuid})
+            conn.commit()
+        assert [p.legs_kept for p in Projector(ctx.db).project([uuid]).projected] == [None]
+        assert snapshot(live, engine, uuid) == incremental
+        assert incremental["session"]["call_count"] == 12
+        assert_daily_totals_match_a_recount(engine)
+    finally:
+        live.stop()

@@ -36,7 +36,7 @@ def _store(with_fact: bool) -> str:
     if with_fact:
         fact = insert(facts).from_select(["inbox_id", *FACT_FIELDS], select(stored.c.id, *_fact_values())).cte("fact")
         due = insert(queue).from_select(
-            ["session_uuid"], select(bindparam("fact_session_uuid", type_=Text)).select_from(stored)).cte("due")
+            ["session_uuid", "inbox_id"], select(bindparam("fact_session_uuid", type_=Text), stored.c.id)).cte("due")
         statement = statement.add_cte(fact, due)
     return compiled(statement)
 
@@ -61,7 +61,8 @@ _replayed = pg_insert(facts).values({"inbox_id": bindparam("inbox_id", type_=Big
 RECORD_FACT = compiled(_replayed.on_conflict_do_update(
     index_elements=[facts.c.session_uuid, facts.c.inbox_id],
     set_={name: _replayed.excluded[name] for name in FACT_FIELDS}))
-QUEUE_SESSION = compiled(insert(queue).values(session_uuid=bindparam("session_uuid", type_=Text)))
+QUEUE_FACT = compiled(insert(queue).values(session_uuid=bindparam("session_uuid", type_=Text),
+                                          inbox_id=bindparam("inbox_id", type_=BigInteger)))
 MARK_READ = compiled(
     update(inbox).where(inbox.c.id == bindparam("inbox_id", type_=BigInteger))
     .values(status=bindparam("status", type_=Text), error=bindparam("error", type_=Text),

@@ -119,6 +119,9 @@ class MaskingSession(Base):
     plivo_billed_duration: Mapped[int | None] = mapped_column(Integer)
     plivo_amount: Mapped[Decimal | None]
     reconciled_at: Mapped[datetime | None]
+    # How many times the session has been projected: a projector's kept copy of the session is
+    # current while it is of this number (`services.projector`).
+    projection_version: Mapped[int] = mapped_column(BigInteger, server_default="0")
     created_at: Mapped[datetime] = _now()
     updated_at: Mapped[datetime] = _now()
 
@@ -268,6 +271,7 @@ class ProjectionQueue(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     session_uuid: Mapped[str] = mapped_column(Text)
+    inbox_id: Mapped[int | None] = mapped_column(BigInteger)  # the new fact's (None: no new fact)
     queued_at: Mapped[datetime] = _now()
 
 

@@ -28,7 +28,7 @@ from ..domain.callbacks import Reading, plain_params, read_callback
 from ..persistence.db import Database, is_database_unavailable
 from ..persistence.inbox import (
     MARK_READ,
-    QUEUE_SESSION,
+    QUEUE_FACT,
     RECORD_FACT,
     STORE_OTHER,
     STORE_RECORDED,
@@ -131,7 +131,7 @@ def _replay_one(db: Database, inbox_id: int, endpoint: str, params: Mapping[str,
     with db.pg() as pg, pg.transaction():
         if reading.fact is not None:
             pg.execute(RECORD_FACT, {"inbox_id": inbox_id} | fact_arguments(reading.fact))
-            pg.execute(QUEUE_SESSION, {"session_uuid": reading.fact.session_uuid})
+            pg.execute(QUEUE_FACT, {"session_uuid": reading.fact.session_uuid, "inbox_id": inbox_id})
         pg.execute(MARK_READ, {"inbox_id": inbox_id} | _status(reading))
     return reading.outcome, reading.fact.session_uuid if reading.fact else None
 

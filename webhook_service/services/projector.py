@@ -17,6 +17,13 @@ It runs
 
 Projectors coordinate through the sessions' row locks: the continuous projector skips a session
 another one holds (`SKIP LOCKED`) and comes back to it; an on-demand projection waits.
+
+A busy session (thousands of facts, projected every few tenths of a second while its calls go on)
+is kept by the projector that projects it: its facts and last projection, with the
+`projection_version` that projection wrote. While the session's row still has that version, no
+other projector has touched it, so the next projection reads only the facts queued since and
+derives again only the legs they can change (`domain.projection.Since`); a different version (or
+none kept) means reading it whole, as always. The result is the same either way.
 """
 
 from __future__ import annotations
@@ -26,21 +33,45 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from .. import metrics
-from ..domain.projection import project
+from ..domain.callbacks import CallbackFact
+from ..domain.projection import FactLog, Projection, Since, project
 from ..persistence.db import Database, is_database_unavailable
-from ..persistence.projections import IS_DUE, OLDEST_AGE, OLDEST_DUE, Changes, load, save
+from ..persistence.projections import (
+    IS_DUE,
+    OLDEST_AGE,
+    OLDEST_DUE,
+    Changes,
+    load,
+    load_facts,
+    load_legs,
+    save,
+)
 
 log = logging.getLogger(__name__)
 
 BATCH = 100  # sessions per transaction
 RETRY_FAILED_AFTER = 60.0  # seconds before a session whose projection raised is tried again
+KEEP_FROM = 200  # facts: a session with fewer is read whole each time (cheap), not kept
+KEEP_AT_MOST = 200_000  # facts kept in all (about 100 MB), the least recently projected sessions let go
+
+
+@dataclass
+class Kept:
+    """A session as the projector last projected it: what the next projection starts from."""
+
+    version: int  # the session's projection_version after that projection
+    facts: dict[int, CallbackFact]  # by inbox id
+    log: FactLog
+    projection: Projection
+    interactions: tuple[Any, ...]
 
 
 @dataclass(frozen=True)
@@ -49,6 +80,9 @@ class Projected:
 
     session_uuid: str
     after: dict[str, Any]
+    # By party, how many legs were kept from the last projection rather than derived again (None:
+    # all were derived; the projector kept no current copy, or the new facts reach back too far).
+    legs_kept: dict[str, int] | None = None
 
 
 @dataclass
@@ -69,11 +103,14 @@ class Outcome:
 class Projector:
     """Projects due sessions on the database (one per process; thread-safe)."""
 
-    def __init__(self, db: Database, *, batch: int = BATCH):
+    def __init__(self, db: Database, *, batch: int = BATCH, keep_from: int = KEEP_FROM):
         self.db = db
         self.batch = batch
+        self.keep_from = keep_from
         self._failed_until: dict[str, float] = {}  # a session whose projection raised: not before then
         self._lock = threading.Lock()
+        self._kept: OrderedDict[str, Kept] = OrderedDict()  # least recently projected first
+        self._kept_facts = 0
 
     def project(self, uuids: Iterable[str], *, wait: bool = False) -> Outcome:
         """Project those of `uuids` that are due, in batches.
@@ -152,31 +189,109 @@ class Projector:
 
     def _transaction(self, uuids: Sequence[str], wait: bool) -> Outcome:
         outcome = Outcome()
+        with self._lock:
+            warm = [uuid for uuid in uuids if uuid in self._kept]
         with self.db.pg() as pg:
-            loaded = load(pg, uuids, skip_locked=not wait)
+            loaded = load(pg, uuids, skip_locked=not wait, warm=warm)
             outcome.busy = set(uuids) - {row["session_uuid"] for row in loaded.sessions}
-            changes = Changes()
-            for row in loaded.sessions:
-                uuid = row["session_uuid"]
-                if not loaded.queue.get(uuid):
-                    continue  # nothing new since its last projection
-                projection = project(loaded.record(row), loaded.facts.get(uuid, ()),
-                                     loaded.interactions.get(row["id"], ()))
-                changes.add(row, loaded, projection)
-                outcome.projected.append(Projected(uuid, projection.session))
-            if not outcome.projected:
+            due = [row for row in loaded.sessions if loaded.queue.get(row["session_uuid"])]  # others: nothing new
+            taken = self._take(due)  # kept copies still current; kept again only once this commits
+            stale = [row["session_uuid"] for row in due if row["session_uuid"] in warm
+                     and row["session_uuid"] not in taken]
+            if stale:  # another projector projected them since (or they were let go): read them whole
+                load_facts(pg, loaded, stale)
+            projected = {}
+            for row in due:
+                uuid, version = row["session_uuid"], row["projection_version"] + 1
+                interactions = tuple(loaded.interactions.get(row["id"], ()))
+                kept, before = taken.get(uuid), None
+                if kept is None:
+                    facts = dict(loaded.facts.get(uuid, ()))
+                    log = FactLog(facts.values())
+                    projection = project(loaded.record(row), log, interactions)
+                    kept = Kept(version, facts, log, projection, interactions)
+                else:
+                    before = kept.projection.activity
+                    since = _fold(kept, loaded.facts.get(uuid, ()))
+                    projection = project(loaded.record(row), kept.log, interactions, since)
+                    kept.version, kept.projection, kept.interactions = version, projection, interactions
+                projected[uuid] = (row, projection, kept, before)
+            if not projected:
                 pg.rollback()
                 return outcome
+            if taken or stale:
+                warm_ones = [(row, projection) for row, projection, _, _ in projected.values()
+                             if row["session_uuid"] in warm]
+                load_legs(pg, loaded, whole=[row["id"] for row, p in warm_ones if p.kept_legs_until is None],
+                          regions={row["id"]: p.kept_legs_until for row, p in warm_ones
+                                   if p.kept_legs_until is not None})
+            changes = Changes()
+            for uuid, (row, projection, _, before) in projected.items():
+                changes.add(row, loaded, projection, before)
+                outcome.projected.append(Projected(uuid, projection.session, _legs_kept(projection)))
             save(pg, changes)
+        for uuid, (_, _, kept, _) in projected.items():
+            self._keep(uuid, kept)
         committed = datetime.now(UTC)
         for rows in loaded.queue.values():
             for row in rows:
                 metrics.PROJECTION_LAG.observe(max((committed - row["queued_at"]).total_seconds(), 0.0))
         metrics.PROJECTIONS.labels("projected").inc(len(outcome.projected))
         with self._lock:
-            for projected in outcome.projected:
-                self._failed_until.pop(projected.session_uuid, None)
+            for done in outcome.projected:
+                self._failed_until.pop(done.session_uuid, None)
         return outcome
+
+    def _take(self, rows: Iterable[Mapping[str, Any]]) -> dict[str, Kept]:
+        """Take out the kept copies of the locked sessions `rows`; those still of the version the lock
+        read are returned (a failed projection then simply has none kept)."""
+        taken = {}
+        with self._lock:
+            for row in rows:
+                kept = self._kept.pop(row["session_uuid"], None)
+                if kept is not None:
+                    self._kept_facts -= len(kept.facts)
+                    if kept.version == row["projection_version"]:
+                        taken[row["session_uuid"]] = kept
+        return taken
+
+    def _keep(self, uuid: str, kept: Kept) -> None:
+        if len(kept.facts) < self.keep_from:
+            return
+        with self._lock:
+            self._kept[uuid] = kept
+            self._kept_facts += len(kept.facts)
+            while self._kept_facts > KEEP_AT_MOST and self._kept:
+                _, dropped = self._kept.popitem(last=False)
+                self._kept_facts -= len(dropped.facts)
+
+
+def _legs_kept(projection: Projection) -> dict[str, int] | None:
+    until = projection.kept_legs_until
+    if until is None:
+        return None
+    kept = dict.fromkeys(until, 0)
+    for leg in projection.legs:
+        if leg["ended_at"] is not None and leg["ended_at"] <= until[leg["party"]]:
+            kept[leg["party"]] += 1
+    return kept
+
+
+def _fold(kept: Kept, new: Iterable[tuple[int, CallbackFact]]) -> Since:
+    """Fold a kept session's new facts in (a replayed one replaces its earlier reading); the `Since`
+    for projecting it again."""
+    changed: list[CallbackFact] = []
+    for inbox_id, fact in new:
+        old = kept.facts.get(inbox_id)
+        if old == fact:
+            continue  # read last time too (its queue row came after the queue was read)
+        if old is not None:
+            kept.log.remove(old)
+            changed.append(old)
+        kept.facts[inbox_id] = fact
+        kept.log.add(fact)
+        changed.append(fact)
+    return Since(kept.projection, kept.interactions, min((f.at for f in changed), default=None))
 
 
 @contextmanager
