@@ -988,6 +988,7 @@ class Bench:
             events += call_events(busy, at, rng)
             at = events[-1][0] + timedelta(seconds=60)
         busy_stream = []
+        seq = 0
         for seq, (_, params) in enumerate(events, 1):
             busy_stream.append(params | {"SequenceNumber": str(seq)})
         spread_stream, _ = callback_stream(len(busy_stream), args.seed + 6)
@@ -1017,20 +1018,43 @@ class Bench:
         facts = scalar(self.db_url, f"SELECT count(*) FROM callback_facts WHERE session_uuid = '{busy.uuid}'")
         settings = Settings.from_env(self.service_settings | {"DB_STATEMENT_TIMEOUT_MS": "60000"})
         db = Database.connect(self.db_url, settings)
-        times = []
+        cold, warm = [], []
         try:
-            projector = Projector(db)
+            # Cold: a projector that keeps no copy of the session reads it whole (after a restart, or
+            # when another process projected it last). Warm: the projector that projects it while its
+            # calls go on, after one more call's callbacks (read the new facts, derive their legs).
             for _ in range(5):
                 with psycopg.connect(self.db_url, autocommit=True) as conn:
                     conn.execute("INSERT INTO projection_queue (session_uuid) VALUES (%s)", [busy.uuid])
                 started = time.perf_counter()
-                projector.project([busy.uuid], wait=True)
-                times.append(time.perf_counter() - started)
+                Projector(db).project([busy.uuid], wait=True)
+                cold.append(time.perf_counter() - started)
+            projector = Projector(db)
+            projector.project([busy.uuid], wait=True)
+            for _ in range(5):
+                events = call_events(busy, at, rng)
+                at = events[-1][0] + timedelta(seconds=60)
+                for _, params in events:
+                    seq += 1
+                    params = params | {"SequenceNumber": str(seq)}
+                    nonce = "".join(rng.choices(string.digits, k=20))
+                    response = requests.post(url, data=urlencode(params), timeout=10, headers={
+                        "Content-Type": "application/x-www-form-urlencoded", NONCE_HEADER: nonce,
+                        SIGNATURE_HEADER: compute_signature("POST", url, params, nonce, AUTH_TOKEN)})
+                    response.raise_for_status()
+                started = time.perf_counter()
+                outcome = projector.project([busy.uuid], wait=True)
+                warm.append(time.perf_counter() - started)
+                if not outcome.projected or outcome.projected[0].legs_kept is None:
+                    raise RuntimeError(f"the busy session's projection was not taken from the kept copy: {outcome}")
         finally:
             db.dispose()
-        runs["projection_ms"] = 1000 * sorted(times)[len(times) // 2]
+        runs["projection_ms"] = 1000 * sorted(warm)[len(warm) // 2]
+        runs["cold_projection_ms"] = 1000 * sorted(cold)[len(cold) // 2]
         runs["facts"] = facts
-        log(f"  one projection of the busy session ({facts} facts): {runs['projection_ms']:.1f} ms (median of 5)")
+        log(f"  one projection of the busy session ({facts} facts), median of 5: after one more call "
+            f"{runs['projection_ms']:.1f} ms; read whole by a projector that kept nothing "
+            f"{runs['cold_projection_ms']:.1f} ms")
         return runs
 
     def _callbacks_to(self, target: Target, need: int, inbox_rows: int, *, connections: int) -> WrkResult:
@@ -1151,7 +1175,9 @@ class Bench:
               f"{ratio:.2f} (goal >= 0.8: {met[ratio >= 0.8]}); p50 last tenth / first tenth "
               f"{busy['busy']['last_p50']:.2f} / "
               f"{busy['busy']['first_p50']:.2f} ms = {latency:.2f} (goal <= 1.5: {met[latency <= 1.5]}); one "
-              f"projection of it {busy['projection_ms']:.1f} ms (goal < 50 ms: {met[busy['projection_ms'] < 50]})")
+              f"projection of it after one more call {busy['projection_ms']:.1f} ms (goal < 50 ms: "
+              f"{met[busy['projection_ms'] < 50]}); read whole by a projector that kept nothing (after a restart) "
+              f"{busy['cold_projection_ms']:.1f} ms")
         p = paced.result
         behind = "; it could not keep up, so this is its latency when saturated" if p.rate < 0.95 * args.rate else ""
         print(f"webhook path at {args.rate:g} req/s: achieved {p.rate:.1f} req/s, p50 {p.p50_ms:.2f} ms, "
