@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 BATCH = 100  # sessions per transaction
 RETRY_FAILED_AFTER = 60.0  # seconds before a session whose projection raised is tried again
 KEEP_FROM = 200  # facts: a session with fewer is read whole each time (cheap), not kept
-KEEP_AT_MOST = 200_000  # facts kept in all (about 100 MB), the least recently projected sessions let go
+KEEP_AT_MOST = 50_000  # facts kept in all (about 70 MB with their projections; least recently projected let go)
 
 
 @dataclass
