@@ -13,7 +13,7 @@ import requests
 from sqlalchemy import text
 
 from webhook_service import create_app
-from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
+from webhook_service.plivo.signature import MA_SIGNATURE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, compute_signature
 from webhook_service.services.reporting import kept_totals, recount
 from webhook_service.settings import SANDBOX_AUTH_TOKEN
 
@@ -255,15 +255,16 @@ def test_unverifiable_callbacks_get_403_and_nothing_is_stored(live, sandbox, eng
     failures_before = signature_failures(live)
     headers = dict(callback["headers"])
     body, url = callback["body"], callback["url"]
+    # Plivo sends two signatures (V3 and Ma-V3) and either one is enough: a forger must beat both.
     if tamper == "bad_signature":
-        headers[SIGNATURE_HEADER] = "bm90IGEgc2lnbmF0dXJl"
+        headers[SIGNATURE_HEADER] = headers[MA_SIGNATURE_HEADER] = "bm90IGEgc2lnbmF0dXJl"
     elif tamper == "missing_signature":
-        del headers[SIGNATURE_HEADER]
+        del headers[SIGNATURE_HEADER], headers[MA_SIGNATURE_HEADER]
     elif tamper == "missing_nonce":
         del headers[NONCE_HEADER]
     elif tamper == "wrong_token":
-        headers[SIGNATURE_HEADER] = compute_signature("POST", url, callback["params"], headers[NONCE_HEADER],
-                                                      "someone-elses-token")
+        headers[SIGNATURE_HEADER] = headers[MA_SIGNATURE_HEADER] = compute_signature(
+            "POST", url, callback["params"], headers[NONCE_HEADER], "someone-elses-token")
     elif tamper == "changed_param":
         body = urlencode(callback["params"] | {"BilledDuration": "9999"})
     else:

@@ -30,6 +30,9 @@ class Settings:
     database_url: str | None  # DATABASE_URL: None starts the embedded development Postgres
     plivo_auth_id: str  # PLIVO_AUTH_ID
     plivo_auth_tokens: tuple[str, ...] = field(repr=False)  # PLIVO_AUTH_TOKEN: one, or "new,old" while rotating
+    # PLIVO_SUBACCOUNT_TOKENS: auth tokens of subaccounts whose sessions call back (comma-separated); they
+    # verify X-Plivo-Signature-V3 only. Optional: Ma-V3, keyed with the main token, verifies those callbacks too.
+    plivo_subaccount_tokens: tuple[str, ...] = field(default=(), repr=False)
     plivo_api_base_url: str = "https://api.plivo.com"  # PLIVO_API_BASE_URL
     public_base_url: str = DEV_PUBLIC_BASE_URL  # PUBLIC_BASE_URL: the origin Plivo calls back
     api_tokens: tuple[str, ...] = field(default=(), repr=False)  # API_TOKENS: bearer tokens for /v1/*
@@ -106,6 +109,7 @@ class Settings:
             database_url=get("DATABASE_URL"),
             plivo_auth_id=auth_id,
             plivo_auth_tokens=tokens,
+            plivo_subaccount_tokens=_csv(get("PLIVO_SUBACCOUNT_TOKENS") or ""),
             plivo_api_base_url=base,
             public_base_url=public,
             api_tokens=api_tokens,

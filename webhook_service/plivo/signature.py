@@ -11,6 +11,11 @@ Ruby SDKs agree); see `../shared/reference/plivo-masking.md` §10.2:
 
 Unlike the SDK, which checks with `in`, the comparison here is constant-time, and it accepts any
 of several auth tokens (during a token rotation both the new and the old one are valid).
+
+Plivo sends two signatures of the same string with the same nonce (reference §10.1):
+`X-Plivo-Signature-V3`, keyed with the token of the account that owns the resource (a subaccount's
+own token for a session created with `subaccount`), and `X-Plivo-Signature-Ma-V3`, always keyed with
+the main account's token. `verify_callback` accepts a callback when either one verifies.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 SIGNATURE_HEADER = "X-Plivo-Signature-V3"
+MA_SIGNATURE_HEADER = "X-Plivo-Signature-Ma-V3"
 NONCE_HEADER = "X-Plivo-Signature-V3-Nonce"
 
 
@@ -134,3 +140,24 @@ def verify_signature(
         # end cannot have been signed by Plivo.
         return False
     return verify_signed(signed, nonce, header, tokens)
+
+
+def verify_callback(
+    signed: str,
+    nonce: str | None,
+    v3_header: str | None,
+    ma_v3_header: str | None,
+    main_tokens: Iterable[str],
+    subaccount_tokens: Iterable[str] = (),
+) -> bool:
+    """True if `X-Plivo-Signature-V3` verifies under the main or a subaccount token, or
+    `X-Plivo-Signature-Ma-V3` under the main account's token.
+
+    Ma-V3 is never checked against a subaccount token: Plivo signs it with the main account's
+    only, and a subaccount's holder must not be able to sign as the main account. Both headers
+    are always checked (no early return), so the time taken does not tell which one verified.
+    """
+    main_tokens = tuple(main_tokens)
+    v3_ok = verify_signed(signed, nonce, v3_header, (*main_tokens, *subaccount_tokens))
+    ma_ok = verify_signed(signed, nonce, ma_v3_header, main_tokens)
+    return v3_ok | ma_ok

@@ -34,11 +34,13 @@ SESSIONS = "/v1/Account/<account>/Masking/Session/"
 SESSION = SESSIONS + "<session_uuid>/"
 
 
-def create_sandbox_app(auth_id: str, auth_token: str, *, pool: list[str] | None = None) -> Flask:
-    """The sandbox app for one account; `pool` lists its virtual numbers (default: five US numbers)."""
+def create_sandbox_app(auth_id: str, auth_token: str, *, pool: list[str] | None = None,
+                       subaccounts: dict[str, str] | None = None) -> Flask:
+    """The sandbox app for one account; `pool` lists its virtual numbers, `subaccounts` its
+    subaccounts' auth IDs and tokens (default: `state.SANDBOX_SUBACCOUNTS`)."""
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    state = SandboxState(auth_id, auth_token, pool)
+    state = SandboxState(auth_id, auth_token, pool, subaccounts)
     app.extensions["sandbox"] = state
 
     @app.before_request

@@ -1,8 +1,9 @@
 """Plays calls through a session and builds Plivo's signed callbacks (reference §8–§10).
 
 Every callback is signed the way Plivo signs voice callbacks: a 20-digit nonce, then
-`compute_signature` over the exact URL requested and the exact parameters sent. The sandbox has one
-account, so `X-Plivo-Signature-Ma-V3` (signed with the main account's token) equals the V3 one.
+`compute_signature` over the exact URL requested and the exact parameters sent, twice with the same
+nonce: `X-Plivo-Signature-V3` with the token of the account that owns the session (the subaccount's
+for a session created with `subaccount`), `X-Plivo-Signature-Ma-V3` with the main account's token.
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ from uuid import uuid4
 
 import requests
 
-from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
+from webhook_service.plivo.signature import MA_SIGNATURE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, compute_signature
 from webhook_service.sandbox.models import Session, event_time, go_time
 from webhook_service.sandbox.validation import ApiError
 
 log = logging.getLogger(__name__)
 
-MA_SIGNATURE_HEADER = "X-Plivo-Signature-Ma-V3"
 API_ACCOUNT_URL = "https://api.plivo.com/v1/Account"
 MEDIA_ACCOUNT_URL = "https://media.plivo.com/v1/Account"
 RATE_PER_MINUTE = Decimal("0.00850")  # one flat rate per started minute per leg
@@ -36,6 +36,14 @@ NORMAL_CLEARING = ("NORMAL_CLEARING", 4000)
 NO_ANSWER = ("NO_ANSWER", 3000)
 
 Callback = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """The auth tokens a session's callbacks are signed with."""
+
+    owner: str  # X-Plivo-Signature-V3: the token of the account owning the session (main or subaccount)
+    main: str  # X-Plivo-Signature-Ma-V3: always the main account's
 
 
 @dataclass(frozen=True)
@@ -106,7 +114,7 @@ def _leg(seconds: int, cause: tuple[str, int]) -> tuple[dict[str, str], int, Dec
     return params, minutes * 60, amount
 
 
-def play_call(session: Session, options: CallOptions, now: datetime, auth_id: str, auth_token: str) -> list[Callback]:
+def play_call(session: Session, options: CallOptions, now: datetime, auth_id: str, tokens: Tokens) -> list[Callback]:
     """Play one call through `session` starting at `now`: record it and return its signed callbacks.
 
     The caller dials the virtual number (which answers at once), Plivo dials the other party, who
@@ -212,10 +220,10 @@ def play_call(session: Session, options: CallOptions, now: datetime, auth_id: st
     session.total_call_billed_duration += billed
     session.total_call_amount += amount
     session.last_interaction_time = end
-    return sign_events(session, events, options.delivery, auth_token)
+    return sign_events(session, events, options.delivery, tokens)
 
 
-def session_event(session: Session, name: str, now: datetime, delivery: Delivery, auth_token: str) -> list[Callback]:
+def session_event(session: Session, name: str, now: datetime, delivery: Delivery, tokens: Tokens) -> list[Callback]:
     """The signed callback of a call-less session event (SessionTimeout, SessionVirtualNumberReplaced)."""
     params = {
         "EventName": name,
@@ -223,11 +231,11 @@ def session_event(session: Session, name: str, now: datetime, delivery: Delivery
         "SessionUUID": session.session_uuid,
         "VirtualNumber": "+" + session.virtual_number,
     }
-    return sign_events(session, [("callback", params)], delivery, auth_token)
+    return sign_events(session, [("callback", params)], delivery, tokens)
 
 
 def sign_events(
-    session: Session, events: list[tuple[str, dict[str, str]]], delivery: Delivery, auth_token: str
+    session: Session, events: list[tuple[str, dict[str, str]]], delivery: Delivery, tokens: Tokens
 ) -> list[Callback]:
     """Number and sign events for the session's callback or recording URL; events without a URL are dropped."""
     callbacks = []
@@ -236,15 +244,18 @@ def sign_events(
         method = session.config[f"{target}_method" if target == "callback" else "recording_callback_method"]
         if url:
             params["SequenceNumber"] = session.next_sequence()
-            callbacks.append(sign(url, method, params, delivery.encoding, auth_token))
+            callbacks.append(sign(url, method, params, delivery.encoding, tokens))
     return callbacks
 
 
-def sign(url: str, method: str, params: dict[str, str], encoding: str, auth_token: str) -> Callback:
+def sign(url: str, method: str, params: dict[str, str], encoding: str, tokens: Tokens) -> Callback:
     """One signed request, as Plivo would send it, with `status` None (not delivered yet)."""
     nonce = "".join(secrets.choice(string.digits) for _ in range(20))
-    signature = compute_signature(method, url, params, nonce, auth_token)
-    headers = {SIGNATURE_HEADER: signature, MA_SIGNATURE_HEADER: signature, NONCE_HEADER: nonce}
+    headers = {
+        SIGNATURE_HEADER: compute_signature(method, url, params, nonce, tokens.owner),
+        MA_SIGNATURE_HEADER: compute_signature(method, url, params, nonce, tokens.main),
+        NONCE_HEADER: nonce,
+    }
     parts = urlsplit(url)  # a fragment (Plivo's "#ct=..." tuning) is never sent over HTTP
     content_type = None
     if method == "GET":

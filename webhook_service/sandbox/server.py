@@ -35,8 +35,9 @@ class SandboxServer:
         host: str = "127.0.0.1",
         port: int = 0,
         pool: list[str] | None = None,
+        subaccounts: dict[str, str] | None = None,
     ) -> None:
-        self.app = create_sandbox_app(auth_id, auth_token, pool=pool)
+        self.app = create_sandbox_app(auth_id, auth_token, pool=pool, subaccounts=subaccounts)
         self.state: SandboxState = self.app.extensions["sandbox"]
         self._host, self._port = host, port
         self._server: BaseWSGIServer | None = None

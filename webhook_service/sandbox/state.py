@@ -27,6 +27,8 @@ from webhook_service.sandbox.validation import (
     validate_update,
 )
 
+# The sandbox account's one subaccount (auth ID -> auth token), for sessions created with `subaccount`.
+SANDBOX_SUBACCOUNTS = {"SASANDBOX00000000000": "sandbox-subaccount-token"}
 DEFAULT_POOL = ("16505550100", "16505550101", "16505550102", "16505550103", "16505550104")
 POOL_EXHAUSTED = "Number pool exhausted or not available"
 ALREADY_EXPIRED = "Session already expired"
@@ -64,9 +66,11 @@ OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
 class SandboxState:
     """Everything the sandbox remembers, behind one lock."""
 
-    def __init__(self, auth_id: str, auth_token: str, pool: list[str] | None = None) -> None:
+    def __init__(self, auth_id: str, auth_token: str, pool: list[str] | None = None,
+                 subaccounts: Mapping[str, str] | None = None) -> None:
         self.auth_id = auth_id
         self.auth_token = auth_token
+        self.subaccounts = dict(SANDBOX_SUBACCOUNTS if subaccounts is None else subaccounts)
         self.pool: list[str] = []
         for number in pool or DEFAULT_POOL:
             match = PHONE_RE.fullmatch(number)
@@ -92,6 +96,9 @@ class SandboxState:
     def create(self, body: Any) -> dict[str, Any]:
         """Create a session from a create request body; return the session object."""
         values = validate_create(body)
+        if "subaccount" in values and values["subaccount"] not in self.subaccounts:
+            # Plivo's wording for this case is not documented; the sandbox uses its "Invalid parameter." form.
+            raise invalid("subaccount is not a subaccount of this account")
         with self.lock:
             now = self.now()
             first, second = values.pop("first_party", ""), values.pop("second_party", "")
@@ -167,7 +174,7 @@ class SandboxState:
             session = self._live_session(session_uuid)
             options = calls.parse_call_options(body, session)
             now = self.now()
-            callbacks = calls.play_call(session, options, now, self.auth_id, self.auth_token)
+            callbacks = calls.play_call(session, options, now, self.auth_id, self._tokens(session))
             snapshot = session.to_json(now)
         return _delivered(callbacks, snapshot, options.delivery)
 
@@ -178,7 +185,7 @@ class SandboxState:
             delivery = calls.parse_delivery(body)
             now = self.now()
             session.expiry_time = session.modified_time = now
-            callbacks = calls.session_event(session, "SessionTimeout", now, delivery, self.auth_token)
+            callbacks = calls.session_event(session, "SessionTimeout", now, delivery, self._tokens(session))
             snapshot = session.to_json(now)
         return _delivered(callbacks, snapshot, delivery)
 
@@ -193,7 +200,8 @@ class SandboxState:
             except ApiError:
                 raise ApiError(409, "no other pool number is free for this session") from None
             session.virtual_number, session.modified_time = number, now
-            callbacks = calls.session_event(session, "SessionVirtualNumberReplaced", now, delivery, self.auth_token)
+            callbacks = calls.session_event(session, "SessionVirtualNumberReplaced", now, delivery,
+                                            self._tokens(session))
             snapshot = session.to_json(now)
         return _delivered(callbacks, snapshot, delivery)
 
@@ -297,6 +305,11 @@ class SandboxState:
             self._clock_offset = timedelta(0)
 
     # Internals (the caller holds the lock) -------------------------------------------------------
+
+    def _tokens(self, session: Session) -> calls.Tokens:
+        # V3 is keyed with the token of the account owning the session, Ma-V3 with the main one's.
+        subaccount = session.config.get("subaccount")
+        return calls.Tokens(self.subaccounts[subaccount] if subaccount else self.auth_token, self.auth_token)
 
     def _session(self, session_uuid: str) -> Session:
         session = self._sessions.get(session_uuid)

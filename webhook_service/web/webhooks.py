@@ -1,7 +1,8 @@
 """Plivo's callbacks: /webhooks/plivo/session and /webhooks/plivo/recording.
 
-Order of checks: method (405), size (413), signature headers present (403), body parsed strictly
-(415 for a content type other than form or JSON, 400), signature valid (403), then store. Nothing
+Order of checks: method (405), size (413), the nonce and a signature header (V3 or Ma-V3) present
+(403), body parsed strictly (415 for a content type other than form or JSON, 400), signature valid
+(403), then store. Nothing
 is stored before the signature is verified, and the answer goes after the commit; nothing about
 the session is derived here (`services.inbox`).
 """
@@ -22,7 +23,7 @@ from ..domain import jsonbody
 from ..domain.callbacks import plain_params
 from ..errors import ApiError
 from ..persistence.db import is_database_unavailable
-from ..plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, string_to_sign, verify_signed
+from ..plivo.signature import MA_SIGNATURE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, string_to_sign, verify_callback
 from ..services import inbox
 from .errors import error_response
 
@@ -104,9 +105,11 @@ def receive(kind: str):
         return _reject(kind, 413, "too_large", f"Callback bodies are limited to {limit} bytes")
     request.max_content_length = limit  # also caps chunked bodies that announce no length
     signature = request.headers.get(SIGNATURE_HEADER)
+    ma_signature = request.headers.get(MA_SIGNATURE_HEADER)
     nonce = request.headers.get(NONCE_HEADER)
-    if not signature or not nonce:
-        return _reject(kind, 403, "signature_missing", f"{SIGNATURE_HEADER} and {NONCE_HEADER} are required")
+    if not (signature or ma_signature) or not nonce:
+        return _reject(kind, 403, "signature_missing",
+                       f"{NONCE_HEADER} and {SIGNATURE_HEADER} or {MA_SIGNATURE_HEADER} are required")
     try:
         params, content_type = _params()
     except ApiError as exc:
@@ -115,7 +118,10 @@ def receive(kind: str):
         return _reject(kind, 413, "too_large", f"Callback bodies are limited to {limit} bytes")
     # Plivo signs the URL it called: our public origin plus the path, whatever proxies changed.
     signed = string_to_sign(request.method, settings.public_base_url + request.path, params)
-    if not verify_signed(signed, nonce, signature, settings.plivo_auth_tokens):
+    # V3 is keyed with the token of the account owning the session (a subaccount's for a session
+    # created with `subaccount`), Ma-V3 with the main account's: either one is enough.
+    if not verify_callback(signed, nonce, signature, ma_signature, settings.plivo_auth_tokens,
+                           settings.plivo_subaccount_tokens):
         return _reject(kind, 403, "signature_invalid", "The callback signature does not verify")
     g.session_uuid = params.get("SessionUUID")
     try:

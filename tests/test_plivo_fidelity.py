@@ -1,0 +1,132 @@
+"""Issue 11, "Plivo fidelity": where a real Plivo account behaves differently from what the service
+and its sandbox assumed. Each test goes through the real routes, with Plivo played by the sandbox and
+signatures computed by Plivo's own SDK (`plivo.utils.signature_v3`) where a signature is involved.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlencode
+
+import pytest
+import requests
+from plivo.utils.signature_v3 import construct_post_url, get_signature_v3, validate_v3_signature
+from sqlalchemy import text
+
+from webhook_service import create_app
+from webhook_service.plivo.signature import MA_SIGNATURE_HEADER, NONCE_HEADER, SIGNATURE_HEADER
+from webhook_service.sandbox.state import SANDBOX_SUBACCOUNTS
+from webhook_service.settings import SANDBOX_AUTH_TOKEN
+
+from .helpers import API_TOKEN, FIRST, SECOND, make_settings, settle
+
+AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
+PUBLIC = "http://127.0.0.1:9"  # the test client's PUBLIC_BASE_URL (make_settings' default)
+[(SUBACCOUNT, SUBACCOUNT_TOKEN)] = SANDBOX_SUBACCOUNTS.items()
+NONCE = "12345678901234567890"
+
+
+def sdk_signature(url: str, params: dict, token: str, nonce: str = NONCE) -> str:
+    """X-Plivo-Signature-V3 / -Ma-V3 of a POST callback, as Plivo's Python SDK computes it."""
+    return get_signature_v3(token, construct_post_url(url, dict(params)), nonce).decode()
+
+
+def timeout_params(session_uuid: str = "sub-session-1") -> dict[str, str]:
+    return {"EventName": "SessionTimeout", "SessionUUID": session_uuid, "EventTimestamp": "2026-11-20 11:00:00",
+            "VirtualNumber": "+16505550100", "SequenceNumber": "4"}
+
+
+def post_callback(client, params: dict, *, v3: str | None = None, ma_v3: str | None = None):
+    headers = {NONCE_HEADER: NONCE, "Content-Type": "application/x-www-form-urlencoded"}
+    if v3 is not None:
+        headers[SIGNATURE_HEADER] = v3
+    if ma_v3 is not None:
+        headers[MA_SIGNATURE_HEADER] = ma_v3
+    return client.post("/webhooks/plivo/session", data=urlencode(params), headers=headers)
+
+
+def inbox_count(engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(text("SELECT count(*) FROM callback_inbox")).scalar()
+
+
+# X-Plivo-Signature-Ma-V3 and subaccount tokens -----------------------------------------------------
+
+
+def test_a_subaccount_callback_is_accepted_by_its_ma_v3_signature_made_with_the_main_token(client, engine):
+    params = timeout_params()
+    url = f"{PUBLIC}/webhooks/plivo/session"
+    response = post_callback(client, params, v3=sdk_signature(url, params, SUBACCOUNT_TOKEN),
+                             ma_v3=sdk_signature(url, params, SANDBOX_AUTH_TOKEN))
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.get_json() == {"status": "recorded"}
+
+
+def test_ma_v3_alone_verifies_and_holds_several_signatures_while_rotating(client):
+    params = timeout_params("sub-session-2")
+    url = f"{PUBLIC}/webhooks/plivo/session"
+    header = f"{sdk_signature(url, params, 'a-token-being-retired')},{sdk_signature(url, params, SANDBOX_AUTH_TOKEN)}"
+    assert post_callback(client, params, ma_v3=header).status_code == 200
+
+
+def test_ma_v3_is_never_checked_against_a_subaccount_token(database_url, sandbox, engine):
+    # A subaccount's holder must not sign as the main account: Ma-V3 is the main token's only.
+    app = create_app({"TESTING": True, "database_url": database_url,
+                      "settings": make_settings(sandbox.url, PLIVO_SUBACCOUNT_TOKENS=SUBACCOUNT_TOKEN)})
+    params = timeout_params("sub-session-3")
+    url = f"{PUBLIC}/webhooks/plivo/session"
+    forged = sdk_signature(url, params, SUBACCOUNT_TOKEN)
+    response = post_callback(app.test_client(), params, v3="bm90LWEtc2lnbmF0dXJl", ma_v3=forged)
+    assert response.status_code == 403 and response.get_json()["error"] == "signature_invalid"
+    assert inbox_count(engine) == 0
+    app.extensions["webhook_service"].close()
+
+
+def test_v3_made_with_a_subaccount_token_verifies_only_when_that_token_is_configured(database_url, sandbox, engine):
+    params = timeout_params("sub-session-4")
+    url = f"{PUBLIC}/webhooks/plivo/session"
+    v3 = sdk_signature(url, params, SUBACCOUNT_TOKEN)
+    without = create_app({"TESTING": True, "database_url": database_url, "settings": make_settings(sandbox.url)})
+    assert post_callback(without.test_client(), params, v3=v3).status_code == 403
+    without.extensions["webhook_service"].close()
+    assert inbox_count(engine) == 0
+
+    configured = make_settings(sandbox.url, PLIVO_SUBACCOUNT_TOKENS=f"other-sub-token, {SUBACCOUNT_TOKEN}")
+    assert SUBACCOUNT_TOKEN not in repr(configured)  # a secret: never in a log line of the settings
+    app = create_app({"TESTING": True, "database_url": database_url, "settings": configured})
+    assert post_callback(app.test_client(), params, v3=v3).status_code == 200
+    app.extensions["webhook_service"].close()
+
+
+def test_a_callback_with_neither_signature_header_is_refused(client, engine):
+    response = post_callback(client, timeout_params())
+    assert response.status_code == 403 and response.get_json()["error"] == "signature_missing"
+    assert inbox_count(engine) == 0
+
+
+def test_the_sandbox_signs_a_subaccount_sessions_callbacks_like_plivo_and_the_service_takes_them(live, sandbox):
+    created = requests.post(f"{live.url}/v1/sessions", headers=AUTH, timeout=10,
+                            json={"first_party": FIRST, "second_party": SECOND, "subaccount": SUBACCOUNT})
+    assert created.status_code == 201, created.text
+    session_uuid = created.json()["session_uuid"]
+    played = requests.post(f"{sandbox.url}/sandbox/sessions/{session_uuid}/calls", json={}, timeout=30).json()
+    assert played["callbacks"] and all(c["status"] == 200 for c in played["callbacks"])
+    for callback in played["callbacks"]:
+        headers, params = callback["headers"], callback["params"]
+        nonce, url = headers[NONCE_HEADER], callback["url"]
+        # V3 with the subaccount's token, Ma-V3 with the main account's, one nonce (Plivo's SDK agrees).
+        assert validate_v3_signature("POST", url, nonce, SUBACCOUNT_TOKEN, headers[SIGNATURE_HEADER], dict(params))
+        assert not validate_v3_signature("POST", url, nonce, SANDBOX_AUTH_TOKEN, headers[SIGNATURE_HEADER],
+                                         dict(params))
+        assert validate_v3_signature("POST", url, nonce, SANDBOX_AUTH_TOKEN, headers[MA_SIGNATURE_HEADER],
+                                     dict(params))
+    settle(live.app)
+    details = requests.get(f"{live.url}/v1/sessions/{session_uuid}", headers=AUTH, timeout=10).json()
+    assert details["call_count"] == 2 and len(details["call_legs"]) == 2
+
+
+@pytest.mark.parametrize("subaccount", ["SAUNKNOWN00000000000"])
+def test_the_sandbox_refuses_a_subaccount_it_does_not_have(client, subaccount):
+    response = client.post("/v1/sessions", headers=AUTH,
+                           json={"first_party": FIRST, "second_party": SECOND, "subaccount": subaccount})
+    assert response.status_code == 400
+    assert "subaccount" in response.get_json()["message"]
