@@ -130,3 +130,30 @@ def test_the_sandbox_refuses_a_subaccount_it_does_not_have(client, subaccount):
                            json={"first_party": FIRST, "second_party": SECOND, "subaccount": subaccount})
     assert response.status_code == 400
     assert "subaccount" in response.get_json()["message"]
+
+
+# Recovering a create whose outcome is unknown ------------------------------------------------------
+
+
+def plivo_requests(sandbox, method: str) -> list[dict]:
+    return [r for r in requests.get(f"{sandbox.url}/sandbox/requests", timeout=5).json()["requests"]
+            if r["method"] == method]
+
+
+def test_an_unknown_create_is_found_by_the_parties_in_the_form_plivo_stores_them(client, app, sandbox, db):
+    # Plivo creates the session, then the connection drops before its answer: the outcome is unknown.
+    requests.post(f"{sandbox.url}/sandbox/faults", timeout=5, json=[
+        {"method": "POST", "path_contains": "/Masking/Session", "reset": True, "after_effect": True, "times": 1}])
+    response = client.post("/v1/sessions", headers=AUTH, json={"first_party": FIRST, "second_party": SECOND})
+    assert response.status_code == 504 and response.get_json()["details"]["outcome"] == "unknown"
+    [made] = sandbox.state.list({"first_party": FIRST.lstrip("+")})[1]
+
+    from datetime import timedelta
+
+    from webhook_service.services.sessions import resolve_pending_attempts
+    assert resolve_pending_attempts(app.extensions["webhook_service"], grace=timedelta(0)) == {"recovered": 1}
+    [search] = plivo_requests(sandbox, "GET")
+    assert (search["query"]["first_party"], search["query"]["second_party"]) == (FIRST[1:], SECOND[1:])
+    with db.transaction() as s:
+        [(session_uuid, first)] = s.execute(text("SELECT session_uuid, first_party FROM masking_sessions")).all()
+    assert (session_uuid, first) == (made["session_uuid"], FIRST)

@@ -306,20 +306,28 @@ def resolve_attempt(ctx: Context, attempt_id: int, *, grace: timedelta = timedel
         return attempt
     window_start = attempt.started_at - timedelta(minutes=1)
     window_end = (attempt.finished_at or datetime.now(UTC)) + timedelta(minutes=1)
-    filters: dict[str, Any] = {"created_time__gte": plivo_time(window_start),
-                               "created_time__lte": plivo_time(window_end), "limit": 20}
-    for name in ("first_party", "second_party"):
-        if getattr(attempt, name):
-            filters[name] = getattr(attempt, name)
-    page = ctx.plivo.list_sessions(filters)
+    window: dict[str, Any] = {"created_time__gte": plivo_time(window_start),
+                              "created_time__lte": plivo_time(window_end), "limit": 20}
+    parties = {name: getattr(attempt, name) for name in ("first_party", "second_party") if getattr(attempt, name)}
+    # Plivo stores parties as digits without '+' (reference §6.2) and its list filters are exact
+    # matches (§5); whether a '+E.164' filter finds them too is not documented. So search in the
+    # stored form first and, only if that finds nothing, in the '+' form; either way the parties
+    # are compared normalised on the results. Declaring `not_created` after a miss would leave a
+    # paid session untracked, or make the caller create a second one.
+    sessions: list[PlivoSession] = []
+    for form in (lambda n: n.lstrip("+"), lambda n: n):
+        page = ctx.plivo.list_sessions(window | {name: form(number) for name, number in parties.items()})
+        sessions = [p for p in page.sessions if all(getattr(p, name) == number for name, number in parties.items())]
+        if sessions or not parties:
+            break
     with ctx.db.transaction() as s:
         claimed = set(s.scalars(
             select(SessionCreateAttempt.session_uuid).where(
-                SessionCreateAttempt.session_uuid.in_([p.session_uuid for p in page.sessions]),
+                SessionCreateAttempt.session_uuid.in_([p.session_uuid for p in sessions]),
                 SessionCreateAttempt.id != attempt.id,
             )
         ))
-    candidates = sorted((p for p in page.sessions if p.session_uuid not in claimed),
+    candidates = sorted((p for p in sessions if p.session_uuid not in claimed),
                         key=lambda p: (p.created_time or window_start, p.session_uuid))
     req = CreateRequest(plivo_params=attempt.request_body.get("plivo", {}),
                         external_ref=attempt.request_body.get("external_ref"),
