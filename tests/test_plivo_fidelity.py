@@ -157,3 +157,90 @@ def test_an_unknown_create_is_found_by_the_parties_in_the_form_plivo_stores_them
     with db.transaction() as s:
         [(session_uuid, first)] = s.execute(text("SELECT session_uuid, first_party FROM masking_sessions")).all()
     assert (session_uuid, first) == (made["session_uuid"], FIRST)
+
+
+# Plivo's answers: unreadable 2xx, 403, api_id -----------------------------------------------------
+
+
+def add_faults(sandbox, *rules) -> None:
+    requests.post(f"{sandbox.url}/sandbox/faults", json=list(rules), timeout=5).raise_for_status()
+
+
+def attempt_row(db) -> dict:
+    with db.transaction() as s:
+        return dict(s.execute(text("SELECT state, plivo_api_id, session_uuid FROM session_create_attempts")).one()
+                    ._mapping)
+
+
+def test_a_2xx_create_answer_that_cannot_be_read_is_an_unknown_outcome_then_recovered(client, app, sandbox, db):
+    # Plivo created the session, but its 201 carries a body that is not JSON.
+    add_faults(sandbox, {"method": "POST", "path_contains": "/Masking/Session", "status": 201,
+                         "body": "<html>gateway</html>", "after_effect": True, "times": 1})
+    response = client.post("/v1/sessions", headers=AUTH, json={"first_party": FIRST, "second_party": SECOND})
+    assert response.status_code == 502, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["details"]["outcome"] == "unknown" and "may have been created" in body["message"]
+    assert attempt_row(db)["state"] == "unknown"
+
+    from datetime import timedelta
+
+    from webhook_service.services.sessions import resolve_pending_attempts
+    assert resolve_pending_attempts(app.extensions["webhook_service"], grace=timedelta(0)) == {"recovered": 1}
+
+
+def test_a_plivo_403_passes_plivos_message_and_api_id_through(client, sandbox, db):
+    refusal = "Geo permissions are not enabled for the destination country"
+    add_faults(sandbox, {"method": "POST", "path_contains": "/Masking/Session", "status": 403,
+                         "body": {"api_id": "api-403-e1", "error": refusal}, "times": 1})
+    response = client.post("/v1/sessions", headers=AUTH, json={"first_party": FIRST, "second_party": SECOND})
+    assert response.status_code == 422
+    body = response.get_json()
+    assert body["error"] == "plivo_forbidden" and refusal in body["message"]
+    assert body["details"] == {"plivo_status": 403, "plivo_api_id": "api-403-e1", "plivo_message": refusal}
+    assert attempt_row(db) == {"state": "failed", "plivo_api_id": "api-403-e1", "session_uuid": None}
+
+
+def test_a_plivo_401_is_still_plivo_auth_failed_with_its_api_id(client, sandbox):
+    add_faults(sandbox, {"method": "POST", "path_contains": "/Masking/Session", "status": 401,
+                         "body": {"api_id": "api-401-e1", "error": "Authentication failed"}, "times": 1})
+    response = client.post("/v1/sessions", headers=AUTH, json={"first_party": FIRST, "second_party": SECOND})
+    assert response.status_code == 502
+    body = response.get_json()
+    assert body["error"] == "plivo_auth_failed" and body["details"]["plivo_api_id"] == "api-401-e1"
+
+
+def test_plivos_api_id_of_the_create_is_kept_on_the_attempt_and_the_session(client, db):
+    response = client.post("/v1/sessions", headers=AUTH, json={"first_party": FIRST, "second_party": SECOND})
+    assert response.status_code == 201
+    api_id = response.get_json()["plivo_api_id"]
+    assert api_id and attempt_row(db)["plivo_api_id"] == api_id
+    got = client.get(f"/v1/sessions/{response.get_json()['session_uuid']}", headers=AUTH).get_json()
+    assert got["plivo_api_id"] == api_id
+
+
+# Generated PINs -------------------------------------------------------------------------------------
+
+PIN_SESSION = {"first_party": FIRST, "second_party": SECOND, "is_pin_authentication_required": True,
+               "generate_pin": True, "generate_pin_length": 6, "pin_prompt_play": "https://example.com/pin.mp3"}
+
+
+@pytest.mark.parametrize("in_create_answer", [False, True])
+def test_generated_pins_are_stored_returned_and_masked_in_reporting(client, sandbox, engine, caplog,
+                                                                   in_create_answer):
+    sandbox.state.pins_in_create_answer = in_create_answer
+    with caplog.at_level("DEBUG"):
+        response = client.post("/v1/sessions", headers=AUTH, json=PIN_SESSION)
+    assert response.status_code == 201, response.get_data(as_text=True)
+    created = response.get_json()
+    plivos = sandbox.state.get(created["session_uuid"])
+    pins = (plivos["first_party_pin"], plivos["second_party_pin"])
+    assert all(len(p) == 6 and p.isdigit() for p in pins)
+    assert (created["first_party_pin"], created["second_party_pin"]) == pins
+    got = client.get(f"/v1/sessions/{created['session_uuid']}", headers=AUTH).get_json()
+    assert (got["first_party_pin"], got["second_party_pin"]) == pins
+    # Fetched once when the create answer lacks them, not at all when it has them.
+    assert len(plivo_requests(sandbox, "GET")) == (0 if in_create_answer else 1)
+    with engine.connect() as conn:
+        masked = conn.execute(text("SELECT first_party_pin, second_party_pin FROM reporting.session_summary")).one()
+    assert tuple(masked) == ("******", "******")
+    assert not any(p in record.getMessage() or p in str(record.__dict__) for p in pins for record in caplog.records)

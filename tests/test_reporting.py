@@ -224,7 +224,7 @@ VIEW_COLUMNS = {
         "created_at", "expires_at", "ended_at", "call_count", "answered_call_count", "billed_duration",
         "billed_minutes", "amount", "session_amount", "total_amount", "recording_count", "last_interaction_at",
         "plivo_call_count", "plivo_billed_duration", "plivo_amount", "call_count_drift", "billed_duration_drift",
-        "amount_drift", "reconciled_at",
+        "amount_drift", "reconciled_at", "first_party_pin", "second_party_pin", "plivo_api_id",
     ],
     "call_activity_daily": [
         "day", "sessions_created", "sessions_with_calls", "call_legs", "answered_legs", "answer_rate",
@@ -283,6 +283,9 @@ SUMMARY = {
          "plivo_billed_duration": None, "plivo_amount": None, "call_count_drift": None,
          "billed_duration_drift": None, "amount_drift": None, "reconciled_at": None},
 }
+# The dataset's sessions have no PIN authentication and predate Plivo api_ids (revision 0009's columns).
+for _row in SUMMARY.values():
+    _row.update(first_party_pin=None, second_party_pin=None, plivo_api_id=None)
 
 # Legs by the UTC day they started (call B starts 2026-11-03 23:59:30 and ends after midnight).
 # 11-02: sessions S1, S4; call A: 2 answered legs, 240 s, 0.03400, a recording.
@@ -657,6 +660,7 @@ def test_report_session_json(app, dataset):
         "total_amount": "0.04750", "recording_count": 1, "last_interaction_at": "2026-11-04T00:00:16+00:00",
         "plivo_call_count": 5, "plivo_billed_duration": 360, "plivo_amount": "0.05100", "call_count_drift": -1,
         "billed_duration_drift": -60, "amount_drift": "-0.00850", "reconciled_at": "2026-11-04T01:00:00+00:00",
+        "first_party_pin": None, "second_party_pin": None, "plivo_api_id": None,
     }
     assert report["call_legs"][3] == {
         "session_uuid": S1, "external_ref": "order-1", "virtual_number": VN9, "party": "second", "call_uuid": None,

@@ -109,6 +109,11 @@ class MaskingSession(Base):
     virtual_number_changed_at: Mapped[datetime | None]
     # Plivo's `amount`: the charge for creating the session (calls are in `amount` below).
     session_amount: Mapped[Decimal | None]
+    # The parties' PINs (the caller's, or Plivo's with generate_pin): secrets of the parties, never
+    # logged, shown masked in the reporting views.
+    first_party_pin: Mapped[str | None] = mapped_column(Text)
+    second_party_pin: Mapped[str | None] = mapped_column(Text)
+    plivo_api_id: Mapped[str | None] = mapped_column(Text)  # Plivo's api_id of the last call that changed it
     call_count: Mapped[int] = mapped_column(Integer, server_default="0")
     answered_call_count: Mapped[int] = mapped_column(Integer, server_default="0")
     billed_duration: Mapped[int] = mapped_column(Integer, server_default="0")
@@ -160,6 +165,7 @@ class SessionCreateAttempt(Base):
     response_status: Mapped[int | None] = mapped_column(Integer)
     response_body: Mapped[dict[str, Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
+    plivo_api_id: Mapped[str | None] = mapped_column(Text)  # Plivo's api_id of the create, when it answered one
     started_at: Mapped[datetime] = _now()
     finished_at: Mapped[datetime | None]
 

@@ -29,11 +29,12 @@ log = logging.getLogger(__name__)
 class PlivoError(Exception):
     """Base class: Plivo could not do what was asked, or its answer is unknown."""
 
-    def __init__(self, message: str, *, status: int | None = None, body: Any = None):
+    def __init__(self, message: str, *, status: int | None = None, body: Any = None, api_id: str | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
         self.body = body
+        self.api_id = api_id  # Plivo's `api_id` of the call, when its answer carried one (for Plivo's support)
 
 
 class PlivoRejected(PlivoError):
@@ -45,7 +46,12 @@ class PlivoNotFound(PlivoRejected):
 
 
 class PlivoAuthError(PlivoRejected):
-    """Plivo answered 401/403: our credentials are wrong (an operator problem, not the caller's)."""
+    """Plivo answered 401: our credentials are wrong (an operator problem, not the caller's)."""
+
+
+class PlivoForbidden(PlivoRejected):
+    """Plivo answered 403: it refused this request. Plivo's SDKs read a 403 on create as a geo-permission
+    refusal (the account may not call that country), not as bad credentials (reference §7)."""
 
 
 class PlivoRateLimited(PlivoError):
@@ -69,7 +75,7 @@ class PlivoTimeout(PlivoError):
 
 
 class PlivoBadResponse(PlivoError):
-    """Plivo answered 2xx with a body we cannot read."""
+    """Plivo answered 2xx with a body we cannot read: it did something, we cannot tell what."""
 
 
 def plivo_time(value: datetime) -> str:
@@ -96,11 +102,17 @@ class PlivoSession:
     total_call_amount: Decimal | None
     interactions: list[dict[str, Any]] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
+    api_id: str | None = None  # the `api_id` of the call that returned it
+
+    @property
+    def pins(self) -> tuple[str | None, str | None]:
+        """The parties' PINs as the session object shows them (Plivo's generated ones with generate_pin)."""
+        return _pin(self.raw.get("first_party_pin")), _pin(self.raw.get("second_party_pin"))
 
     @classmethod
-    def from_json(cls, obj: Mapping[str, Any], *, virtual_number: Any = None) -> PlivoSession:
+    def from_json(cls, obj: Mapping[str, Any], *, virtual_number: Any = None, api_id: Any = None) -> PlivoSession:
         if not isinstance(obj, Mapping) or not obj.get("session_uuid"):
-            raise PlivoBadResponse("Plivo's session object has no session_uuid", body=obj)
+            raise PlivoBadResponse("Plivo's session object has no session_uuid", body=obj, api_id=_api_id(api_id))
         return cls(
             session_uuid=str(obj["session_uuid"]),
             status=obj.get("status") or None,
@@ -117,7 +129,19 @@ class PlivoSession:
             total_call_amount=to_decimal(obj.get("total_call_amount")),
             interactions=[i for i in (obj.get("interaction") or []) if isinstance(i, Mapping)],
             raw=dict(obj),
+            api_id=_api_id(api_id),
         )
+
+
+def _api_id(value: Any) -> str | None:
+    return value[:100] if isinstance(value, str) and value else None
+
+
+def _pin(value: Any) -> str | None:
+    # Plivo's FAQ shows PINs as JSON numbers (reference §3): keep them as digit strings either way.
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value if isinstance(value, str) and value else None
 
 
 @dataclass(frozen=True)
@@ -160,15 +184,16 @@ class PlivoClient:
     def create_session(self, params: Mapping[str, Any]) -> PlivoSession:
         """POST …/Masking/Session. Never retried: a retry after a lost answer could double-book."""
         body = self._call("create", "POST", self.base + "/", json=dict(params), retry=False)
-        return PlivoSession.from_json(body.get("session") or body, virtual_number=body.get("virtual_number"))
+        return PlivoSession.from_json(body.get("session") or body, virtual_number=body.get("virtual_number"),
+                                      api_id=body.get("api_id"))
 
     def get_session(self, session_uuid: str) -> PlivoSession:
         body = self._call("get", "GET", f"{self.base}/{session_uuid}/", retry=True)
-        return PlivoSession.from_json(body.get("response") or {})
+        return PlivoSession.from_json(body.get("response") or {}, api_id=body.get("api_id"))
 
     def update_session(self, session_uuid: str, params: Mapping[str, Any]) -> PlivoSession:
         body = self._call("update", "POST", f"{self.base}/{session_uuid}/", json=dict(params), retry=False)
-        return PlivoSession.from_json(body.get("session") or {})
+        return PlivoSession.from_json(body.get("session") or {}, api_id=body.get("api_id"))
 
     def expire_session(self, session_uuid: str) -> None:
         """DELETE …/Session/{uuid}: Plivo marks it expired (nothing is deleted). Safe to retry."""
@@ -269,15 +294,19 @@ class PlivoClient:
                 message = "; ".join(f"{k}: {v}" for k, v in message.items())
         status = response.status_code
         message = str(message or f"Plivo answered HTTP {status} to {op}")
+        kind: type[PlivoError] = PlivoRejected
         if status == 404:
-            return PlivoNotFound(message, status=status, body=body)
-        if status in (401, 403):
-            return PlivoAuthError(message, status=status, body=body)
-        if status == 429:
-            return PlivoRateLimited(message, status=status, body=body)
-        if status >= 500:
-            return PlivoServerError(message, status=status, body=body)
-        return PlivoRejected(message, status=status, body=body)
+            kind = PlivoNotFound
+        elif status == 401:
+            kind = PlivoAuthError
+        elif status == 403:
+            kind = PlivoForbidden
+        elif status == 429:
+            kind = PlivoRateLimited
+        elif status >= 500:
+            kind = PlivoServerError
+        return kind(message, status=status, body=body, api_id=_api_id(body.get("api_id") if isinstance(body, dict)
+                                                                         else None))
 
     @staticmethod
     def _backoff(attempt: int, retry_after: str | None) -> float:

@@ -71,6 +71,10 @@ class SandboxState:
         self.auth_id = auth_id
         self.auth_token = auth_token
         self.subaccounts = dict(SANDBOX_SUBACCOUNTS if subaccounts is None else subaccounts)
+        # Whether the create answer's session object shows Plivo's generated PINs: not documented
+        # (reference §6.2 lists them on the session object). By default it does not, the reading that
+        # makes a client fetch the session; tests set it to play the other reading.
+        self.pins_in_create_answer = False
         self.pool: list[str] = []
         for number in pool or DEFAULT_POOL:
             match = PHONE_RE.fullmatch(number)
@@ -114,7 +118,10 @@ class SandboxState:
             number = self._allocate({first, second} - {""}, now)
             session = Session(str(uuid4()), first, second, number, now, now, expiry, config)
             self._sessions[session.session_uuid] = session
-            return session.to_json(now)
+            answer = session.to_json(now)
+            if values.get("generate_pin") and not self.pins_in_create_answer:
+                answer["first_party_pin"] = answer["second_party_pin"] = None
+            return answer
 
     def get(self, session_uuid: str) -> dict[str, Any]:
         """The session object; ApiError(404) if unknown."""
@@ -303,6 +310,7 @@ class SandboxState:
             self._faults.clear()
             self._requests.clear()
             self._clock_offset = timedelta(0)
+            self.pins_in_create_answer = False
 
     # Internals (the caller holds the lock) -------------------------------------------------------
 

@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,7 +32,9 @@ from ..persistence.models import (
 )
 from ..plivo.client import (
     PlivoAuthError,
+    PlivoBadResponse,
     PlivoError,
+    PlivoForbidden,
     PlivoNotFound,
     PlivoRateLimited,
     PlivoRejected,
@@ -78,6 +80,10 @@ def serialize_session(row: MaskingSession) -> dict[str, Any]:
         "expires_at": _ts(row.expires_at),
         "expired_at": _ts(row.expired_at),
         "plivo_created_at": _ts(row.plivo_created_at),
+        # The parties' PINs (the caller's, or Plivo's with generate_pin): the caller gives them to the parties.
+        "first_party_pin": row.first_party_pin,
+        "second_party_pin": row.second_party_pin,
+        "plivo_api_id": row.plivo_api_id,
         "created_at": _ts(row.created_at),
         "updated_at": _ts(row.updated_at),
     }
@@ -85,11 +91,17 @@ def serialize_session(row: MaskingSession) -> dict[str, Any]:
 
 def plivo_error_to_api(exc: PlivoError) -> ApiError:
     """Translate a Plivo failure into what our caller sees (the message is passed on)."""
-    details = {"plivo_status": exc.status} if exc.status else {}
+    details: dict[str, Any] = {"plivo_status": exc.status} if exc.status else {}
+    if exc.api_id:  # what an operator quotes to Plivo's support
+        details["plivo_api_id"] = exc.api_id
     if isinstance(exc, PlivoNotFound):
         return ApiError(f"Plivo: {exc.message}", status=404, code="not_found", details=details)
     if isinstance(exc, PlivoAuthError):
         return ApiError("Plivo refused our credentials", status=502, code="plivo_auth_failed", details=details)
+    if isinstance(exc, PlivoForbidden):
+        # Plivo's SDKs read a 403 on create as a geo-permission refusal; its text says what to change.
+        return ApiError(f"Plivo refused the request: {exc.message}", status=422, code="plivo_forbidden",
+                        details=details | {"plivo_message": exc.message})
     if isinstance(exc, PlivoRateLimited):
         return ApiError(f"Plivo rate limit: {exc.message}", status=503, code="plivo_rate_limited",
                         details=details, headers={"Retry-After": "5"})
@@ -145,17 +157,18 @@ def create_session(ctx: Context, req: CreateRequest, idempotency_key: str | None
 
     try:
         created = ctx.plivo.create_session(plivo_params)
-    except (PlivoTimeout, PlivoServerError) as exc:
-        # Plivo may have created the session: record that we do not know, and find out later
-        # (`flask sessions resolve`) instead of retrying and paying for a duplicate.
+    except (PlivoTimeout, PlivoServerError, PlivoBadResponse) as exc:
+        # Plivo may have created the session (a 2xx whose body cannot be read certainly did something):
+        # record that we do not know, and find out later (`flask sessions resolve`) instead of
+        # retrying and paying for a duplicate.
         api_error = plivo_error_to_api(exc)
         body = {
             "error": api_error.code,
             "message": f"{exc.message}; the session may have been created. It is recorded as create "
             f"attempt {attempt_id} and will be resolved against Plivo's records.",
-            "details": {"attempt_id": attempt_id, "outcome": "unknown"},
+            "details": api_error.details | {"attempt_id": attempt_id, "outcome": "unknown"},
         }
-        _finish_attempt(ctx, attempt_id, "unknown", api_error.status, body, error=exc.message)
+        _finish_attempt(ctx, attempt_id, "unknown", api_error.status, body, error=exc.message, api_id=exc.api_id)
         log.warning("create outcome unknown attempt=%s: %s", attempt_id, exc.message)
         return Result(api_error.status, body)
     except PlivoError as exc:
@@ -163,14 +176,33 @@ def create_session(ctx: Context, req: CreateRequest, idempotency_key: str | None
         body = {"error": api_error.code, "message": api_error.message, "details": api_error.details}
         # Plivo certainly did nothing when unreachable, rate-limited or refusing our credentials:
         # free the idempotency key so the caller's retry with the same key really retries.
-        keep_key = not isinstance(exc, PlivoUnavailable | PlivoRateLimited | PlivoAuthError)
-        _finish_attempt(ctx, attempt_id, "failed", api_error.status, body, error=exc.message, keep_key=keep_key)
+        keep_key = not isinstance(exc, PlivoUnavailable | PlivoRateLimited | PlivoAuthError | PlivoForbidden)
+        _finish_attempt(ctx, attempt_id, "failed", api_error.status, body, error=exc.message, keep_key=keep_key,
+                        api_id=exc.api_id)
         return Result(api_error.status, body)
 
+    created = _with_generated_pins(ctx, plivo_params, created)
     row = _store_created(ctx, attempt_id, req, plivo_params, created, state="succeeded")
     log.info("session created session_uuid=%s first_party=%s second_party=%s", created.session_uuid,
              mask_phone(created.first_party), mask_phone(created.second_party))
     return Result(201, serialize_session(row))
+
+
+def _with_generated_pins(ctx: Context, plivo_params: dict[str, Any], created: PlivoSession) -> PlivoSession:
+    """The session with Plivo's generated PINs: fetched once if the create answer lacks them.
+
+    Reference §6.2: the session object carries `first_party_pin` and `second_party_pin`; whether the
+    create answer's copy has them is not documented, so both readings are accepted. If the fetch fails
+    the session is stored without them (a later `POST /v1/sessions/<uuid>/refresh` gets them).
+    """
+    if not plivo_params.get("generate_pin") or all(created.pins):
+        return created
+    try:
+        fetched = ctx.plivo.get_session(created.session_uuid)
+    except PlivoError as exc:
+        log.warning("generated PINs of session %s not fetched: %s", created.session_uuid, type(exc).__name__)
+        return created
+    return replace(created, raw=created.raw | {k: v for k, v in fetched.raw.items() if k.endswith("_party_pin")})
 
 
 def _create_error(exc: PlivoError) -> ApiError:
@@ -183,10 +215,10 @@ def _create_error(exc: PlivoError) -> ApiError:
 
 def _finish_attempt(ctx: Context, attempt_id: int, state: str, status: int, body: dict[str, Any],
                     *, error: str | None = None, keep_key: bool = True, session_uuid: str | None = None,
-                    s: Session | None = None) -> None:
+                    api_id: str | None = None, s: Session | None = None) -> None:
     values: dict[str, Any] = {
         "state": state, "response_status": status, "response_body": body, "error": error,
-        "finished_at": datetime.now(UTC), "session_uuid": session_uuid,
+        "finished_at": datetime.now(UTC), "session_uuid": session_uuid, "plivo_api_id": api_id,
     }
     if not keep_key:
         values["idempotency_key"] = None
@@ -199,7 +231,11 @@ def _finish_attempt(ctx: Context, attempt_id: int, state: str, status: int, body
 
 
 def _session_values(created: PlivoSession) -> dict[str, Any]:
+    first_pin, second_pin = created.pins
     return {
+        "first_party_pin": first_pin,
+        "second_party_pin": second_pin,
+        "plivo_api_id": created.api_id,
         "first_party": created.first_party,
         "second_party": created.second_party,
         "status": created.status if created.status in SESSION_STATUSES else "active",
@@ -213,6 +249,9 @@ def _session_values(created: PlivoSession) -> dict[str, Any]:
 def _store_created(ctx: Context, attempt_id: int, req: CreateRequest, plivo_params: dict[str, Any],
                    created: PlivoSession, *, state: str) -> MaskingSession:
     values = _session_values(created) | {
+        # The caller's own PINs when Plivo's answer does not repeat them.
+        "first_party_pin": created.pins[0] or plivo_params.get("first_party_pin"),
+        "second_party_pin": created.pins[1] or plivo_params.get("second_party_pin"),
         "original_virtual_number": created.virtual_number,
         "virtual_number": created.virtual_number,
         "session_uuid": created.session_uuid,
@@ -243,13 +282,17 @@ def _store_created(ctx: Context, attempt_id: int, req: CreateRequest, plivo_para
                 "plivo_created_at": stmt.excluded.plivo_created_at,
                 "expires_at": stmt.excluded.expires_at,
                 "session_amount": stmt.excluded.session_amount,
+                "first_party_pin": stmt.excluded.first_party_pin,
+                "second_party_pin": stmt.excluded.second_party_pin,
+                "plivo_api_id": stmt.excluded.plivo_api_id,
                 "updated_at": datetime.now(UTC),
             },
         ).returning(MaskingSession, literal_column("xmax = 0").label("inserted"))
         row, inserted = s.execute(stmt).one()
         if not inserted:
             s.execute(insert(ProjectionQueue).values(session_uuid=row.session_uuid))
-        _finish_attempt(ctx, attempt_id, state, 201, serialize_session(row), session_uuid=row.session_uuid, s=s)
+        _finish_attempt(ctx, attempt_id, state, 201, serialize_session(row), session_uuid=row.session_uuid,
+                        api_id=created.api_id, s=s)
     if not inserted:
         ctx.projector.project([row.session_uuid], wait=True)
         row = get_session(ctx, row.session_uuid)

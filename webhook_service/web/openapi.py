@@ -203,6 +203,13 @@ def _schemas() -> dict[str, Any]:
         "expires_at": TIMESTAMP,
         "expired_at": TIMESTAMP,
         "plivo_created_at": TIMESTAMP,
+        "first_party_pin": {"type": "string", "nullable": True, "description": (
+            "The first party's PIN with PIN authentication: the caller's, or the one Plivo generated with "
+            "`generate_pin`. Give it to that party; it is never logged.")},
+        "second_party_pin": {"type": "string", "nullable": True, "description": "As first_party_pin."},
+        "plivo_api_id": {"type": "string", "nullable": True, "description": (
+            "Plivo's `api_id` of the last Plivo call that changed the session (create, update, refresh), "
+            "to quote to Plivo's support.")},
         "created_at": {"type": "string", "format": "date-time"},
         "updated_at": {"type": "string", "format": "date-time"},
     }
@@ -280,9 +287,11 @@ WEBHOOKS = {
     },
 }
 WEBHOOK_RULES = (
-    "Not for API clients: authenticated by `X-Plivo-Signature-V3` and `X-Plivo-Signature-V3-Nonce` (HMAC-SHA256 "
-    "with the Plivo auth token over PUBLIC_BASE_URL + path and the parameters; during a token rotation either "
-    "token verifies), never by a bearer token. Answers: 200 `{\"status\": \"applied\"|\"ignored\"|\"failed\"|"
+    "Not for API clients: authenticated by `X-Plivo-Signature-V3-Nonce` and `X-Plivo-Signature-V3` (HMAC-SHA256 "
+    "with the Plivo auth token, or a PLIVO_SUBACCOUNT_TOKENS one, over PUBLIC_BASE_URL + path and the "
+    "parameters) or `X-Plivo-Signature-Ma-V3` (the same with the main account's token); during a token "
+    "rotation either token verifies; never by a bearer token. "
+    "Answers: 200 `{\"status\": \"applied\"|\"ignored\"|\"failed\"|"
     "\"duplicate\"|\"stored\"}`; 400 unparsable body; 403 signature missing or invalid; 413 body over "
     "WEBHOOK_MAX_BODY_BYTES (64 KiB); 503 database unavailable. Each callback is stored once (redeliveries are "
     "`duplicate`)."
