@@ -244,3 +244,26 @@ def test_generated_pins_are_stored_returned_and_masked_in_reporting(client, sand
         masked = conn.execute(text("SELECT first_party_pin, second_party_pin FROM reporting.session_summary")).one()
     assert tuple(masked) == ("******", "******")
     assert not any(p in record.getMessage() or p in str(record.__dict__) for p in pins for record in caplog.records)
+
+
+# A failed recording without a RecordingUUID -----------------------------------------------------------
+
+
+def test_a_failed_recording_without_a_recording_uuid_shows_in_the_api_and_in_reporting(live, sandbox, engine):
+    created = requests.post(f"{live.url}/v1/sessions", headers=AUTH, timeout=10,
+                            json={"first_party": FIRST, "second_party": SECOND, "record": True})
+    session_uuid = created.json()["session_uuid"]
+    played = requests.post(f"{sandbox.url}/sandbox/sessions/{session_uuid}/calls", timeout=30,
+                           json={"recording_fails": True}).json()
+    [failure] = [c["params"] for c in played["callbacks"] if c["params"]["EventName"] == "SessionRecordingFailed"]
+    assert "RecordingUUID" not in failure and all(c["status"] == 200 for c in played["callbacks"])
+    settle(live.app)
+
+    details = requests.get(f"{live.url}/v1/sessions/{session_uuid}", headers=AUTH, timeout=10).json()
+    [recording] = details["recordings"]
+    assert recording["status"] == "failed"
+    assert recording["recording_uuid"] == "failed:" + failure["EventTimestamp"].replace(" ", "T") + "+00:00"
+    assert details["recording_count"] == 0  # a failed recording is not a recording made
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT session_uuid, status FROM reporting.recordings")).all()
+    assert [tuple(r) for r in rows] == [(session_uuid, "failed")]

@@ -24,6 +24,8 @@ from .jsonbody import text_problem
 from .values import normalise_number, parse_time, text_or_none, to_decimal, to_int
 
 MAX_SESSION_UUID = 100  # Plivo's are 36 characters; anything much longer is not Plivo's
+# The key of a failed recording whose callback has no RecordingUUID: this prefix + its EventTimestamp (ISO 8601).
+FAILED_RECORDING_KEY = "failed:"
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,12 @@ def read_callback(endpoint: str, params: Mapping[str, str]) -> Reading:
         return Reading("failed", reason=f"EventTimestamp {stamp!r} is not a time" if stamp else "no EventTimestamp")
 
     values = {field: read(params.get(name)) for field, (name, read) in READ.items()}
+    if meaning.recording_status == "failed" and not values["recording_uuid"]:
+        # "record=true but the recording could not start" (reference §9): no recording exists, so Plivo
+        # may send no RecordingUUID (its docs list the field for every event but never say so). The failed
+        # recording is then keyed by what the callback does carry, its EventTimestamp (one call's
+        # failure), so that it shows in the API and in reporting.recordings, and a redelivery is the same.
+        values["recording_uuid"] = FAILED_RECORDING_KEY + at.isoformat()
     return Reading("recorded", CallbackFact(
         session_uuid=session_uuid, kind=meaning.kind, event_name=name, at=at, party=meaning.party,
         phase=meaning.phase, end_event=meaning.end_event, recording_status=meaning.recording_status, **values))

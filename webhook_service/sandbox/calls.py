@@ -63,6 +63,7 @@ class CallOptions:
     answered: bool  # whether the dialled party answers
     duration: int  # seconds of talk when answered
     delivery: Delivery
+    recording_fails: bool = False  # a recording session's recording cannot start: SessionRecordingFailed
 
 
 def _body_options(body: dict[str, Any], allowed: frozenset[str]) -> None:
@@ -86,7 +87,7 @@ def parse_delivery(body: dict[str, Any], extra: frozenset[str] = frozenset()) ->
 
 def parse_call_options(body: dict[str, Any], session: Session) -> CallOptions:
     """Options of `POST /sandbox/sessions/<uuid>/calls`; raises ApiError(400) when invalid."""
-    delivery = parse_delivery(body, frozenset({"vocabulary", "caller", "answered", "duration"}))
+    delivery = parse_delivery(body, frozenset({"vocabulary", "caller", "answered", "duration", "recording_fails"}))
     duration = body.get("duration", 30)
     limit = session.config["call_time_limit"]
     if isinstance(duration, bool) or not isinstance(duration, int) or not 1 <= duration <= limit:
@@ -97,6 +98,7 @@ def parse_call_options(body: dict[str, Any], session: Session) -> CallOptions:
         answered=_choice(body, "answered", (True, False), True),
         duration=duration,
         delivery=delivery,
+        recording_fails=_choice(body, "recording_fails", (True, False), False),
     )
 
 
@@ -168,7 +170,12 @@ def play_call(session: Session, options: CallOptions, now: datetime, auth_id: st
     caller_params, caller_billed, caller_amount = _leg(int((end - start).total_seconds()), NORMAL_CLEARING)
 
     recording_url = None
-    if session.config["record"] and options.answered:  # recording starts once both parties answered
+    if session.config["record"] and options.answered and options.recording_fails:
+        # "record=true but the recording could not start": no recording, so no RecordingUUID or URLs.
+        recording = {**base, **recording_parties}
+        recording_event("SessionRecordingFailed", answer_at)
+        recording = {}
+    elif session.config["record"] and options.answered:  # recording starts once both parties answered
         recording_uuid = str(uuid4())
         fmt = session.config["record_file_format"]
         recording_url = f"{API_ACCOUNT_URL}/{auth_id}/Recording/{recording_uuid}/"
