@@ -230,6 +230,9 @@ def test_pin_authentication_and_single_party_sessions(sandbox):
         generate_pin_length=6,
         pin_prompt_play="https://x.example/prompt.mp3",
     )["session"]
+    # The create answer leaves the generated PINs out (the reading of §6.2 a client must survive); GET has them.
+    assert pin["first_party_pin"] is None and pin["second_party_pin"] is None
+    pin = api(sandbox, "GET", f"/{pin['session_uuid']}").json()["response"]
     assert re.fullmatch(r"\d{6}", pin["first_party_pin"]) and pin["first_party_pin"] != pin["second_party_pin"]
     assert (pin["pin_retry"], pin["pin_retry_wait"], pin["generate_pin_length"]) == (1, 5, 6)
 
