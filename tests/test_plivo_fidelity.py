@@ -5,6 +5,7 @@ signatures computed by Plivo's own SDK (`plivo.utils.signature_v3`) where a sign
 
 from __future__ import annotations
 
+from decimal import Decimal
 from urllib.parse import urlencode
 
 import pytest
@@ -267,3 +268,30 @@ def test_a_failed_recording_without_a_recording_uuid_shows_in_the_api_and_in_rep
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT session_uuid, status FROM reporting.recordings")).all()
     assert [tuple(r) for r in rows] == [(session_uuid, "failed")]
+
+
+# Fields kept as columns of the facts ----------------------------------------------------------------
+
+
+def test_sequence_number_pin_status_and_a_parties_hangups_billing_outlive_the_raw_inbox_row(client, app, engine):
+    url = f"{PUBLIC}/webhooks/plivo/session"
+    common = {"SessionUUID": "facts-kept-1", "VirtualNumber": "+16505550100", "From": FIRST, "To": SECOND}
+    answer = common | {"EventName": "SessionFirstPartyAnswer", "EventTimestamp": "2026-11-20 11:00:00",
+                       "PinAuthenticationStatus": "success", "PinRetryCounter": "1", "SequenceNumber": "3"}
+    done = common | {"EventName": "SessionPartiesHangup", "EventTimestamp": "2026-11-20 11:02:00",
+                     "Amount": "0.01700", "BilledDuration": "120", "Duration": "75", "SequenceNumber": "9"}
+    for params in (answer, done):
+        response = post_callback(client, params, v3=sdk_signature(url, params, SANDBOX_AUTH_TOKEN))
+        assert response.get_json() == {"status": "recorded"}
+    settle(app)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM callback_inbox"))  # what retention does after 90 days
+        facts = conn.execute(text(
+            "SELECT event_name, sequence_number, pin_status, amount, billed_duration, duration FROM callback_facts"
+            " ORDER BY sequence_number")).all()
+        amount = conn.execute(text("SELECT amount FROM masking_sessions WHERE session_uuid = 'facts-kept-1'")).scalar()
+    assert [tuple(f) for f in facts] == [
+        ("SessionFirstPartyAnswer", 3, "success", None, None, None),
+        ("SessionPartiesHangup", 9, None, Decimal("0.01700"), 120, 75),
+    ]
+    assert amount == 0  # the parties' hangup is not a leg: its billing is kept, never added to the legs'

@@ -54,7 +54,11 @@ SESSION_EVENTS: dict[str, Meaning] = {
     "SessionPinAuthenticationStatus": Meaning("pin"),  # a caller entered (or failed) a PIN
     "SessionTimeout": Meaning("timeout"),  # the session reached its expiry
     "SessionVirtualNumberReplaced": Meaning("number"),  # Plivo swapped in a working number (VirtualNumber: the new one)
-    "SessionPartiesHangup": Meaning("call_done"),  # the session's call is done (D-MD only)
+    # The session's call is done (D-MD only). Which events carry billing is not documented (reference
+    # §8.2, §14.2): when this one does, its Amount/BilledDuration/Duration are kept on its fact, but the
+    # projection counts only the legs' (`domain.projection`): if it sums the legs, counting it too would
+    # count the call twice; if it does not, the legs' events carry their own.
+    "SessionPartiesHangup": Meaning("call_done"),
     # Latest vocabulary (reference §8.1, D-CB-NEW)
     "SessionFirstPartyInitiated": _leg("first", "initiated"),  # Plivo dialled the first party
     "SessionFirstPartyRinging": _leg("first", "ringing"),  # first party's phone rings
