@@ -1,13 +1,22 @@
 """gunicorn settings, reasoned for this service (override any of them with the env vars named here).
 
-* Workers: the webhook path is short and mostly waits on Postgres, so a few processes with a
-  few threads each use the cores without piling up connections: WEB_CONCURRENCY processes
-  (default 2 per core) × GUNICORN_THREADS threads (default 4). Each worker's DB pool
-  (DB_POOL_SIZE, default 5, plus as much overflow) covers its threads.
+* Workers: WEB_CONCURRENCY processes (default 2 per core) of gevent workers (GUNICORN_WORKER_CLASS,
+  default `gevent`): each connection is a greenlet, not a thread, so connections that drip their
+  request (a "slowloris"), send their body slowly or never read their answer hold a few KB each,
+  not one of a handful of threads; GUNICORN_WORKER_CONNECTIONS (default 1000) bounds them per
+  worker. gunicorn's gevent worker gives each request's headers `keepalive` seconds in all: a
+  connection still sending its headers then is closed (counted in /metrics). Database work stays
+  bounded by each worker's pool (DB_POOL_SIZE, default 5, plus as much overflow): a request beyond
+  it waits DB_CONNECT_TIMEOUT for a connection, then is answered 503. `GUNICORN_WORKER_CLASS=gthread`
+  brings back the threaded worker (GUNICORN_THREADS threads, default 4), which a few slow clients
+  starve; it is kept for comparison (bench/slow_clients.py, bench/webhooks.py --worker-class).
 * Timeouts: Plivo API calls time out after PLIVO_CONNECT_TIMEOUT + PLIVO_READ_TIMEOUT (≈13 s),
   so a request can never need the 30 s worker timeout; a worker stuck longer is killed.
 * Graceful shutdown: on SIGTERM a worker finishes its in-flight requests for up to
   graceful_timeout seconds; each callback is committed or not at all, so nothing is half-applied.
+* Never exposed directly in production: nginx in front buffers slow clients (deploy/nginx/,
+  docs/deploy.md). The gevent worker is what keeps `make run`, a Procfile platform or a
+  misconfigured deploy standing when gunicorn does face the clients.
 * Request limits: gunicorn refuses a request line, header or header count over these limits itself,
   with an HTML page the app never sees (414, 431). They are set for what this service receives, and
   the TLS proxy in front refuses the same requests first, in the JSON shape (docs/deploy.md).
@@ -20,10 +29,13 @@ import tempfile
 bind = os.environ.get("GUNICORN_BIND") or f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", multiprocessing.cpu_count() * 2))
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
-worker_class = "gthread"
+worker_class_name = os.environ.get("GUNICORN_WORKER_CLASS", "gevent")
+worker_connections = int(os.environ.get("GUNICORN_WORKER_CONNECTIONS", "1000"))
 timeout = 30
 graceful_timeout = 20
-keepalive = 5  # behind a load balancer, keep connections for reuse
+# Behind a load balancer, keep connections for reuse. Under gevent it is also the time a request's
+# headers may take in all (gunicorn's `timeout_ctx`): a slowloris is closed after it.
+keepalive = 5
 max_requests = int(os.environ.get("GUNICORN_MAX_REQUESTS", "0"))  # 0: workers are not recycled
 max_requests_jitter = max_requests // 10
 accesslog = None  # the app writes one JSON line per request itself
@@ -48,3 +60,83 @@ def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def _gevent_worker():
+    """gunicorn's gevent worker, counting its connections and what it refuses before the app runs.
+
+    Defined here, not in the package: gunicorn imports the worker class in the master, before the
+    worker's monkey-patching, and the package imports psycopg, which must be imported after it
+    (psycopg then waits on its sockets through gevent; `post_worker_init` checks that).
+    """
+    import gevent
+    from gunicorn.http import errors as http_errors
+    from gunicorn.workers.ggevent import GeventWorker
+    from prometheus_client import Counter, Gauge
+
+    open_connections = Gauge(
+        "gunicorn_connections_open", "TCP connections this server's workers hold (being read, served or kept alive)",
+        multiprocess_mode="livesum")
+    refused = Counter(
+        "gunicorn_requests_refused_total",
+        "Requests gunicorn refused before the app ran: slow_headers (a new connection's request headers not"
+        " complete within `keepalive` seconds), line_too_long (414), headers_too_large (431)", ["reason"])
+    too_large = {http_errors.LimitRequestLine: "line_too_long", http_errors.LimitRequestHeaders: "headers_too_large"}
+    served = {}  # greenlet -> requests served on its connection
+
+    class HeaderDeadline(gevent.Timeout):
+        """`keepalive` seconds for a request's headers; on expiry the connection is closed quietly.
+        Counted when it is the connection's first request: an idle kept-alive connection is normal."""
+
+        def __exit__(self, kind, value, traceback):
+            self.cancel()
+            if value is self:
+                if not served.get(gevent.getcurrent()):
+                    refused.labels("slow_headers").inc()
+                return True  # req stays None: gunicorn closes the connection
+            return False
+
+    class Worker(GeventWorker):
+        def timeout_ctx(self):
+            return HeaderDeadline(self.cfg.keepalive)
+
+        def handle(self, listener, client, addr):
+            open_connections.inc()
+            served[gevent.getcurrent()] = 0
+            try:
+                super().handle(listener, client, addr)
+            finally:
+                served.pop(gevent.getcurrent(), None)
+                open_connections.dec()
+
+        def handle_request(self, listener_name, req, sock, addr):
+            try:
+                return super().handle_request(listener_name, req, sock, addr)
+            finally:
+                current = gevent.getcurrent()
+                if current in served:
+                    served[current] += 1
+
+        def handle_error(self, req, client, addr, exc):
+            for kind, reason in too_large.items():
+                if isinstance(exc, kind):
+                    refused.labels(reason).inc()
+            super().handle_error(req, client, addr, exc)
+
+    return Worker
+
+
+if worker_class_name == "gevent":
+    worker_class = _gevent_worker()
+else:
+    worker_class = worker_class_name
+
+
+def post_worker_init(worker):
+    # Under gevent, psycopg must wait on its sockets through gevent's hub, not in C (which would
+    # stop every greenlet of the worker during each query). It chooses once, when first imported.
+    if worker_class_name == "gevent":
+        import psycopg.waiting
+
+        if psycopg.waiting.wait is psycopg.waiting.wait_c:
+            raise RuntimeError("psycopg was imported before gevent patched the worker; it would block the worker")

@@ -104,6 +104,8 @@ def _register_request_logging(app: Flask) -> None:
         route = request.url_rule.rule if request.url_rule else "unmatched"
         response.headers["X-Request-Id"] = g.get("request_id", "")
         metrics.REQUEST_LATENCY.labels(route, f"{response.status_code // 100}xx").observe(elapsed)
+        if response.status_code == 413:
+            metrics.REQUESTS_TOO_LARGE.labels(route).inc()
         if not access_log.isEnabledFor(logging.INFO):  # the hot path skips building a line nobody reads
             return response
         access_log.info(

@@ -43,6 +43,12 @@ REQUEST_LATENCY = Histogram(
     ["route", "status"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
 )
+REQUESTS_TOO_LARGE = Counter(
+    "http_requests_too_large_total",
+    "Requests the app refused 413 for their body size (WEBHOOK_MAX_BODY_BYTES on callbacks, 1 MiB on the API),"
+    " by route (gunicorn's own refusals: gunicorn_requests_refused_total; nginx's: nginx_requests_refused_total)",
+    ["route"],
+)
 INBOX_FAILED = Gauge(
     "plivo_callback_inbox_failed", "Stored callbacks whose application failed (awaiting replay)",
     multiprocess_mode="mostrecent",  # set at each scrape from the database, whichever worker answers
