@@ -1,11 +1,12 @@
 """Benchmark the real webhook path side by side with four baselines, with wrk, on this machine.
 
-    .venv/bin/python bench/webhooks.py [--duration 8] [--rounds 3] [--warmup 3] [--connections 16] [-h]
+    .venv/bin/python bench/webhooks.py [--duration 8] [--rounds 3] [--warmup 3] [--connections 16]
+                                       [--worker-class gevent|gthread] [-h]
     make bench-webhooks          # installs Debian's wrk first if it is missing
 
 Targets, all on 127.0.0.1, each under gunicorn with `-c gunicorn.conf.py` and the same overrides
-(WEB_CONCURRENCY=2, GUNICORN_BIND, LOG_LEVEL=WARNING, GUNICORN_MAX_REQUESTS=0), so they all have the
-same worker class, workers and threads:
+(WEB_CONCURRENCY=2, GUNICORN_BIND, LOG_LEVEL=WARNING, GUNICORN_MAX_REQUESTS=0, and GUNICORN_WORKER_CLASS
+from --worker-class), so they all have the same worker class, workers and threads:
 
 * four yardsticks from `bench/baselines.py`: a bare view (200); parse + HMAC (the form, then the
   service's own `verify_signature`); a naive ORM handler (that, then one INSERT and one counter
@@ -428,11 +429,13 @@ class Server:
         self.proc.wait()
 
 
-def gunicorn_env(port: int, workers: int, workdir: Path, name: str, **extra: str) -> dict[str, str]:
+def gunicorn_env(port: int, workers: int, workdir: Path, name: str, worker_class: str | None = None,
+                 **extra: str) -> dict[str, str]:
     """The same gunicorn overrides for every target, plus that target's own settings."""
     metrics_dir = workdir / f"prometheus-{name}"
     metrics_dir.mkdir()
-    return os.environ | {
+    chosen = {"GUNICORN_WORKER_CLASS": worker_class} if worker_class else {}
+    return os.environ | chosen | {
         "WEB_CONCURRENCY": str(workers), "GUNICORN_BIND": f"127.0.0.1:{port}", "GUNICORN_MAX_REQUESTS": "0",
         "LOG_LEVEL": "WARNING", "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
     } | extra
@@ -754,6 +757,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=16, help="wrk connections for the callback runs")
     parser.add_argument("--threads", type=int, default=2, help="wrk threads for every run")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers of every server (WEB_CONCURRENCY)")
+    parser.add_argument("--worker-class", choices=("gevent", "gthread"), default=None,
+                        help="GUNICORN_WORKER_CLASS of all servers (default: gunicorn.conf.py's, gevent)")
     parser.add_argument("--rate", type=float, default=300, help="requests per second of the latency run")
     parser.add_argument("--rate-duration", type=float, default=15, help="seconds of the latency run")
     parser.add_argument("--sessions-duration", type=float, default=10, help="seconds of each POST /v1/sessions run")
@@ -870,7 +875,7 @@ class Bench:
         return server
 
     def _gunicorn(self, name: str, app: str, **settings: str) -> Server:
-        env = gunicorn_env(self.ports[name], self.args.workers, self.workdir, name, **settings)
+        env = gunicorn_env(self.ports[name], self.args.workers, self.workdir, name, self.args.worker_class, **settings)
         return self._start(start_gunicorn(name, app, env, self.ports[name], self.workdir))
 
     # Runs -----------------------------------------------------------------------------------------
@@ -938,7 +943,8 @@ class Bench:
         args, service = self.args, self.targets["service"]
         worker = None
         if deployment == "web + worker":
-            env = gunicorn_env(0, args.workers, self.workdir, "worker", **self.service_settings | {"LOG_LEVEL": "INFO"})
+            env = gunicorn_env(0, args.workers, self.workdir, "worker", args.worker_class,
+                               **self.service_settings | {"LOG_LEVEL": "INFO"})
             command = [sys.executable, "-m", "flask", "--app", "webhook_service:create_app()", "worker",
                        "--reconcile-every", "3600"]
             worker = self._start(Server("worker", command, env, 0, "", self.workdir))

@@ -12,12 +12,16 @@ reference comes from the product's code: the dedupe keys are Plivo's SDK's (`pli
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import pwd
 import random
+import re
 import shutil
 import signal
+import socket
 import string
 import subprocess
 import sys
@@ -443,6 +447,273 @@ class Sandbox:
             offset += 20
             if offset >= page["meta"]["total_count"]:
                 return uuids
+
+
+# nginx in front (the production entry point) --------------------------------------------------------
+
+NGINX_SITE = ROOT / "deploy" / "nginx" / "masking-service.conf"
+NGINX_PROXY = ROOT / "deploy" / "nginx" / "masking-service-proxy.conf"
+
+
+def render_nginx_site(workdir: Path, *, listen: str, upstream: str, status_listen: str,
+                      tls: tuple[Path, Path] | None = None) -> str:
+    """deploy/nginx/masking-service.conf with this run's addresses, log paths and (with `tls`, a
+    certificate and key) TLS; every other directive is the deployed file's own."""
+    text_ = NGINX_SITE.read_text()
+    replaced = {
+        r"server 127\.0\.0\.1:8000;": f"server {upstream};",
+        r"listen 443 ssl http2;": f"listen {listen} ssl http2;" if tls else f"listen {listen};",
+        r"listen 127\.0\.0\.1:8081;": f"listen {status_listen};",
+        r"/var/log/nginx/": f"{workdir}/",
+        r"/etc/nginx/masking-service-proxy\.conf": str(workdir / "masking-service-proxy.conf"),
+        r"ssl_certificate +\S+;": f"ssl_certificate {tls[0]};" if tls else "",
+        r"ssl_certificate_key +\S+;": f"ssl_certificate_key {tls[1]};" if tls else "",
+    }
+    for pattern, replacement in replaced.items():
+        text_, count = re.subn(pattern, lambda _m, r=replacement: r, text_)
+        assert count, f"{pattern} is no longer in {NGINX_SITE.name}: update render_nginx_site"
+    return text_
+
+
+class NginxProxy:
+    """Debian's nginx with the repository's site (`render_nginx_site`), on loopback, in front of `upstream`.
+
+    Runs unprivileged (as `nobody` when the tests run as root) from a directory of its own, with one
+    worker process; `stop` ends it. Its logs are `access_log`, `refused_log` and `error_log`.
+    """
+
+    def __init__(self, upstream_port: int, *, port: int | None = None, tls: tuple[Path, Path] | None = None):
+        self.port = port or free_port()
+        self.status_port = free_port()
+        self.upstream_port = upstream_port
+        self.tls = tls
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.status_url = f"http://127.0.0.1:{self.status_port}/nginx_status"
+        self.dir = Path(tempfile.mkdtemp(prefix="drill-nginx-"))
+        self.access_log, self.refused_log = self.dir / "masking-access.log", self.dir / "masking-refused.log"
+        self.error_log = self.dir / "error.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 15.0) -> NginxProxy:
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        (self.dir / "masking-service-proxy.conf").write_text(NGINX_PROXY.read_text())
+        (self.dir / "site.conf").write_text(render_nginx_site(
+            self.dir, listen=f"127.0.0.1:{self.port}", upstream=f"127.0.0.1:{self.upstream_port}",
+            status_listen=f"127.0.0.1:{self.status_port}", tls=self.tls))
+        temp = {name: self.dir / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
+        (self.dir / "nginx.conf").write_text(f"""
+daemon off;
+worker_processes 1;
+worker_rlimit_nofile 8192;
+pid {self.dir}/nginx.pid;
+error_log {self.error_log} warn;
+events {{ worker_connections 4096; }}
+http {{
+    client_body_temp_path {temp["client_body"]};
+    proxy_temp_path {temp["proxy"]};
+    fastcgi_temp_path {temp["fastcgi"]};
+    uwsgi_temp_path {temp["uwsgi"]};
+    scgi_temp_path {temp["scgi"]};
+    include {self.dir}/site.conf;
+}}
+""")
+        user = None
+        if os.geteuid() == 0:  # never as root: nginx's master would keep root's rights
+            user = "nobody"
+            entry = pwd.getpwnam(user)
+            for path in [self.dir, *self.dir.iterdir()]:
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        command = [nginx, "-p", str(self.dir), "-e", str(self.error_log), "-c", str(self.dir / "nginx.conf")]
+        checked = subprocess.run([*command, "-t"], capture_output=True, text=True, user=user, timeout=30)
+        assert checked.returncode == 0, f"nginx -t refused the configuration:\n{checked.stderr}"
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, user=user,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.status_port), timeout=1):
+                    return self
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"nginx did not start:\n{self.error_log_text()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGQUIT)  # graceful: finishes what it is sending
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(timeout=10)
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def error_log_text(self) -> str:
+        try:
+            return self.error_log.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def refused(self) -> dict[int, int]:
+        """The refused log's lines, counted by status."""
+        try:
+            lines = self.refused_log.read_text().splitlines()
+        except OSError:
+            return {}
+        return dict(Counter(int(line.split()[1]) for line in lines if line.strip()))
+
+    def stub_status(self) -> dict[str, int]:
+        """nginx's own counts: active, reading, writing, waiting connections."""
+        body = requests.get(self.status_url, timeout=5).text
+        counts = dict(zip(("reading", "writing", "waiting"), map(int, re.findall(r"\d+", body.splitlines()[-1])),
+                          strict=True))
+        return {"active": int(body.split()[2])} | counts
+
+
+# Slow clients -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class SlowTally:
+    """What a crowd of slow clients saw."""
+
+    opened: int = 0  # connections that were accepted
+    open: int = 0  # held right now
+    ended_by_server: int = 0  # the server closed them (its deadline), or answered them
+    answered: Counter = None  # type: ignore[assignment]  # the status of each answer the server wrote
+    refused: int = 0  # connection attempts that failed
+
+    def __post_init__(self) -> None:
+        self.answered = Counter()
+
+
+class SlowClients:
+    """Connections that hold a server's attention cheaply, from a thread running an asyncio loop.
+
+    `mode`:
+    * "headers" (a slowloris): a request line, then one header line every `interval` seconds, never the
+      blank line that ends the headers;
+    * "body": a complete POST announcing a body of `body_size` bytes, then `rate` bytes a second;
+    * "unread": `pipelined` requests for `path` sent at once on a connection whose receive buffer is
+      small, and the answers never read.
+
+    Each connection the server ends is opened again, as an attacker would, until `stop()`, which closes
+    them all. `sources` are the loopback addresses they come from, in turn (127.0.0.0/8 is all loopback).
+    """
+
+    def __init__(self, port: int, count: int, mode: str, *, path: str = "/webhooks/plivo/session",
+                 sources: Sequence[str] = ("127.0.0.1",), interval: float = 1.0, rate: int = 10,
+                 body_size: int = 60_000, pipelined: int = 50):
+        assert mode in ("headers", "body", "unread")
+        self.port, self.count, self.mode, self.path = port, count, mode, path
+        self.sources, self.interval, self.rate = list(sources), interval, rate
+        self.body_size, self.pipelined = body_size, pipelined
+        self.tally = SlowTally()
+        self._loop = asyncio.new_event_loop()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name=f"slow-{mode}")
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self, timeout: float = 30.0) -> SlowClients:
+        """Open the connections; return once all of them are held (or `timeout`)."""
+        self._thread.start()
+
+        async def launch() -> None:
+            for n in range(self.count):
+                self._tasks.append(asyncio.ensure_future(self._hold(n)))
+                if n % 50 == 49:
+                    await asyncio.sleep(0.01)  # not all in one burst: the listen backlog is finite
+
+        asyncio.run_coroutine_threadsafe(launch(), self._loop).result(timeout)
+        deadline = time.monotonic() + timeout
+        while self.tally.open < self.count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> SlowTally:
+        """Close every connection and end the thread; what they saw."""
+        self._stopping = True
+
+        async def cancel() -> None:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(cancel(), self._loop).result(30)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        self._loop.close()
+        return self.tally
+
+    async def _connect(self, n: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        sock = socket.socket()
+        sock.setblocking(False)
+        if self.mode == "unread":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        try:
+            sock.bind((self.sources[n % len(self.sources)], 0))
+            await self._loop.sock_connect(sock, ("127.0.0.1", self.port))
+        except BaseException:
+            sock.close()
+            raise
+        # "unread": a small limit pauses the transport's reading once 2 KB are buffered, so the
+        # answers pile up in the kernel's buffers, then the server's.
+        return await asyncio.open_connection(sock=sock, limit=1024 if self.mode == "unread" else 1 << 16)
+
+    async def _hold(self, n: int) -> None:
+        while not self._stopping:
+            try:
+                reader, writer = await self._connect(n)
+            except OSError:
+                self.tally.refused += 1
+                await asyncio.sleep(0.5)
+                continue
+            self.tally.opened += 1
+            self.tally.open += 1
+            try:
+                await self._drip(reader, writer, n)
+                self.tally.ended_by_server += 1
+            except (OSError, asyncio.IncompleteReadError):
+                self.tally.ended_by_server += 1
+            finally:
+                self.tally.open -= 1
+                writer.transport.abort()
+            await asyncio.sleep(0.1)
+
+    async def _answered(self, reader: asyncio.StreamReader, wait: float) -> bool:
+        """Wait up to `wait` seconds for the server to answer or close; True if it did."""
+        try:
+            data = await asyncio.wait_for(reader.read(65536), wait)
+        except TimeoutError:
+            return False
+        if data.startswith(b"HTTP/"):
+            self.tally.answered[int(data.split()[1])] += 1
+        return True
+
+    async def _drip(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        head = f"POST {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        if self.mode == "headers":
+            writer.write(head.encode())
+            line = 0
+            while not await self._answered(reader, self.interval):
+                line += 1
+                writer.write(f"X-Slow-{line}: {n}\r\n".encode())
+        elif self.mode == "body":
+            writer.write((head + "Content-Type: application/x-www-form-urlencoded\r\n"
+                          f"Content-Length: {self.body_size}\r\n\r\n").encode())
+            sent = 0
+            while not await self._answered(reader, 1.0) and sent < self.body_size:
+                writer.write(b"a" * self.rate)
+                sent += self.rate
+        else:
+            request = f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+            writer.write(request * self.pipelined)
+            await asyncio.sleep(3600)  # never read, until stop()
 
 
 # Sessions and callbacks ---------------------------------------------------------------------------
