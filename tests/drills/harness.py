@@ -590,6 +590,10 @@ class SlowTally:
     def __post_init__(self) -> None:
         self.answered = Counter()
 
+    def summary(self) -> dict[str, Any]:
+        return {"opened": self.opened, "ended by the server": self.ended_by_server,
+                "answered": dict(self.answered), "refused": self.refused}
+
 
 class SlowClients:
     """Connections that hold a server's attention cheaply, from a thread running an asyncio loop.
