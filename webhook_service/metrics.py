@@ -13,6 +13,7 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+from prometheus_client.registry import Collector
 
 CALLBACKS = Counter(
     "plivo_callbacks_total",
@@ -59,12 +60,29 @@ RECONCILE_DRIFT = Gauge(
 )
 
 
-def render() -> tuple[bytes, str]:
-    """The exposition text for /metrics, summed over every worker when running multi-process."""
+def render(*extra: Collector) -> tuple[bytes, str]:
+    """The exposition text for /metrics, summed over every worker when running multi-process, with
+    `extra` collectors' figures (read at each scrape, e.g. the nginx in front)."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    from prometheus_client import REGISTRY
+    else:
+        from prometheus_client import REGISTRY
 
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+        if not extra:
+            return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+        registry = CollectorRegistry()
+        registry.register(_Everything(REGISTRY))
+    for collector in extra:
+        registry.register(collector)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+class _Everything(Collector):
+    """Another registry's metrics, in this one."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+
+    def collect(self):
+        return self.registry.collect()

@@ -54,6 +54,12 @@ class Settings:
     # background thread (on by default, so a deployment that runs only `web` stays current).
     project_in_web: bool = True
     log_level: str = "INFO"  # LOG_LEVEL
+    # NGINX_STATUS_URL: the stub_status of the nginx in front (deploy/nginx/), e.g.
+    # http://127.0.0.1:8081/nginx_status; its connection counts are then in /metrics.
+    nginx_status_url: str | None = None
+    # NGINX_REFUSED_LOG: the log of requests nginx refused for slowness or size (deploy/nginx/), counted
+    # in /metrics by status; for an nginx on the same machine.
+    nginx_refused_log: str | None = None
 
     @property
     def plivo_auth_token(self) -> str:
@@ -125,6 +131,8 @@ class Settings:
             callback_method=_choice(env, "CALLBACK_METHOD", ("POST", "GET")),
             project_in_web=_flag(env, "PROJECT_IN_WEB", True),
             log_level=(get("LOG_LEVEL") or "INFO").upper(),
+            nginx_status_url=_http_url("NGINX_STATUS_URL", get("NGINX_STATUS_URL")),
+            nginx_refused_log=get("NGINX_REFUSED_LOG"),
         )
 
 
@@ -139,6 +147,12 @@ def _origin(name: str, value: str) -> str:
     if parts.query or parts.fragment:
         raise SettingsError(f"{name} must not carry a query string or fragment")
     return value.rstrip("/")
+
+
+def _http_url(name: str, value: str | None) -> str | None:
+    if value is not None and (urlsplit(value).scheme not in ("http", "https") or not urlsplit(value).netloc):
+        raise SettingsError(f"{name} must be an http(s) URL such as http://127.0.0.1:8081/nginx_status, got {value!r}")
+    return value
 
 
 def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:

@@ -482,7 +482,8 @@ class NginxProxy:
     worker process; `stop` ends it. Its logs are `access_log`, `refused_log` and `error_log`.
     """
 
-    def __init__(self, upstream_port: int, *, port: int | None = None, tls: tuple[Path, Path] | None = None):
+    def __init__(self, upstream_port: int | None = None, *, port: int | None = None,
+                 tls: tuple[Path, Path] | None = None):
         self.port = port or free_port()
         self.status_port = free_port()
         self.upstream_port = upstream_port
@@ -494,7 +495,11 @@ class NginxProxy:
         self.error_log = self.dir / "error.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 15.0) -> NginxProxy:
+    def start(self, upstream_port: int | None = None, timeout: float = 15.0) -> NginxProxy:
+        """Start in front of `upstream_port` (or the constructor's): its addresses can be given to the
+        service first (PUBLIC_BASE_URL, NGINX_STATUS_URL, NGINX_REFUSED_LOG)."""
+        self.upstream_port = upstream_port or self.upstream_port
+        assert self.upstream_port, "no upstream port"
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         (self.dir / "masking-service-proxy.conf").write_text(NGINX_PROXY.read_text())
         (self.dir / "site.conf").write_text(render_nginx_site(

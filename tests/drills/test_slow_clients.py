@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import pytest
 import requests
 
-from ..helpers import free_port, wait_until
+from ..helpers import wait_until
 from .harness import (
     NginxProxy,
     SlowClients,
@@ -94,11 +94,12 @@ def steady_load_checked(callbacks, report, p99_limit: float, during=lambda: None
 
 @pytest.mark.slow
 def test_slow_clients_through_nginx(drill_db, drill_engine, drill_sandbox, start_service, drill_report, attackers):
-    nginx_port = free_port()
-    env = service_env(drill_db, drill_sandbox.url, PUBLIC_BASE_URL=f"http://127.0.0.1:{nginx_port}")
-    service = start_service(env)
-    nginx = NginxProxy(service.port, port=nginx_port).start()
+    nginx = NginxProxy()
+    env = service_env(drill_db, drill_sandbox.url, PUBLIC_BASE_URL=nginx.url, NGINX_STATUS_URL=nginx.status_url,
+                      NGINX_REFUSED_LOG=str(nginx.refused_log))
     try:
+        service = start_service(env)
+        nginx.start(service.port)
         uuids = create_sessions(nginx.url, SESSIONS)
         callbacks, expected = plan_calls(drill_sandbox, uuids, 4)
         drill_report.phase("setup")
@@ -117,6 +118,7 @@ def test_slow_clients_through_nginx(drill_db, drill_engine, drill_sandbox, start
         def during() -> None:
             seen["nginx"] = nginx.stub_status()
             seen["gunicorn connections"] = metric(service.url, "gunicorn_connections_open")
+            seen["/metrics nginx reading"] = metric(service.url, "nginx_connections", '{state="reading"}')
 
         steady_load_checked(callbacks, drill_report, 0.100, during)
         drill_report.phase("load")
@@ -126,6 +128,7 @@ def test_slow_clients_through_nginx(drill_db, drill_engine, drill_sandbox, start
         slowloris_tally, bodies_tally = slowloris.stop(), bodies.stop()
         drill_report.update({"nginx while attacked": seen["nginx"],
                              "gunicorn connections while attacked": seen["gunicorn connections"],
+                             "/metrics nginx reading while attacked": seen["/metrics nginx reading"],
                              "slowloris": slowloris_tally.summary(), "slow bodies": bodies_tally.summary()})
         assert slowloris_tally.ended_by_server > 0, "nginx never ended a slowloris connection"
 
@@ -140,6 +143,11 @@ def test_slow_clients_through_nginx(drill_db, drill_engine, drill_sandbox, start
         refused = nginx.refused()
         drill_report["nginx refused log"] = refused
         assert refused.get(408, 0) > 0 and refused.get(429, 0) > 0, refused
+        in_metrics = {status: metric(service.url, "nginx_requests_refused_total", f'{{status="{status}"}}')
+                      for status in refused}
+        drill_report["/metrics nginx refused"] = in_metrics
+        assert in_metrics == {status: float(n) for status, n in refused.items()}, (in_metrics, refused)
+        assert seen["/metrics nginx reading"] >= 1000, seen
         drill_report.phase("limits")
 
         problems = check_exact(drill_engine, service.env, callbacks, expected)

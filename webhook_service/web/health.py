@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify
 
 from .. import metrics
+from ..proxy import NginxCollector
 from ..services import operations
 
 bp = Blueprint("health", __name__)
@@ -28,6 +29,11 @@ def readyz():
 
 @bp.get("/metrics")
 def metrics_endpoint():
-    operations.refresh_gauges(current_app.extensions["webhook_service"])
-    body, content_type = metrics.render()
+    ctx = current_app.extensions["webhook_service"]
+    operations.refresh_gauges(ctx)
+    nginx = current_app.extensions.get("webhook_service.nginx")
+    if nginx is None and (ctx.settings.nginx_status_url or ctx.settings.nginx_refused_log):
+        nginx = current_app.extensions["webhook_service.nginx"] = NginxCollector(
+            ctx.settings.nginx_status_url, ctx.settings.nginx_refused_log)
+    body, content_type = metrics.render(*([nginx] if nginx else []))
     return Response(body, content_type=content_type)
