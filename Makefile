@@ -22,7 +22,8 @@ test: install
 	$(PY) -m pytest
 
 # The fault drills alone (also part of `test`): Postgres restarted and a worker SIGKILLed mid-load,
-# two instances on one database, Plivo slow or down; each fails if a callback is lost or doubled.
+# two instances on one database, Plivo slow or down, slow clients (through nginx, which they start, and
+# straight to gunicorn); each fails if a callback is lost or doubled.
 .PHONY: drills
 drills: install
 	$(PY) -m pytest -m slow tests/drills -v
