@@ -27,6 +27,7 @@ from schemathesis.specs.openapi.definitions import OPENAPI_30_VALIDATOR
 
 from webhook_service import create_app
 from webhook_service.domain import requests as validation
+from webhook_service.domain.plivo_parameters import Parameter
 from webhook_service.web import openapi
 from webhook_service.web.openapi import build_document
 
@@ -159,11 +160,19 @@ def _first_violation(body: dict) -> dict:
     return {}
 
 
+PIN_AUTH = {"is_pin_authentication_required": True, "pin_prompt_play": "https://example.com/pin.mp3",
+            "generate_pin": True}
+
+
 def test_documented_ranges_and_enums_are_the_ones_validation_enforces():
-    base = {"first_party": FIRST, "second_party": "+14155550123"}
+    parties = {"first_party": FIRST, "second_party": "+14155550123"}
     properties = build_document()["components"]["schemas"]["CreateSessionRequest"]["properties"]
     checked = 0
     for name, schema in properties.items():
+        # A PIN parameter is checked where PIN authentication is on (else it is refused for that).
+        parameter = validation.PLIVO_CREATE_FIELDS.get(name)
+        pin = name in PIN_AUTH or bool(parameter and parameter.needs)
+        base = parties | (PIN_AUTH if pin else {})
         if schema.get("type") == "integer":
             lo, hi = schema["minimum"], schema["maximum"]
             assert _first_violation(base | {name: lo}) == {} and _first_violation(base | {name: hi}) == {}, name
@@ -176,7 +185,7 @@ def test_documented_ranges_and_enums_are_the_ones_validation_enforces():
                 assert _first_violation(base | {name: value}) == {}, (name, value)
             assert name in _first_violation(base | {name: "not-" + schema["enum"][0]}), name
             checked += 1
-        elif schema.get("type") == "string" and "maxLength" in schema and schema.get("format") != "uri":
+        elif schema.get("type") == "string" and "maxLength" in schema and not _is_url(name):
             assert _first_violation(base | {name: "x" * schema["maxLength"]}) == {}, name
             assert name in _first_violation(base | {name: "x" * (schema["maxLength"] + 1)}), name
             assert name in _first_violation(base | {name: "  "}), name
@@ -187,12 +196,18 @@ def test_documented_ranges_and_enums_are_the_ones_validation_enforces():
     assert checked >= 15
 
 
+def _is_url(name: str) -> bool:
+    return name in validation.PLIVO_CREATE_FIELDS and validation.PLIVO_CREATE_FIELDS[name].kind == "url"
+
+
 def test_a_validation_check_without_a_schema_stops_the_build():
     def new_kind_of_check(name, value):
         return value
 
     with pytest.raises(LookupError, match="new_kind_of_check"):
         openapi._check_schema(new_kind_of_check)
+    with pytest.raises(LookupError, match="colour"):
+        openapi._parameter_schema("paint", Parameter("colour"))
 
 
 # (c) Schemathesis against the running service -------------------------------------------------

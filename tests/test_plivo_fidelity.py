@@ -295,3 +295,108 @@ def test_sequence_number_pin_status_and_a_parties_hangups_billing_outlive_the_ra
         ("SessionPartiesHangup", 9, None, Decimal("0.01700"), 120, 75),
     ]
     assert amount == 0  # the parties' hangup is not a leg: its billing is kept, never added to the legs'
+
+
+# Validation that matches Plivo: one table for the service and the sandbox ---------------------------
+
+PROMPT = "https://example.com/pin.mp3"
+# Where PIN authentication is on, so that a PIN parameter is judged by its own rule.
+PIN_ON = {"is_pin_authentication_required": True, "pin_prompt_play": PROMPT, "generate_pin": True}
+
+
+def both_verdicts(body: dict) -> tuple[bool, bool]:
+    """Whether the service's validation and the sandbox's accept a create body (True: accepted)."""
+    from webhook_service.domain.requests import validate_create as service_validates
+    from webhook_service.errors import ApiError as ServiceRefusal
+    from webhook_service.sandbox.validation import ApiError as SandboxRefusal
+    from webhook_service.sandbox.validation import validate_create as sandbox_validates
+
+    verdicts = []
+    for validate, refusal in ((service_validates, ServiceRefusal), (sandbox_validates, SandboxRefusal)):
+        try:
+            validate(body)
+        except refusal:
+            verdicts.append(False)
+        else:
+            verdicts.append(True)
+    return verdicts[0], verdicts[1]
+
+
+def test_the_service_and_the_sandbox_accept_and_refuse_the_same_values_from_one_table():
+    from webhook_service.domain.plivo_parameters import PARAMETERS
+
+    parties = {"first_party": FIRST, "second_party": SECOND}
+    compared = 0
+    for name, parameter in PARAMETERS.items():
+        base = parties | (PIN_ON if parameter.needs or name in PIN_ON else {})
+        if parameter.kind == "int":
+            values = [(parameter.low, True), (parameter.high, True), (parameter.low - 1, False),
+                      (parameter.high + 1, False), (str(parameter.low), False)]
+        elif parameter.kind == "choice":
+            values = [(choice, True) for choice in parameter.choices] + [("not-" + parameter.choices[0], False)]
+        elif parameter.kind == "bool":
+            values = [(True, True), (False, True), (1, False), ("true", False)]
+        else:
+            continue
+        for value, accepted in values:
+            body = (parties if value is False else base) | {name: value}  # false asks for nothing: no PIN needed
+            assert both_verdicts(body) == (accepted, accepted), (name, value)
+            compared += 1
+    assert compared > 40
+
+
+def test_session_expiry_0_as_plivos_go_sdk_sends_it_creates_a_session(client, sandbox):
+    response = client.post("/v1/sessions", headers=AUTH,
+                           json={"first_party": FIRST, "second_party": SECOND, "session_expiry": 0})
+    assert response.status_code == 201, response.get_data(as_text=True)
+    [sent] = plivo_requests(sandbox, "POST")
+    assert sent["body"]["session_expiry"] == 0  # passed on as given: what it means is Plivo's to say
+    assert sandbox.state.get(response.get_json()["session_uuid"])["duration"] == 3600  # the sandbox's reading
+
+
+def test_a_ring_timeout_the_service_accepts_the_sandbox_accepts_too(client, sandbox):
+    accepted = client.post("/v1/sessions", headers=AUTH,
+                           json={"first_party": FIRST, "second_party": SECOND, "ring_timeout": 3600})
+    assert accepted.status_code == 201, accepted.get_data(as_text=True)
+    assert sandbox.state.get(accepted.get_json()["session_uuid"])["ring_timeout"] == 3600
+    refused = client.post("/v1/sessions", headers=AUTH,
+                          json={"first_party": FIRST, "second_party": "+14155550124", "ring_timeout": 3601})
+    assert refused.status_code == 400
+    assert refused.get_json()["details"]["fields"] == {"ring_timeout": "must be between 1 and 3600"}
+    assert len(plivo_requests(sandbox, "POST")) == 1  # the refused one never reached Plivo
+
+
+PIN_REQUIRED = "is required when is_pin_authentication_required is true"
+
+
+@pytest.mark.parametrize(("body", "fields"), [
+    ({"first_party_pin": "1234"}, {"first_party_pin": "is allowed only when is_pin_authentication_required is true"}),
+    ({"force_pin_authentication": True, "pin_prompt_play": PROMPT},
+     {"force_pin_authentication": "is allowed only when is_pin_authentication_required is true",
+      "pin_prompt_play": "is allowed only when is_pin_authentication_required is true"}),
+    ({"is_pin_authentication_required": True},
+     {"pin_prompt_play": PIN_REQUIRED, "first_party_pin": PIN_REQUIRED, "second_party_pin": PIN_REQUIRED}),
+    ({"is_pin_authentication_required": True, "pin_prompt_play": PROMPT, "generate_pin_length": 6},
+     {"generate_pin_length": "is allowed only when generate_pin is true", "first_party_pin": PIN_REQUIRED,
+      "second_party_pin": PIN_REQUIRED}),
+    ({"is_pin_authentication_required": True, "pin_prompt_play": PROMPT, "first_party_pin": "12",
+      "second_party_pin": "1234"}, {"first_party_pin": "must be 4 to 15 digits"}),
+    ({"is_pin_authentication_required": True, "pin_prompt_play": PROMPT, "first_party_pin": "0123",
+      "second_party_pin": "0123"}, {"second_party_pin": "must differ from first_party_pin"}),
+    ({"is_pin_authentication_required": True, "pin_prompt_play": PROMPT, "generate_pin": True,
+      "generate_pin_length": 16}, {"generate_pin_length": "must be between 4 and 15"}),
+])
+def test_the_pin_rules_are_checked_by_the_service_naming_every_field(client, sandbox, db, body, fields):
+    response = client.post("/v1/sessions", headers=AUTH, json={"first_party": FIRST, "second_party": SECOND} | body)
+    assert response.status_code == 400, response.get_data(as_text=True)
+    answer = response.get_json()
+    assert answer["error"] == "invalid_request" and answer["details"]["fields"] == fields
+    assert plivo_requests(sandbox, "POST") == []  # refused before Plivo: no attempt, nothing paid
+    with db.transaction() as s:
+        assert s.execute(text("SELECT count(*) FROM session_create_attempts")).scalar() == 0
+
+
+def test_pin_switches_left_off_ask_for_nothing_and_are_accepted(client):
+    response = client.post("/v1/sessions", headers=AUTH, json={
+        "first_party": FIRST, "second_party": SECOND, "generate_pin": False, "force_pin_authentication": False})
+    assert response.status_code == 201, response.get_data(as_text=True)

@@ -10,32 +10,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import phonenumbers
 
 from ..errors import ApiError
 from . import jsonbody
+from . import plivo_parameters as plivo
 from .vocabulary import SESSION_STATUSES
 
 Check = Callable[[str, Any], Any]
-
-
-def _bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("must be true or false")
-    return value
-
-
-def _int(lo: int, hi: int) -> Check:
-    def check(name: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError("must be an integer")
-        if not lo <= value <= hi:
-            raise ValueError(f"must be between {lo} and {hi}")
-        return value
-
-    return check
 
 
 def _choice(*allowed: str) -> Check:
@@ -59,29 +42,6 @@ def _text(max_len: int) -> Check:
         return value.strip()
 
     return check
-
-
-def _url(name: str, value: Any) -> str:
-    # Plivo fetches these (play prompts); it takes http(s) URLs under 1000 characters.
-    if not isinstance(value, str):
-        raise ValueError("must be a URL string")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError("must be an http or https URL")
-    if len(value) >= 1000:
-        raise ValueError("must be under 1000 characters")
-    return value
-
-
-def _pin(name: str, value: Any) -> str:
-    # Plivo's FAQ sends PINs as JSON numbers; accept both but keep them as digit strings, so a
-    # leading zero is not lost.
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    # ASCII digits only: str.isdigit() is also true of "²" and of other scripts' digits.
-    if not isinstance(value, str) or not (value.isascii() and value.isdigit()) or not 4 <= len(value) <= 15:
-        raise ValueError("must be 4 to 15 digits")
-    return value
 
 
 def phone(name: str, value: Any) -> str:
@@ -110,40 +70,28 @@ def _metadata(name: str, value: Any) -> dict[str, Any]:
     return value
 
 
-# Plivo's optional create parameters (reference §3), each with its check.
-PLIVO_CREATE_FIELDS: dict[str, Check] = {
-    "session_expiry": _int(1, 31 * 86400),
-    "call_time_limit": _int(1, 86400),
-    "ring_timeout": _int(1, 3600),
-    "initiate_call_to_first_party": _bool,
-    "record": _bool,
-    "record_file_format": _choice("mp3", "wav"),
-    "first_party_play_url": _url,
-    "second_party_play_url": _url,
-    "geomatch": _bool,
-    "subaccount": _text(64),
-    "is_pin_authentication_required": _bool,
-    "generate_pin": _bool,
-    "generate_pin_length": _int(4, 15),
-    "first_party_pin": _pin,
-    "second_party_pin": _pin,
-    "pin_prompt_play": _url,
-    "pin_retry": _int(0, 5),
-    "pin_retry_wait": _int(5, 10),
-    "incorrect_pin_play": _url,
-    "unknown_caller_play": _url,
-    "force_pin_authentication": _bool,
-    "virtual_number_cooloff_period": _int(0, 3600),
-    "create_session_with_single_party": _bool,
+SERVICE_SET_FIELDS = ("callback_url", "callback_method", "recording_callback_url", "recording_callback_method")
+# Plivo's optional create parameters a caller may give (reference §3), each checked by its rule in the
+# table shared with the sandbox (`domain.plivo_parameters`); the parties are read by `phone`.
+PLIVO_CREATE_FIELDS: dict[str, plivo.Parameter] = {
+    name: parameter for name, parameter in plivo.PARAMETERS.items()
+    if name not in SERVICE_SET_FIELDS and name not in plivo.PARTIES
 }
 OWN_CREATE_FIELDS: dict[str, Check] = {"external_ref": _text(255), "metadata": _metadata}
-SERVICE_SET_FIELDS = ("callback_url", "callback_method", "recording_callback_url", "recording_callback_method")
 # What Plivo lets an existing session change (reference §4); parties only in single-party mode.
-UPDATE_FIELDS: dict[str, Check] = {
-    name: PLIVO_CREATE_FIELDS[name]
-    for name in ("session_expiry", "call_time_limit", "ring_timeout", "record", "record_file_format",
-                 "first_party_play_url", "second_party_play_url")
-} | {"first_party": phone, "second_party": phone}
+UPDATE_FIELDS: dict[str, plivo.Parameter] = {
+    name: plivo.PARAMETERS[name] for name in plivo.UPDATABLE if name not in SERVICE_SET_FIELDS
+}
+
+
+def _plivo_value(name: str, value: Any) -> Any:
+    """A Plivo parameter's value as the service sends it; ValueError in the service's words."""
+    if name in plivo.PARTIES:
+        return phone(name, value)
+    try:
+        return plivo.check(name, value)
+    except plivo.Invalid as exc:
+        raise ValueError(exc.says) from None
 
 
 @dataclass(frozen=True)
@@ -198,39 +146,26 @@ def validate_create(body: Any) -> CreateRequest:
     for name, value in body.items():
         if name in SERVICE_SET_FIELDS:
             errors[name] = "is set by this service and cannot be given"
-        elif name in ("first_party", "second_party"):
-            if value is None:
+        elif name in plivo.PARTIES or name in PLIVO_CREATE_FIELDS or name in OWN_CREATE_FIELDS:
+            if value is None:  # null is "not given"
                 continue
             try:
-                params[name] = phone(name, value)
-            except ValueError as exc:
-                errors[name] = str(exc)
-        elif name in PLIVO_CREATE_FIELDS or name in OWN_CREATE_FIELDS:
-            if value is None:
-                continue
-            check = PLIVO_CREATE_FIELDS.get(name) or OWN_CREATE_FIELDS[name]
-            try:
-                (params if name in PLIVO_CREATE_FIELDS else own)[name] = check(name, value)
+                if name in OWN_CREATE_FIELDS:
+                    own[name] = OWN_CREATE_FIELDS[name](name, value)
+                else:
+                    params[name] = _plivo_value(name, value)
             except ValueError as exc:
                 errors[name] = str(exc)
         else:
             errors[name] = "is not a known field"
-    single = params.get("create_session_with_single_party") is True
-    if single:
-        if "first_party" not in params and "second_party" not in params and not (
-            errors.keys() & {"first_party", "second_party"}
-        ):
-            errors["first_party"] = "or second_party is required"
-    else:
-        for name in ("first_party", "second_party"):
-            if name not in params and name not in errors:
-                errors[name] = "is required"
-    if ("first_party" in params and params.get("first_party") == params.get("second_party")
-            and "second_party" not in errors):
-        errors["second_party"] = "must differ from first_party"
-    pins = params.get("first_party_pin"), params.get("second_party_pin")
-    if pins[0] and pins[0] == pins[1]:
-        errors["second_party_pin"] = "must differ from first_party_pin"
+    # The rules joining several fields (parties, PIN authentication), on the values that passed their
+    # own checks. A field already named keeps its first error; a rule about a field that was given but
+    # invalid (a party, the switch a PIN field needs) would only add noise.
+    for name, problem in plivo.party_problems(params) + plivo.pin_problems(params):
+        noise = (problem.missing and name in plivo.PARTIES and errors.keys() & set(plivo.PARTIES)) or (
+            plivo.PARAMETERS[name].needs in errors)
+        if name not in errors and not noise:
+            errors[name] = problem.says
     if errors:
         raise _fail(errors)
     return CreateRequest(plivo_params=params, external_ref=own.get("external_ref"),
@@ -251,7 +186,7 @@ def validate_update(body: Any, *, single_party: bool) -> dict[str, Any]:
             errors[name] = "can be changed only on a session created with create_session_with_single_party"
         else:
             try:
-                params[name] = UPDATE_FIELDS[name](name, value)
+                params[name] = _plivo_value(name, value)
             except ValueError as exc:
                 errors[name] = str(exc)
     if errors:

@@ -7,37 +7,37 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-DEFAULT_SESSION_EXPIRY = 3600
-# Reference §3: the docs say call_time_limit defaults to 3600 but every response shows 14400 [CONFLICT];
-# ring_timeout defaults to 120 per the docs table and the SDK fixtures (docs examples show 45).
-DEFAULTS: dict[str, Any] = {
-    "initiate_call_to_first_party": False,
-    "callback_url": "",
-    "callback_method": "POST",
-    "call_time_limit": 14400,
-    "ring_timeout": 120,
-    "first_party_play_url": "",
-    "second_party_play_url": "",
-    "record": False,
-    "record_file_format": "mp3",
-    "recording_callback_url": "",
-    "recording_callback_method": "POST",
-    "unknown_caller_play": "",
-    # With PIN authentication off the PIN fields read null (Java SDK fixtures).
-    "is_pin_authentication_required": False,
-    "generate_pin": None,
-    "generate_pin_length": None,
-    "first_party_pin": None,
-    "second_party_pin": None,
-    "pin_prompt_play": None,
-    "pin_retry": None,
-    "pin_retry_wait": None,
-    "incorrect_pin_play": None,
-    "force_pin_authentication": False,
-    "create_session_with_single_party": None,  # null unless given (newer fixtures)
-    "virtual_number_cooloff_period": 0,
-}
-PIN_DEFAULTS: dict[str, Any] = {"generate_pin": False, "pin_retry": 1, "pin_retry_wait": 5, "incorrect_pin_play": ""}
+from webhook_service.domain.plivo_parameters import PARAMETERS
+
+DEFAULT_SESSION_EXPIRY = PARAMETERS["session_expiry"].default
+
+
+def expiry_seconds(session_expiry: int | None) -> int:
+    """Seconds a session lasts from its create (or update). 0 is what Plivo's Go SDK sends when its caller
+    leaves the field unset; what Plivo makes of it is not documented, and the sandbox plays the reading
+    that lets those sessions work: Plivo's default (`domain.plivo_parameters`)."""
+    return session_expiry or DEFAULT_SESSION_EXPIRY
+
+# Fields of the session object rendered from the create parameters (the parties, times and totals apart).
+SHOWN = (
+    "initiate_call_to_first_party", "callback_url", "callback_method", "call_time_limit", "ring_timeout",
+    "first_party_play_url", "second_party_play_url", "record", "record_file_format", "recording_callback_url",
+    "recording_callback_method", "unknown_caller_play", "is_pin_authentication_required", "generate_pin",
+    "generate_pin_length", "first_party_pin", "second_party_pin", "pin_prompt_play", "pin_retry", "pin_retry_wait",
+    "incorrect_pin_play", "force_pin_authentication", "create_session_with_single_party",
+    "virtual_number_cooloff_period",
+)
+# The session object when a field is not given: the shared table's defaults (`domain.plivo_parameters`),
+# except that with PIN authentication off its fields read null (Java SDK fixtures), and
+# create_session_with_single_party reads null unless given (newer fixtures).
+PIN_FIELDS = ("generate_pin", "generate_pin_length", "first_party_pin", "second_party_pin", "pin_prompt_play",
+              "pin_retry", "pin_retry_wait", "incorrect_pin_play")
+DEFAULTS: dict[str, Any] = {name: PARAMETERS[name].default for name in SHOWN} | dict.fromkeys(PIN_FIELDS) | {
+    "create_session_with_single_party": None}
+# With PIN authentication on, the PIN fields not given take the table's defaults (generate_pin_length only
+# with generate_pin).
+PIN_DEFAULTS: dict[str, Any] = {name: PARAMETERS[name].default
+                                for name in ("generate_pin", "pin_retry", "pin_retry_wait", "incorrect_pin_play")}
 SESSION_AMOUNT = 0  # the session-creation charge: every fixture shows 0
 
 

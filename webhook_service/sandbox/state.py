@@ -16,8 +16,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import uuid4
 
+from webhook_service.domain.plivo_parameters import PARAMETERS
 from webhook_service.sandbox import calls
-from webhook_service.sandbox.models import DEFAULT_SESSION_EXPIRY, DEFAULTS, PIN_DEFAULTS, Session
+from webhook_service.sandbox.models import DEFAULTS, PIN_DEFAULTS, Session, expiry_seconds
 from webhook_service.sandbox.validation import (
     PHONE_RE,
     ApiError,
@@ -106,13 +107,13 @@ class SandboxState:
         with self.lock:
             now = self.now()
             first, second = values.pop("first_party", ""), values.pop("second_party", "")
-            expiry = now + timedelta(seconds=values.pop("session_expiry", DEFAULT_SESSION_EXPIRY))
+            expiry = now + timedelta(seconds=expiry_seconds(values.pop("session_expiry", None)))
             values.pop("geomatch", None)  # accepted; the pool is not split by country
             config = dict(DEFAULTS)
             if values.get("is_pin_authentication_required"):
                 config.update(PIN_DEFAULTS)
             if values.get("generate_pin"):
-                length = values.setdefault("generate_pin_length", 4)
+                length = values.setdefault("generate_pin_length", PARAMETERS["generate_pin_length"].default)
                 values["first_party_pin"], values["second_party_pin"] = _two_pins(length)
             config.update(values)
             number = self._allocate({first, second} - {""}, now)
@@ -145,7 +146,7 @@ class SandboxState:
             if parties != session.parties() and self._conflict(session.virtual_number, parties, now, session):
                 raise invalid("a party is already in another active session on this virtual number")
             if "session_expiry" in values:
-                session.expiry_time = now + timedelta(seconds=values.pop("session_expiry"))
+                session.expiry_time = now + timedelta(seconds=expiry_seconds(values.pop("session_expiry")))
             session.first_party, session.second_party = first, second
             session.config.update(values)
             session.modified_time = now

@@ -1,10 +1,9 @@
 """Validation of Masking Session API parameters, with Plivo's error wording (reference §3–§5, §7).
 
-Plivo does not publish the numeric ranges it enforces (reference §14.1); the sandbox picks these and
-reports them with Plivo's "is outside the allowed range" wording:
-
-* session_expiry 60..86400 s, call_time_limit 60..14400 s, ring_timeout 15..120 s;
-* generate_pin_length 4..15, pin_retry 0..5, pin_retry_wait 5..10, virtual_number_cooloff_period 0..3600.
+The rules, ranges, enums and defaults are the service's own (`webhook_service.domain.plivo_parameters`,
+one table for both): what the service lets through, the sandbox accepts, and what it refuses, the
+sandbox refuses in Plivo's words. Plivo does not publish its ranges (reference §14.1); that module says
+which it picked and why.
 """
 
 from __future__ import annotations
@@ -13,67 +12,13 @@ import re
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
+
+from webhook_service.domain import plivo_parameters as plivo
 
 PHONE_RE = re.compile(r"\+?(\d{8,15})")
-PIN_RE = re.compile(r"\d{4,15}")
-MAX_URL_LENGTH = 1000  # "should be under 1000 characters" (reference §7)
-
-INT_RANGES: dict[str, tuple[int, int]] = {
-    "session_expiry": (60, 86400),
-    "call_time_limit": (60, 14400),
-    "ring_timeout": (15, 120),
-    "generate_pin_length": (4, 15),
-    "pin_retry": (0, 5),
-    "pin_retry_wait": (5, 10),
-    "virtual_number_cooloff_period": (0, 3600),
-}
-BOOLS = frozenset(
-    {
-        "initiate_call_to_first_party",
-        "record",
-        "geomatch",
-        "is_pin_authentication_required",
-        "generate_pin",
-        "force_pin_authentication",
-        "create_session_with_single_party",
-    }
-)
-URLS = frozenset(
-    {
-        "callback_url",
-        "recording_callback_url",
-        "first_party_play_url",
-        "second_party_play_url",
-        "pin_prompt_play",
-        "incorrect_pin_play",
-        "unknown_caller_play",
-    }
-)
-METHODS = frozenset({"callback_method", "recording_callback_method"})
-PHONES = ("first_party", "second_party")
-PINS = ("first_party_pin", "second_party_pin")
-CREATE_PARAMS = (
-    BOOLS | URLS | METHODS | set(INT_RANGES) | set(PHONES) | set(PINS) | {"record_file_format", "subaccount"}
-)
-UPDATABLE = frozenset(
-    {
-        "session_expiry",
-        "call_time_limit",
-        "ring_timeout",
-        "callback_url",
-        "callback_method",
-        "record",
-        "record_file_format",
-        "recording_callback_url",
-        "recording_callback_method",
-        "first_party_play_url",
-        "second_party_play_url",
-        "first_party",
-        "second_party",
-    }
-)
-PIN_ONLY = ("generate_pin", "first_party_pin", "second_party_pin", "force_pin_authentication")
+CREATE_PARAMS = frozenset(plivo.PARAMETERS)
+UPDATABLE = frozenset(plivo.UPDATABLE)
+PHONES = plivo.PARTIES
 
 TIME_FORMATS = ("%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%d %H:%M:%S.%f")
 TIME_FILTERS = ("created_time", "expiry_time")
@@ -111,48 +56,16 @@ def check_value(name: str, value: Any) -> Any:
     """Validate one create/update parameter and return it normalised."""
     if name in PHONES:
         return phone(name, value)
-    if name in BOOLS:
-        if not isinstance(value, bool):  # JSON true/false only: "true" and 1 are rejected
-            raise invalid(f"{name} allowed values are true or false")
-        return value
-    if name in INT_RANGES:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise invalid(f"{name} should be an integer")
-        low, high = INT_RANGES[name]
-        if not low <= value <= high:
-            raise invalid(f"{name} is outside the allowed range")
-        return value
-    if name in URLS:
-        if value == "":  # an empty URL means "none", as the session object shows it
-            return ""
-        try:
-            parts = urlsplit(value) if isinstance(value, str) else None
-        except ValueError:  # e.g. an unbalanced "[" in an IPv6 host
-            parts = None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-            raise invalid(f"{name} should be a valid URL")
-        if len(value) >= MAX_URL_LENGTH:
-            raise invalid(f"{name} should be under {MAX_URL_LENGTH} characters")
-        return value
-    if name in METHODS:
-        if not isinstance(value, str) or value.upper() not in ("GET", "POST"):
-            raise invalid(f"{name} allowed values are GET or POST")
-        return value.upper()
-    if name == "record_file_format":
-        if value not in ("mp3", "wav"):
-            raise invalid("record_file_format allowed values are mp3 or wav")
-        return value
-    if name in PINS:
-        # The FAQ's cURL sends PINs as JSON numbers, so accept those too (reference §3).
-        text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-        if not isinstance(text, str) or not PIN_RE.fullmatch(text):
-            raise invalid(f"{name} should be 4 to 15 digits")
-        return text
-    if name == "subaccount":
-        if not isinstance(value, str) or not value:
-            raise invalid("subaccount should be a subaccount auth ID")
-        return value
-    raise invalid(f"{name} is not a valid parameter")
+    try:
+        return plivo.check(name, value)
+    except plivo.Invalid as exc:
+        raise invalid(exc.plivo) from None
+
+
+def _refusal(problem: plivo.Invalid) -> ApiError:
+    if problem.missing:
+        return ApiError(400, f"Mandatory parameter missing. {problem.plivo} must be present")
+    return invalid(problem.plivo)
 
 
 def _json_object(body: Any) -> dict[str, Any]:
@@ -169,32 +82,8 @@ def validate_create(body: Any) -> dict[str, Any]:
         if name not in CREATE_PARAMS:
             raise invalid(f"{name} is not a valid parameter")
     values = {name: check_value(name, value) for name, value in params.items()}
-    single = values.get("create_session_with_single_party", False)
-    if single:
-        if not values.get("first_party") and not values.get("second_party"):
-            raise ApiError(400, "Mandatory parameter missing. first_party or second_party must be present")
-    else:
-        for name in PHONES:
-            if name not in values:
-                raise ApiError(400, f"Mandatory parameter missing. {name} must be present")
-    if values.get("first_party") and values.get("first_party") == values.get("second_party"):
-        raise invalid("first_party and second_party must be different")
-    pin_auth = values.get("is_pin_authentication_required", False)
-    if not pin_auth:
-        for name in (*PIN_ONLY, "pin_prompt_play"):
-            if name in values:
-                raise invalid(f"{name} is allowed only when is_pin_authentication_required is true")
-    else:
-        if "pin_prompt_play" not in values:
-            raise ApiError(400, "Mandatory parameter missing. pin_prompt_play must be present")
-        if not values.get("generate_pin"):
-            for name in PINS:
-                if name not in values:
-                    raise ApiError(400, f"Mandatory parameter missing. {name} must be present")
-            if values["first_party_pin"] == values["second_party_pin"]:
-                raise invalid("first_party_pin and second_party_pin must be different")
-    if "generate_pin_length" in values and not values.get("generate_pin"):
-        raise invalid("generate_pin_length is allowed only when generate_pin is true")
+    for _, problem in plivo.party_problems(values) + plivo.pin_problems(values):
+        raise _refusal(problem)  # Plivo reports the first
     return values
 
 

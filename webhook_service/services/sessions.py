@@ -18,6 +18,7 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Session
 
 from ..context import Context
+from ..domain.plivo_parameters import PARAMETERS
 from ..domain.requests import CreateRequest, ListQuery, encode_cursor, validate_update
 from ..domain.vocabulary import SESSION_STATUSES, UNRESOLVED_ATTEMPT_STATES
 from ..errors import ApiError, Conflict, NotFound
@@ -259,8 +260,8 @@ def _store_created(ctx: Context, attempt_id: int, req: CreateRequest, plivo_para
         "meta": req.metadata,
         "origin": "api",
         "create_params": plivo_params,
-        "record": bool(plivo_params.get("record", False)),
-        "session_expiry": plivo_params.get("session_expiry", 3600),
+        "record": bool(plivo_params.get("record", PARAMETERS["record"].default)),
+        "session_expiry": plivo_params.get("session_expiry", PARAMETERS["session_expiry"].default),
     }
     with ctx.db.transaction() as s:
         stmt = insert(MaskingSession).values(**values)

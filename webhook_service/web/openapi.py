@@ -1,10 +1,11 @@
 """The OpenAPI 3.0.3 document of the internal API (`/v1/*`), served at `GET /openapi.json`.
 
-The request-body schemas are derived from the validation tables in `sessions/validation.py`
-(`PLIVO_CREATE_FIELDS`, `OWN_CREATE_FIELDS`, `UPDATE_FIELDS`, `LIST_PARAMS`) by reading each
-field's check: `_int(lo, hi)` becomes an integer with that range, `_choice(...)` an enum, `_text(n)`
-a string of at most n characters, and so on. A new kind of check, or a new list filter, without a
-schema here fails `build_document()` (and the tests) instead of silently drifting. The enums of
+The request-body schemas are derived from the validation tables: Plivo's parameters from the table
+the service shares with its sandbox (`domain/plivo_parameters.py`: kind, range, enum, default), the
+service's own fields (`domain/requests.py`: `OWN_CREATE_FIELDS`, `LIST_PARAMS`) by reading each
+field's check (`_choice(...)` an enum, `_text(n)` a string of at most n characters). A new kind of
+parameter or check, or a new list filter, without a schema here fails `build_document()` (and the
+tests) instead of silently drifting. The enums of
 responses come from the model's tuples (`SESSION_STATUSES`, ...). `tests/test_openapi.py` checks
 the document against the Flask routes and runs schemathesis against the running service.
 
@@ -15,12 +16,14 @@ Plivo's callbacks (`/webhooks/plivo/*`) are not part of the internal API: they a
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
 from flask import Blueprint, jsonify
 
+from ..domain import plivo_parameters as plivo
 from ..domain import requests as v
 from ..domain.vocabulary import LEG_END_EVENTS, PARTIES, RECORDING_STATUSES, SESSION_ORIGINS, SESSION_STATUSES
 
@@ -36,20 +39,11 @@ PHONE = {
 }
 TIMESTAMP = {"type": "string", "format": "date-time", "nullable": True}
 DECIMAL = {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?$", "description": "A decimal amount, as a string."}
-URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^/?#\s]+"
+URL_PATTERN = r"^$|^[Hh][Tt][Tt][Pp][Ss]?://[^/?#\s]+"
 
 
 def _check_schema(check: v.Check) -> dict[str, Any]:
-    """The JSON schema of the values a validation check accepts (None is handled by the caller)."""
-    if check is v._bool:
-        return {"type": "boolean"}
-    if check is v._url:
-        return {"type": "string", "format": "uri", "maxLength": 999, "pattern": URL_PATTERN,
-                "description": "An http or https URL, under 1000 characters. Plivo fetches it."}
-    if check is v._pin:
-        return {"description": "4 to 15 digits, as a string (kept as given, leading zeros included) or a number.",
-                "anyOf": [{"type": "string", "pattern": "^[0-9]{4,15}$"},
-                          {"type": "integer", "minimum": 1000, "maximum": 10**15 - 1}]}
+    """The JSON schema of the values one of the service's own checks accepts (None is handled by the caller)."""
     if check is v.phone:
         return dict(PHONE)
     if check is v._metadata:
@@ -57,15 +51,51 @@ def _check_schema(check: v.Check) -> dict[str, Any]:
                 "description": "Free-form JSON object, at most 16 KiB when serialised; returned as given."}
     factory = check.__qualname__.split(".")[0]
     bound = inspect.getclosurevars(check).nonlocals
-    if factory == "_int":
-        return {"type": "integer", "minimum": bound["lo"], "maximum": bound["hi"]}
     if factory == "_choice":
         return {"type": "string", "enum": list(bound["allowed"])}
     if factory == "_text":
-        return {"type": "string", "minLength": 1, "maxLength": bound["max_len"], "pattern": r"\S",
-                "description": f"Non-blank text, at most {bound['max_len']} characters (surrounding spaces "
-                               "are trimmed)."}
+        return _text_schema(bound["max_len"])
     raise LookupError(f"openapi: no schema for the validation check {check.__qualname__}; add one")
+
+
+def _text_schema(max_length: int) -> dict[str, Any]:
+    return {"type": "string", "minLength": 1, "maxLength": max_length, "pattern": r"\S",
+            "description": f"Non-blank text, at most {max_length} characters (surrounding spaces are trimmed)."}
+
+
+def _parameter_schema(name: str, parameter: plivo.Parameter) -> dict[str, Any]:
+    """The JSON schema of a Plivo parameter, from the table shared with the sandbox."""
+    kind = parameter.kind
+    if kind == "phone":
+        schema = dict(PHONE)
+    elif kind == "bool":
+        schema = {"type": "boolean"}
+    elif kind == "int":
+        schema = {"type": "integer", "minimum": parameter.low, "maximum": parameter.high}
+    elif kind == "choice":
+        schema = {"type": "string", "enum": list(parameter.choices)}
+    elif kind == "url":
+        schema = {"type": "string", "maxLength": plivo.MAX_URL_LENGTH - 1, "pattern": URL_PATTERN,
+                  "description": f"An http or https URL, under {plivo.MAX_URL_LENGTH} characters (Plivo fetches "
+                                 "it), or \"\" for none."}
+    elif kind == "pin":
+        schema = {"description": "4 to 15 digits, as a string (kept as given, leading zeros included) or a number.",
+                  "anyOf": [{"type": "string", "pattern": "^[0-9]{4,15}$"},
+                            {"type": "integer", "minimum": 1000, "maximum": 10**15 - 1}]}
+    elif kind == "text":
+        schema = _text_schema(parameter.max_length or 0)
+    else:
+        raise LookupError(f"openapi: no schema for Plivo parameters of kind {kind!r} ({name}); add one")
+    notes = []
+    if parameter.default not in (None, ""):
+        notes.append(f"Plivo's default: `{json.dumps(parameter.default)}`.")
+    if parameter.needs:
+        notes.append(f"Only with `{parameter.needs}` true.")
+    if notes and "anyOf" not in schema:
+        schema["description"] = " ".join([schema.get("description", ""), *notes]).strip()
+    elif notes:
+        schema["description"] += " " + " ".join(notes)
+    return schema
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
@@ -80,8 +110,10 @@ def create_request_schema() -> dict[str, Any]:
         "first_party": _nullable(dict(PHONE)),
         "second_party": _nullable(PHONE | {"example": "+14155550123"}),
     }
-    for name, check in (v.PLIVO_CREATE_FIELDS | v.OWN_CREATE_FIELDS).items():
-        properties[name] = _nullable(_check_schema(check))  # null means "not given"
+    for name, parameter in v.PLIVO_CREATE_FIELDS.items():
+        properties[name] = _nullable(_parameter_schema(name, parameter))  # null means "not given"
+    for name, check in v.OWN_CREATE_FIELDS.items():
+        properties[name] = _nullable(_check_schema(check))
     party = {"type": "string", "format": "phone"}
     return {
         "type": "object",
@@ -103,8 +135,12 @@ def create_request_schema() -> dict[str, Any]:
                        "null counts as not given. Plivo's create parameters are passed to Plivo; `external_ref` "
                        "and `metadata` are this service's own. The callback fields ("
                        + ", ".join(f"`{f}`" for f in v.SERVICE_SET_FIELDS)
-                       + ") are set by the service and refused; any other field is refused (400). "
-                       "`first_party_pin` and `second_party_pin` must differ.",
+                       + ") are set by the service and refused; any other field is refused (400). Ranges, enums "
+                       "and defaults are those of the table the service shares with its sandbox "
+                       "(`domain/plivo_parameters.py`). PIN authentication: its fields only with "
+                       "`is_pin_authentication_required` true (`generate_pin_length` only with `generate_pin`); "
+                       "with it, `pin_prompt_play`, and `first_party_pin` and `second_party_pin` (which must "
+                       "differ) unless `generate_pin` is true. Each broken rule is named in `details.fields`.",
     }
 
 
@@ -114,7 +150,7 @@ def update_request_schema() -> dict[str, Any]:
         "type": "object",
         "additionalProperties": False,
         "minProperties": 1,
-        "properties": {name: _check_schema(check) for name, check in v.UPDATE_FIELDS.items()},
+        "properties": {name: _parameter_schema(name, parameter) for name, parameter in v.UPDATE_FIELDS.items()},
         "description": "At least one field. `first_party` and `second_party` can be changed only on a session "
                        "created with `create_session_with_single_party`; any other field is refused (400).",
     }
