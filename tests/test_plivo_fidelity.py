@@ -400,3 +400,58 @@ def test_pin_switches_left_off_ask_for_nothing_and_are_accepted(client):
     response = client.post("/v1/sessions", headers=AUTH, json={
         "first_party": FIRST, "second_party": SECOND, "generate_pin": False, "force_pin_authentication": False})
     assert response.status_code == 201, response.get_data(as_text=True)
+
+
+# POST /v1/sessions/<uuid>/refresh ------------------------------------------------------------------------
+
+
+def test_refresh_reconciles_one_session_from_plivo_now_as_the_worker_would(client, sandbox):
+    created = client.post("/v1/sessions", headers=AUTH, json={"first_party": FIRST, "second_party": SECOND})
+    session_uuid, create_api_id = created.get_json()["session_uuid"], created.get_json()["plivo_api_id"]
+    # A call whose callbacks never arrive: only Plivo's record knows it.
+    requests.post(f"{sandbox.url}/sandbox/sessions/{session_uuid}/calls", json={"deliver": False},
+                  timeout=10).raise_for_status()
+    assert client.get(f"/v1/sessions/{session_uuid}", headers=AUTH).get_json()["call_count"] == 0
+
+    response = client.post(f"/v1/sessions/{session_uuid}/refresh", headers=AUTH)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["refresh"] == {"changed": True, "drift": False}
+    assert body["call_count"] == 2 and body["amount"] != "0"
+    assert sorted(leg["party"] for leg in body["call_legs"]) == ["first", "second"]
+    assert all(leg["call_uuid"] and leg["source"] == "reconcile" for leg in body["call_legs"])
+    assert body["plivo_api_id"] and body["plivo_api_id"] != create_api_id  # the refresh's own GET
+    assert [r["method"] for r in plivo_requests(sandbox, "GET")] == ["GET"]  # one fetch, now
+
+    again = client.post(f"/v1/sessions/{session_uuid}/refresh", headers=AUTH).get_json()
+    assert again["refresh"] == {"changed": False, "drift": False} and again["call_count"] == 2
+    assert client.get(f"/v1/sessions/{session_uuid}", headers=AUTH).get_json()["call_count"] == 2
+
+
+def test_refresh_of_a_session_the_service_does_not_know_is_404_without_calling_plivo(client, sandbox):
+    response = client.post("/v1/sessions/00000000-0000-4000-8000-000000000000/refresh", headers=AUTH)
+    assert response.status_code == 404 and response.get_json()["error"] == "not_found"
+    assert plivo_requests(sandbox, "GET") == []
+
+
+def test_refresh_of_a_session_plivo_no_longer_has_passes_plivos_404_on(client, sandbox):
+    created = client.post("/v1/sessions", headers=AUTH, json={"first_party": FIRST, "second_party": SECOND})
+    requests.post(f"{sandbox.url}/sandbox/reset", timeout=5).raise_for_status()  # Plivo forgets it (90 days on)
+    response = client.post(f"/v1/sessions/{created.get_json()['session_uuid']}/refresh", headers=AUTH)
+    assert response.status_code == 404, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["error"] == "not_found" and body["details"]["plivo_status"] == 404
+
+
+def test_refresh_gets_the_generated_pins_the_create_could_not_fetch(client, sandbox):
+    # The create answer lacks the PINs and the one fetch for them fails (a 500, after its retries).
+    add_faults(sandbox, {"method": "GET", "path_contains": "/Masking/Session", "status": 500, "times": 4})
+    created = client.post("/v1/sessions", headers=AUTH, json=PIN_SESSION)
+    assert created.status_code == 201, created.get_data(as_text=True)
+    session_uuid = created.get_json()["session_uuid"]
+    assert created.get_json()["first_party_pin"] is None
+    plivos = sandbox.state.get(session_uuid)
+
+    refreshed = client.post(f"/v1/sessions/{session_uuid}/refresh", headers=AUTH).get_json()
+    assert (refreshed["first_party_pin"], refreshed["second_party_pin"]) == (
+        plivos["first_party_pin"], plivos["second_party_pin"])

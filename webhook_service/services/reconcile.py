@@ -37,7 +37,7 @@ from ..context import Context
 from ..domain.values import parse_time, to_decimal, to_int
 from ..persistence.models import MaskingSession, PlivoInteraction, ProjectionQueue
 from ..plivo.client import PlivoError, PlivoNotFound, PlivoSession
-from .sessions import resolve_pending_attempts
+from .sessions import get_session, resolve_pending_attempts, session_details
 
 log = logging.getLogger(__name__)
 sessions = MaskingSession.__table__
@@ -136,11 +136,15 @@ def _interaction(entry: Mapping[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def apply_plivo_session(ctx: Context, plivo: PlivoSession, now: datetime) -> tuple[bool, bool]:
+def apply_plivo_session(ctx: Context, plivo: PlivoSession, now: datetime, *, keep_api_id: bool = False
+                        ) -> tuple[bool, bool]:
     """Store Plivo's record of one session as facts, then project it. Returns (changed, drift).
 
     Plivo's interactions replace the ones read before (its latest record of a call wins); its
-    totals are kept beside ours; expiry, status and the last interaction only move forward.
+    totals are kept beside ours; expiry, status and the last interaction only move forward. The
+    parties' PINs are kept where the session has none yet (generated ones the create could not
+    fetch). With `keep_api_id` (a refresh someone asked for), the GET's `api_id` becomes the
+    session's `plivo_api_id`, the one to quote to Plivo's support about what was read.
     """
     expired = plivo.status == "expired" or (plivo.expiry_time is not None and plivo.expiry_time < now)
     with ctx.db.engine.begin() as conn:
@@ -165,6 +169,9 @@ def apply_plivo_session(ctx: Context, plivo: PlivoSession, now: datetime) -> tup
             last_interaction_at=func.greatest(sessions.c.last_interaction_at, plivo.last_interaction_time),
             plivo_call_count=plivo.total_call_count, plivo_billed_duration=plivo.total_call_billed_duration,
             plivo_amount=plivo.total_call_amount, reconciled_at=now, updated_at=func.now(),
+            first_party_pin=func.coalesce(sessions.c.first_party_pin, plivo.pins[0]),
+            second_party_pin=func.coalesce(sessions.c.second_party_pin, plivo.pins[1]),
+            **({"plivo_api_id": plivo.api_id} if keep_api_id and plivo.api_id else {}),
             **({"status": "expired", "expired_at": func.coalesce(sessions.c.expired_at, plivo.expiry_time)}
                if expired else {}),
         ))
@@ -179,6 +186,18 @@ def apply_plivo_session(ctx: Context, plivo: PlivoSession, now: datetime) -> tup
     drift = (after["call_count"], after["billed_duration"], after["amount"]) != (
         plivo.total_call_count, plivo.total_call_billed_duration, plivo.total_call_amount)
     return after != before, drift
+
+
+def refresh_session(ctx: Context, session_uuid: str) -> dict[str, Any]:
+    """Fetch one stored session from Plivo now and reconcile it as the worker does (`apply_plivo_session`,
+    then the same projector): for support staff who cannot wait for the next run. Answers the session's
+    details, with whether the refresh changed its counters or status and whether ours and Plivo's
+    totals still differ. A session this service does not know is a 404 without calling Plivo; Plivo's
+    errors are raised (its 404: the session is older than Plivo's 90 days, or not Plivo's)."""
+    get_session(ctx, session_uuid)
+    plivo = ctx.plivo.get_session(session_uuid)
+    changed, drift = apply_plivo_session(ctx, plivo, datetime.now(UTC), keep_api_id=True)
+    return session_details(ctx, session_uuid) | {"refresh": {"changed": changed, "drift": drift}}
 
 
 def reconcile(ctx: Context, *, now: datetime | None = None, limit: int = 3000, concurrency: int = 8,

@@ -274,6 +274,16 @@ def _schemas() -> dict[str, Any]:
         "started_at": TIMESTAMP, "ended_at": TIMESTAMP,
     }
 
+    details_properties = {
+        "projection_pending": {"type": "boolean", "description": (
+            "True when facts about the session could not be projected (an error the operator sees in "
+            "the log and in the projection lag); the counters are then those of the last projection.")},
+        "call_legs": {"type": "array", "items": {"$ref": "#/components/schemas/CallLeg"}},
+        "recordings": {"type": "array", "items": {"$ref": "#/components/schemas/Recording"}},
+        "virtual_number_history": {"type": "array",
+                                   "items": {"$ref": "#/components/schemas/VirtualNumberAssignment"}},
+    }
+
     def obj(properties: dict[str, Any], **extra: Any) -> dict[str, Any]:
         return {"type": "object", "additionalProperties": False, "required": list(properties),
                 "properties": properties} | extra
@@ -289,14 +299,14 @@ def _schemas() -> dict[str, Any]:
         "Recording": obj(recording_properties),
         "VirtualNumberAssignment": obj({"virtual_number": {"type": "string"},
                                         "assigned_at": {"type": "string", "format": "date-time"}}),
-        "SessionDetails": obj(session_properties | {
-            "projection_pending": {"type": "boolean", "description": (
-                "True when facts about the session could not be projected (an error the operator sees in "
-                "the log and in the projection lag); the counters are then those of the last projection.")},
-            "call_legs": {"type": "array", "items": {"$ref": "#/components/schemas/CallLeg"}},
-            "recordings": {"type": "array", "items": {"$ref": "#/components/schemas/Recording"}},
-            "virtual_number_history": {"type": "array",
-                                       "items": {"$ref": "#/components/schemas/VirtualNumberAssignment"}},
+        "SessionDetails": obj(session_properties | details_properties),
+        "RefreshedSession": obj(session_properties | details_properties | {
+            "refresh": obj({
+                "changed": {"type": "boolean", "description": (
+                    "Plivo's record changed the session's counters or status.")},
+                "drift": {"type": "boolean", "description": (
+                    "Our totals (call count, billed duration, amount) still differ from Plivo's.")},
+            }),
         }),
         "SessionPage": obj({
             "sessions": {"type": "array", "items": {"$ref": "#/components/schemas/Session"}, "maxItems": 100},
@@ -407,6 +417,23 @@ def build_document() -> dict[str, Any]:
                     "operationId": "expireSession",
                     "summary": "Expire the session on Plivo; the row is kept as `expired` (idempotent)",
                     "responses": {"200": _response("The expired session.", SESSION)}
+                    | _errors(401, 404, 422, 502, 503, 504),
+                },
+            },
+            "/v1/sessions/{session_uuid}/refresh": {
+                "parameters": [UUID_PARAM],
+                "post": {
+                    "operationId": "refreshSession",
+                    "summary": "Fetch the session from Plivo now and reconcile it, as the worker does every minute",
+                    "description": "For support staff who cannot wait for the next reconciliation run: Plivo's "
+                                   "record of the session (its calls, their call UUIDs and billing, its status "
+                                   "and expiry, generated PINs the create could not fetch) is stored as facts "
+                                   "and the session projected by the same code as the worker's. `plivo_api_id` "
+                                   "becomes the `api_id` of this read. A session the service does not know is "
+                                   "404 without calling Plivo; one Plivo does not know (older than its 90 days) "
+                                   "is 404 with Plivo's message.",
+                    "responses": {"200": _response("The session after the refresh.",
+                                                   {"$ref": "#/components/schemas/RefreshedSession"})}
                     | _errors(401, 404, 422, 502, 503, 504),
                 },
             },

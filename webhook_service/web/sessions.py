@@ -12,6 +12,7 @@ from ..domain.callbacks import MAX_SESSION_UUID
 from ..domain.callers import token_id
 from ..domain.requests import validate_create, validate_list
 from ..errors import ApiError, NotFound, Unauthorized
+from ..services import reconcile
 from ..services import sessions as service
 
 bp = Blueprint("sessions", __name__, url_prefix="/v1")
@@ -95,3 +96,10 @@ def expire_session(session_uuid: str):
     session_uuid = _session_uuid(session_uuid)
     with ctx().plivo_slot():
         return jsonify(service.expire_session(ctx(), session_uuid))
+
+
+@bp.post("/sessions/<session_uuid>/refresh")
+def refresh_session(session_uuid: str):
+    session_uuid = _session_uuid(session_uuid)
+    with ctx().plivo_slot():
+        return jsonify(reconcile.refresh_session(ctx(), session_uuid))
