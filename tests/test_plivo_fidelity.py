@@ -455,3 +455,59 @@ def test_refresh_gets_the_generated_pins_the_create_could_not_fetch(client, sand
     refreshed = client.post(f"/v1/sessions/{session_uuid}/refresh", headers=AUTH).get_json()
     assert (refreshed["first_party_pin"], refreshed["second_party_pin"]) == (
         plivos["first_party_pin"], plivos["second_party_pin"])
+
+
+# List filters Plivo has: expiry time, duration, subaccount ----------------------------------------------
+
+
+def test_the_list_filters_by_expiry_time_duration_and_subaccount(client, sandbox):
+    from datetime import UTC, datetime, timedelta
+
+    def make(second_party: str, **params) -> str:
+        response = client.post("/v1/sessions", headers=AUTH,
+                               json={"first_party": FIRST, "second_party": second_party} | params)
+        assert response.status_code == 201, response.get_data(as_text=True)
+        return response.get_json()["session_uuid"]
+
+    short = make("+14155550124", session_expiry=600)
+    sub = make("+14155550125", session_expiry=7200, subaccount=SUBACCOUNT)
+    plain = make("+14155550126")
+
+    def listed(**query) -> list[str]:
+        response = client.get("/v1/sessions", headers=AUTH, query_string=query)
+        assert response.status_code == 200, response.get_data(as_text=True)
+        return [s["session_uuid"] for s in response.get_json()["sessions"]]
+
+    now = datetime.now(UTC)
+    assert listed(subaccount=SUBACCOUNT) == [sub] and listed(subaccount="SAOTHER0000000000000") == []
+    assert listed(duration_max=600) == [short] and listed(duration_min=3600) == [plain, sub]
+    assert listed(duration_min=3601, duration_max=7200) == [sub]
+    assert listed(expires_before=(now + timedelta(seconds=1800)).isoformat()) == [short]
+    assert listed(expires_after=(now + timedelta(seconds=5400)).isoformat()) == [sub]
+    got = client.get(f"/v1/sessions/{sub}", headers=AUTH).get_json()
+    assert got["subaccount"] == SUBACCOUNT and client.get(f"/v1/sessions/{plain}", headers=AUTH).get_json()[
+        "subaccount"] is None
+
+    for query, field in [({"duration_min": "-1"}, "duration_min"), ({"duration_max": "1.5"}, "duration_max"),
+                         ({"expires_after": "tomorrow"}, "expires_after"), ({"subaccount": " "}, "subaccount")]:
+        response = client.get("/v1/sessions", headers=AUTH, query_string=query)
+        assert response.status_code == 400 and field in response.get_json()["details"]["fields"], query
+
+
+def test_an_unknown_create_on_a_subaccount_is_found_by_searching_that_subaccount(client, app, sandbox, db):
+    from datetime import timedelta
+
+    from webhook_service.services.sessions import resolve_pending_attempts
+
+    add_faults(sandbox, {"method": "POST", "path_contains": "/Masking/Session", "reset": True, "after_effect": True,
+                         "times": 1})
+    response = client.post("/v1/sessions", headers=AUTH,
+                           json={"first_party": FIRST, "second_party": SECOND, "subaccount": SUBACCOUNT})
+    assert response.get_json()["details"]["outcome"] == "unknown"
+    # The sandbox lists a subaccount's sessions only to a search naming it (the strict reading of §5).
+    assert sandbox.state.list({"first_party": FIRST[1:]})[0] == 0
+    assert resolve_pending_attempts(app.extensions["webhook_service"], grace=timedelta(0)) == {"recovered": 1}
+    [search] = plivo_requests(sandbox, "GET")
+    assert search["query"]["subaccount"] == SUBACCOUNT
+    with db.transaction() as s:
+        assert s.execute(text("SELECT subaccount FROM masking_sessions")).scalar() == SUBACCOUNT

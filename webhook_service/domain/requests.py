@@ -205,12 +205,20 @@ class ListQuery:
     virtual_number: str | None = None
     created_after: datetime | None = None
     created_before: datetime | None = None
+    expires_after: datetime | None = None
+    expires_before: datetime | None = None
+    duration_min: int | None = None
+    duration_max: int | None = None
+    subaccount: str | None = None
     limit: int = 20
     cursor: tuple[datetime, int] | None = None
 
 
+# Plivo's list filters by expiry time, duration and subaccount too (reference §5); so does this one.
 LIST_PARAMS = ("status", "external_ref", "first_party", "second_party", "virtual_number",
-               "created_after", "created_before", "limit", "cursor")
+               "created_after", "created_before", "expires_after", "expires_before", "duration_min",
+               "duration_max", "subaccount", "limit", "cursor")
+MAX_DURATION = 2**31 - 1
 
 
 def _timestamp(name: str, value: str) -> datetime:
@@ -261,8 +269,14 @@ def validate_list(args: Mapping[str, str]) -> ListQuery:
                 values[name] = _choice(*SESSION_STATUSES)(name, raw)
             elif name in ("first_party", "second_party", "virtual_number"):
                 values[name] = phone(name, raw)
-            elif name in ("created_after", "created_before"):
+            elif name in ("created_after", "created_before", "expires_after", "expires_before"):
                 values[name] = _timestamp(name, raw)
+            elif name in ("duration_min", "duration_max"):
+                if not (raw.isascii() and raw.isdigit() and len(raw) <= 10 and int(raw) <= MAX_DURATION):
+                    raise ValueError(f"must be a whole number of seconds from 0 to {MAX_DURATION}")
+                values[name] = int(raw)
+            elif name == "subaccount":
+                values[name] = _plivo_value(name, raw)  # the create parameter's own rule
             elif name == "limit":
                 # ASCII digits only: int() also reads "²", "١٠" or " 5", and would say so in Python's words.
                 if not (raw.isascii() and raw.isdigit() and len(raw) <= 10 and 1 <= int(raw) <= 100):

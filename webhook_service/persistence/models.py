@@ -74,6 +74,7 @@ class MaskingSession(Base):
         Index("ix_masking_sessions_second_party", "second_party"),
         Index("ix_masking_sessions_virtual_number", "virtual_number"),
         Index("ix_masking_sessions_status", "status"),
+        Index("ix_masking_sessions_subaccount", "subaccount"),
         # reporting.call_activity_daily groups and filters sessions by their UTC creation day.
         Index("ix_masking_sessions_created_day", text("((timezone('UTC', created_at))::date)"),
               postgresql_include=["created_at"]),
@@ -114,6 +115,8 @@ class MaskingSession(Base):
     first_party_pin: Mapped[str | None] = mapped_column(Text)
     second_party_pin: Mapped[str | None] = mapped_column(Text)
     plivo_api_id: Mapped[str | None] = mapped_column(Text)  # Plivo's api_id of the last call that changed it
+    # The Plivo subaccount (auth ID) the session was created on; NULL: the main account's.
+    subaccount: Mapped[str | None] = mapped_column(Text)
     call_count: Mapped[int] = mapped_column(Integer, server_default="0")
     answered_call_count: Mapped[int] = mapped_column(Integer, server_default="0")
     billed_duration: Mapped[int] = mapped_column(Integer, server_default="0")

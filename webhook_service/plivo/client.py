@@ -105,6 +105,12 @@ class PlivoSession:
     api_id: str | None = None  # the `api_id` of the call that returned it
 
     @property
+    def subaccount(self) -> str | None:
+        """The subaccount's auth ID, when the session object shows one (newer fixtures sometimes do)."""
+        value = self.raw.get("subaccount")
+        return value[:64] if isinstance(value, str) and value else None
+
+    @property
     def pins(self) -> tuple[str | None, str | None]:
         """The parties' PINs as the session object shows them (Plivo's generated ones with generate_pin)."""
         return _pin(self.raw.get("first_party_pin")), _pin(self.raw.get("second_party_pin"))

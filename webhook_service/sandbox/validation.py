@@ -140,8 +140,10 @@ def list_filters(args: Mapping[str, str], now: datetime) -> tuple[list[tuple[str
         raise invalid("status allowed values are active, expired or all")
     if status != "all":
         filters.append(("status", "", status))
-    if "subaccount" in args:
-        filters.append(("subaccount", "", args["subaccount"]))
+    # Whether a list without `subaccount` shows the subaccounts' sessions too is not documented
+    # (reference §5). The sandbox plays the strict reading, the one a client must survive: without
+    # the filter, only the main account's own sessions.
+    filters.append(("subaccount", "", args.get("subaccount")))
     for field in (*TIME_FILTERS, "duration"):
         for op in OPERATORS:
             name = field + op

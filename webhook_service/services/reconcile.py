@@ -169,6 +169,7 @@ def apply_plivo_session(ctx: Context, plivo: PlivoSession, now: datetime, *, kee
             last_interaction_at=func.greatest(sessions.c.last_interaction_at, plivo.last_interaction_time),
             plivo_call_count=plivo.total_call_count, plivo_billed_duration=plivo.total_call_billed_duration,
             plivo_amount=plivo.total_call_amount, reconciled_at=now, updated_at=func.now(),
+            subaccount=func.coalesce(sessions.c.subaccount, plivo.subaccount),
             first_party_pin=func.coalesce(sessions.c.first_party_pin, plivo.pins[0]),
             second_party_pin=func.coalesce(sessions.c.second_party_pin, plivo.pins[1]),
             **({"plivo_api_id": plivo.api_id} if keep_api_id and plivo.api_id else {}),

@@ -85,6 +85,7 @@ def serialize_session(row: MaskingSession) -> dict[str, Any]:
         "first_party_pin": row.first_party_pin,
         "second_party_pin": row.second_party_pin,
         "plivo_api_id": row.plivo_api_id,
+        "subaccount": row.subaccount,
         "created_at": _ts(row.created_at),
         "updated_at": _ts(row.updated_at),
     }
@@ -262,6 +263,7 @@ def _store_created(ctx: Context, attempt_id: int, req: CreateRequest, plivo_para
         "create_params": plivo_params,
         "record": bool(plivo_params.get("record", PARAMETERS["record"].default)),
         "session_expiry": plivo_params.get("session_expiry", PARAMETERS["session_expiry"].default),
+        "subaccount": plivo_params.get("subaccount") or created.subaccount,
     }
     with ctx.db.transaction() as s:
         stmt = insert(MaskingSession).values(**values)
@@ -286,6 +288,7 @@ def _store_created(ctx: Context, attempt_id: int, req: CreateRequest, plivo_para
                 "first_party_pin": stmt.excluded.first_party_pin,
                 "second_party_pin": stmt.excluded.second_party_pin,
                 "plivo_api_id": stmt.excluded.plivo_api_id,
+                "subaccount": stmt.excluded.subaccount,
                 "updated_at": datetime.now(UTC),
             },
         ).returning(MaskingSession, literal_column("xmax = 0").label("inserted"))
@@ -353,6 +356,11 @@ def resolve_attempt(ctx: Context, attempt_id: int, *, grace: timedelta = timedel
     window: dict[str, Any] = {"created_time__gte": plivo_time(window_start),
                               "created_time__lte": plivo_time(window_end), "limit": 20}
     parties = {name: getattr(attempt, name) for name in ("first_party", "second_party") if getattr(attempt, name)}
+    # Whether Plivo's list shows a subaccount's sessions to a search without `subaccount` is not
+    # documented (reference §5 lists the filter, nothing more): a session created on a subaccount is
+    # searched with it, which finds it under either reading.
+    if attempt.plivo_params.get("subaccount"):
+        window["subaccount"] = attempt.plivo_params["subaccount"]
     # Plivo stores parties as digits without '+' (reference §6.2) and its list filters are exact
     # matches (§5); whether a '+E.164' filter finds them too is not documented. So search in the
     # stored form first and, only if that finds nothing, in the '+' form; either way the parties
@@ -462,6 +470,20 @@ def list_sessions(ctx: Context, q: ListQuery) -> dict[str, Any]:
         stmt = stmt.where(MaskingSession.created_at >= q.created_after)
     if q.created_before:
         stmt = stmt.where(MaskingSession.created_at < q.created_before)
+    if q.subaccount is not None:
+        stmt = stmt.where(MaskingSession.subaccount == q.subaccount)
+    if q.expires_after:
+        stmt = stmt.where(MaskingSession.expires_at >= q.expires_after)
+    if q.expires_before:
+        stmt = stmt.where(MaskingSession.expires_at < q.expires_before)
+    if q.duration_min is not None or q.duration_max is not None:
+        # Plivo's `duration`: seconds from its creation of the session to its expiry (reference §4), as
+        # Plivo last told them; a session without both times is in no duration range.
+        duration = func.extract("epoch", MaskingSession.expires_at - MaskingSession.plivo_created_at)
+        if q.duration_min is not None:
+            stmt = stmt.where(duration >= q.duration_min)
+        if q.duration_max is not None:
+            stmt = stmt.where(duration <= q.duration_max)
     if q.cursor:
         created_at, row_id = q.cursor
         stmt = stmt.where(

@@ -161,9 +161,13 @@ def _list_param_schema(name: str) -> dict[str, Any]:
         return {"type": "string", "enum": list(SESSION_STATUSES)}
     if name in ("first_party", "second_party", "virtual_number"):
         return dict(PHONE)
-    if name in ("created_after", "created_before"):
+    if name in ("created_after", "created_before", "expires_after", "expires_before"):
         return {"type": "string", "format": "date-time", "example": "2026-11-01T00:00:00Z",
                 "description": "ISO 8601; without a zone it is UTC."}
+    if name in ("duration_min", "duration_max"):
+        return {"type": "integer", "minimum": 0, "maximum": v.MAX_DURATION}
+    if name == "subaccount":
+        return _parameter_schema(name, plivo.PARAMETERS[name])
     if name == "limit":
         return {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}
     if name == "cursor":
@@ -176,6 +180,12 @@ def _list_param_schema(name: str) -> dict[str, Any]:
 LIST_DESCRIPTIONS = {
     "created_after": "Sessions created at or after this time.",
     "created_before": "Sessions created before this time.",
+    "expires_after": "Sessions whose expiry time (Plivo's `expiry_time`, `expires_at`) is at or after this time.",
+    "expires_before": "Sessions whose expiry time is before this time.",
+    "duration_min": "Sessions that last at least this many seconds (Plivo's `duration`: from Plivo's creation "
+                    "of the session, `plivo_created_at`, to its expiry, `expires_at`).",
+    "duration_max": "Sessions that last at most this many seconds.",
+    "subaccount": "Sessions created on this Plivo subaccount (its auth ID).",
     "cursor": "Continue after the last session of the previous page.",
     "limit": "Page size.",
 }
@@ -246,6 +256,8 @@ def _schemas() -> dict[str, Any]:
         "plivo_api_id": {"type": "string", "nullable": True, "description": (
             "Plivo's `api_id` of the last Plivo call that changed the session (create, update, refresh), "
             "to quote to Plivo's support.")},
+        "subaccount": {"type": "string", "nullable": True, "description": (
+            "The Plivo subaccount (auth ID) the session was created on; null for the main account's.")},
         "created_at": {"type": "string", "format": "date-time"},
         "updated_at": {"type": "string", "format": "date-time"},
     }
