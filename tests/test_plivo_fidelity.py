@@ -511,3 +511,19 @@ def test_an_unknown_create_on_a_subaccount_is_found_by_searching_that_subaccount
     assert search["query"]["subaccount"] == SUBACCOUNT
     with db.transaction() as s:
         assert s.execute(text("SELECT subaccount FROM masking_sessions")).scalar() == SUBACCOUNT
+
+
+# The sandbox speaks like Plivo: geomatch and number pools --------------------------------------------------
+
+
+def test_a_session_gets_a_number_of_its_first_partys_country_or_plivos_pool_exhausted(client, sandbox):
+    british = client.post("/v1/sessions", headers=AUTH, json={"first_party": "+447911123456", "second_party": SECOND})
+    assert british.status_code == 201 and british.get_json()["virtual_number"].startswith("+44")
+
+    andorran = {"first_party": "+376312345", "second_party": SECOND}  # the sandbox has no Andorran numbers
+    refused = client.post("/v1/sessions", headers=AUTH, json=andorran)
+    assert refused.status_code == 422, refused.get_data(as_text=True)
+    body = refused.get_json()
+    assert body["error"] == "plivo_rejected" and "Number pool exhausted or not available" in body["message"]
+    anywhere = client.post("/v1/sessions", headers=AUTH, json=andorran | {"geomatch": False})
+    assert anywhere.status_code == 201, anywhere.get_data(as_text=True)

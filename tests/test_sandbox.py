@@ -668,3 +668,41 @@ def test_replace_number_moves_the_session_and_announces_the_new_number(sandbox, 
     assert result["callbacks"][0]["params"]["VirtualNumber"] == "+" + new_number
     assert_signed("POST", receiver.requests[0]["url"], receiver.requests[0]["headers"], receiver.requests[0]["params"])
     assert api(sandbox, "GET", params={"virtual_number": new_number}).json()["response"]["meta"]["total_count"] == 1
+
+
+# Number pools -------------------------------------------------------------------------------------
+
+
+def test_geomatch_takes_the_number_from_the_first_partys_country(sandbox):
+    british = create(sandbox, first_party="+447700900555", second_party="+14155551050")
+    assert british["virtual_number"].startswith("+44")
+    indian = create(sandbox, first_party="+919876543210", second_party="+447700900556")
+    assert indian["virtual_number"].startswith("+91")
+    # A single-party session with only its second party: that party's country.
+    single = create(sandbox, first_party=None, second_party="+33612345678", create_session_with_single_party=True)
+    assert single["virtual_number"].startswith("+33")
+
+    andorran = {"first_party": "+376312345", "second_party": SECOND}  # no Andorran numbers in the pool
+    refused = api(sandbox, "POST", json=andorran)
+    assert refused.status_code == 400 and refused.json()["error"] == "Number pool exhausted or not available"
+    anywhere = create(sandbox, **andorran, geomatch=False)  # any country will do
+    assert anywhere["virtual_number"] != "" and not anywhere["virtual_number"].startswith("+376")
+
+
+def test_a_country_has_100_numbers_and_an_expired_session_frees_its_number(sandbox):
+    # One party in many live sessions at once needs a number per session (calls are routed by caller).
+    numbers = [create(sandbox, first_party=FIRST, second_party=f"+1212555{n:04d}", session_expiry=600 + n)
+               ["virtual_number"] for n in range(100)]
+    assert len(set(numbers)) == 100 and all(n.startswith("+1") for n in numbers)
+    exhausted = api(sandbox, "POST", json={"first_party": FIRST, "second_party": "+12125559999"})
+    assert exhausted.status_code == 400 and exhausted.json()["error"] == "Number pool exhausted or not available"
+
+    control(sandbox, "/clock", {"advance": 600})  # the first session (600 s) runs out; the others last longer
+    assert create(sandbox, first_party=FIRST, second_party="+12125559999")["virtual_number"] == numbers[0]
+
+
+def test_the_pool_size_is_configurable():
+    with SandboxServer(AUTH_ID, TOKEN, pool_size=2) as small:
+        assert [create(small, second_party=f"+1212555100{n}")["virtual_number"] for n in range(2)] == [
+            "+16505550100", "+16505550101"]
+        assert api(small, "POST", json={"first_party": FIRST, "second_party": "+12125551009"}).status_code == 400

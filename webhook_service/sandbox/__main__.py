@@ -12,6 +12,7 @@ import os
 import threading
 
 from webhook_service.sandbox.server import SandboxServer
+from webhook_service.sandbox.state import DEFAULT_POOL_SIZE
 from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN
 
 log = logging.getLogger("webhook_service.sandbox")
@@ -24,12 +25,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--auth-id", default=os.environ.get("PLIVO_AUTH_ID") or SANDBOX_AUTH_ID)
     parser.add_argument("--auth-token", default=os.environ.get("PLIVO_AUTH_TOKEN") or SANDBOX_AUTH_TOKEN)
+    parser.add_argument("--pool-size", type=int, default=DEFAULT_POOL_SIZE,
+                        help="virtual numbers in each country of the default pool (default %(default)s)")
+    parser.add_argument("--pool", default="",
+                        help="the virtual numbers instead, comma-separated (grouped by their country code)")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
 
-    server = SandboxServer(args.auth_id, args.auth_token.split(",")[0].strip(), host=args.host, port=args.port)
+    pool = [n.strip() for n in args.pool.split(",") if n.strip()] or None
+    server = SandboxServer(args.auth_id, args.auth_token.split(",")[0].strip(), host=args.host, port=args.port,
+                           pool=pool, pool_size=args.pool_size)
     server.start()
     log.info(
         "Plivo sandbox (fake Masking Session API, not Plivo) listening on %s/v1/Account/%s.../Masking/Session",

@@ -26,7 +26,7 @@ from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from webhook_service.sandbox.models import go_time
-from webhook_service.sandbox.state import SandboxState
+from webhook_service.sandbox.state import DEFAULT_POOL_SIZE, SandboxState
 from webhook_service.sandbox.validation import ApiError
 
 # Plivo documents the path without a trailing slash; the Python, Node and PHP SDKs add one (§1).
@@ -35,12 +35,13 @@ SESSION = SESSIONS + "<session_uuid>/"
 
 
 def create_sandbox_app(auth_id: str, auth_token: str, *, pool: list[str] | None = None,
-                       subaccounts: dict[str, str] | None = None) -> Flask:
-    """The sandbox app for one account; `pool` lists its virtual numbers, `subaccounts` its
-    subaccounts' auth IDs and tokens (default: `state.SANDBOX_SUBACCOUNTS`)."""
+                       subaccounts: dict[str, str] | None = None, pool_size: int = DEFAULT_POOL_SIZE) -> Flask:
+    """The sandbox app for one account; `pool` lists its virtual numbers (default: `pool_size` in each
+    country of `state.POOL_COUNTRIES`), `subaccounts` its subaccounts' auth IDs and tokens (default:
+    `state.SANDBOX_SUBACCOUNTS`)."""
     app = Flask(__name__)
     app.json.sort_keys = False  # type: ignore[attr-defined]
-    state = SandboxState(auth_id, auth_token, pool, subaccounts)
+    state = SandboxState(auth_id, auth_token, pool, subaccounts, pool_size)
     app.extensions["sandbox"] = state
 
     @app.before_request

@@ -7,6 +7,8 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import phonenumbers
+
 from webhook_service.domain.plivo_parameters import PARAMETERS
 
 DEFAULT_SESSION_EXPIRY = PARAMETERS["session_expiry"].default
@@ -39,6 +41,14 @@ DEFAULTS: dict[str, Any] = {name: PARAMETERS[name].default for name in SHOWN} | 
 PIN_DEFAULTS: dict[str, Any] = {name: PARAMETERS[name].default
                                 for name in ("generate_pin", "pin_retry", "pin_retry_wait", "incorrect_pin_play")}
 SESSION_AMOUNT = 0  # the session-creation charge: every fixture shows 0
+
+
+def country_code(digits: str) -> int | None:
+    """The country calling code of a number's digits (1 for the US and Canada), or None if there is none."""
+    try:
+        return phonenumbers.parse("+" + digits, None).country_code if digits else None
+    except phonenumbers.NumberParseException:
+        return None
 
 
 def go_time(moment: datetime) -> str:
@@ -75,10 +85,16 @@ class Session:
     total_call_amount: Decimal = Decimal(0)
     last_interaction_time: datetime | None = None
     sequence: int = 0  # last SequenceNumber sent; one counter per session across all callbacks
+    geomatch: bool = True  # its number comes from its first party's country (Plivo's default)
 
     def status(self, now: datetime) -> str:
         """ "active" until expiry_time, then "expired" (the sandbox never reports "in-progress")."""
         return "expired" if now >= self.expiry_time else "active"
+
+    @property
+    def country(self) -> int | None:
+        """The country calling code its number is matched to: its first party's, else its second's."""
+        return country_code(self.first_party or self.second_party)
 
     def parties(self) -> set[str]:
         """The parties' numbers that are set (one of them may be missing in single-party mode)."""

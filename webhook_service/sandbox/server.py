@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 
 from webhook_service.sandbox.app import create_sandbox_app
-from webhook_service.sandbox.state import SandboxState
+from webhook_service.sandbox.state import DEFAULT_POOL_SIZE, SandboxState
 from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN
 
 
@@ -36,8 +36,9 @@ class SandboxServer:
         port: int = 0,
         pool: list[str] | None = None,
         subaccounts: dict[str, str] | None = None,
+        pool_size: int = DEFAULT_POOL_SIZE,
     ) -> None:
-        self.app = create_sandbox_app(auth_id, auth_token, pool=pool, subaccounts=subaccounts)
+        self.app = create_sandbox_app(auth_id, auth_token, pool=pool, subaccounts=subaccounts, pool_size=pool_size)
         self.state: SandboxState = self.app.extensions["sandbox"]
         self._host, self._port = host, port
         self._server: BaseWSGIServer | None = None

@@ -18,7 +18,7 @@ from uuid import uuid4
 
 from webhook_service.domain.plivo_parameters import PARAMETERS
 from webhook_service.sandbox import calls
-from webhook_service.sandbox.models import DEFAULTS, PIN_DEFAULTS, Session, expiry_seconds
+from webhook_service.sandbox.models import DEFAULTS, PIN_DEFAULTS, Session, country_code, expiry_seconds
 from webhook_service.sandbox.validation import (
     PHONE_RE,
     ApiError,
@@ -30,7 +30,14 @@ from webhook_service.sandbox.validation import (
 
 # The sandbox account's one subaccount (auth ID -> auth token), for sessions created with `subaccount`.
 SANDBOX_SUBACCOUNTS = {"SASANDBOX00000000000": "sandbox-subaccount-token"}
-DEFAULT_POOL = ("16505550100", "16505550101", "16505550102", "16505550103", "16505550104")
+# The countries of the default number pool, each with a number its pool's numbers are made from (the
+# last digits counting up from it): fictional or example numbers, never a real person's.
+POOL_COUNTRIES = {
+    "US": "16505550100", "GB": "447700900100", "FR": "33612345600", "DE": "4915123456700", "ES": "34612345600",
+    "IT": "393123456700", "NL": "31612345600", "IN": "919812345600", "AU": "61412345600", "SG": "6581234500",
+    "BR": "5511961234500", "MX": "5212221234500", "JP": "819012345600",
+}
+DEFAULT_POOL_SIZE = 100  # numbers per country
 POOL_EXHAUSTED = "Number pool exhausted or not available"
 ALREADY_EXPIRED = "Session already expired"
 FAULT_DEFAULTS: dict[str, Any] = {
@@ -68,7 +75,7 @@ class SandboxState:
     """Everything the sandbox remembers, behind one lock."""
 
     def __init__(self, auth_id: str, auth_token: str, pool: list[str] | None = None,
-                 subaccounts: Mapping[str, str] | None = None) -> None:
+                 subaccounts: Mapping[str, str] | None = None, pool_size: int = DEFAULT_POOL_SIZE) -> None:
         self.auth_id = auth_id
         self.auth_token = auth_token
         self.subaccounts = dict(SANDBOX_SUBACCOUNTS if subaccounts is None else subaccounts)
@@ -76,12 +83,15 @@ class SandboxState:
         # (reference §6.2 lists them on the session object). By default it does not, the reading that
         # makes a client fetch the session; tests set it to play the other reading.
         self.pins_in_create_answer = False
-        self.pool: list[str] = []
-        for number in pool or DEFAULT_POOL:
+        # The virtual numbers by country calling code: `pool`, or `pool_size` numbers in each of
+        # POOL_COUNTRIES. With geomatch (Plivo's default) a session's number comes from its first
+        # party's country ("searches the pool by country code", reference §3).
+        self.pools: dict[int | None, list[str]] = {}
+        for number in pool or default_pool(pool_size):
             match = PHONE_RE.fullmatch(number)
             if not match:
                 raise ValueError(f"pool number {number!r} is not 8 to 15 digits")
-            self.pool.append(match.group(1))
+            self.pools.setdefault(country_code(match.group(1)), []).append(match.group(1))
         self.lock = threading.Lock()
         # Requests held by a fault's delay wait on `_gate`; `release_held` opens it (and sets a new one).
         self._hold_changed = threading.Condition(self.lock)
@@ -108,7 +118,7 @@ class SandboxState:
             now = self.now()
             first, second = values.pop("first_party", ""), values.pop("second_party", "")
             expiry = now + timedelta(seconds=expiry_seconds(values.pop("session_expiry", None)))
-            values.pop("geomatch", None)  # accepted; the pool is not split by country
+            geomatch = values.pop("geomatch", PARAMETERS["geomatch"].default)  # not shown on the session object
             config = dict(DEFAULTS)
             if values.get("is_pin_authentication_required"):
                 config.update(PIN_DEFAULTS)
@@ -116,8 +126,9 @@ class SandboxState:
                 length = values.setdefault("generate_pin_length", PARAMETERS["generate_pin_length"].default)
                 values["first_party_pin"], values["second_party_pin"] = _two_pins(length)
             config.update(values)
-            number = self._allocate({first, second} - {""}, now)
-            session = Session(str(uuid4()), first, second, number, now, now, expiry, config)
+            number = self._allocate({first, second} - {""}, now, country=country_code(first or second),
+                                    geomatch=geomatch)
+            session = Session(str(uuid4()), first, second, number, now, now, expiry, config, geomatch=geomatch)
             self._sessions[session.session_uuid] = session
             answer = session.to_json(now)
             if values.get("generate_pin") and not self.pins_in_create_answer:
@@ -204,7 +215,8 @@ class SandboxState:
             delivery = calls.parse_delivery(body)
             now = self.now()
             try:
-                number = self._allocate(session.parties(), now, session)
+                number = self._allocate(session.parties(), now, moving=session, country=session.country,
+                                        geomatch=session.geomatch)
             except ApiError:
                 raise ApiError(409, "no other pool number is free for this session") from None
             session.virtual_number, session.modified_time = number, now
@@ -341,11 +353,26 @@ class SandboxState:
             for s in self._sessions.values()
         )
 
-    def _allocate(self, parties: set[str], now: datetime, moving: Session | None = None) -> str:
-        for number in self.pool:
+    def _allocate(self, parties: set[str], now: datetime, *, country: int | None, geomatch: bool,
+                  moving: Session | None = None) -> str:
+        # A number is free for these parties when no live session (or one in its cool-off) on it shares
+        # a party: an expired session frees its number at its expiry (plus cool-off), whether it ran
+        # out, was expired by DELETE or timed out.
+        candidates = list(self.pools.get(country, []))
+        if not geomatch:  # any country will do; the party's own first
+            candidates += [n for code, numbers in self.pools.items() if code != country for n in numbers]
+        for number in candidates:
             if (moving is None or number != moving.virtual_number) and not self._conflict(number, parties, now, moving):
                 return number
         raise ApiError(400, POOL_EXHAUSTED)
+
+
+def default_pool(size: int = DEFAULT_POOL_SIZE) -> list[str]:
+    """`size` numbers in each of POOL_COUNTRIES: each country's seed number with its last digits counting up."""
+    if size < 1:
+        raise ValueError("a pool has at least one number a country")
+    width = len(str(size - 1))
+    return [seed[:-width] + f"{i:0{width}d}" for seed in POOL_COUNTRIES.values() for i in range(size)]
 
 
 def _delivered(callbacks: list[calls.Callback], snapshot: dict[str, Any], delivery: calls.Delivery) -> dict[str, Any]:
