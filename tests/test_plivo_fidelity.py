@@ -527,3 +527,17 @@ def test_a_session_gets_a_number_of_its_first_partys_country_or_plivos_pool_exha
     assert body["error"] == "plivo_rejected" and "Number pool exhausted or not available" in body["message"]
     anywhere = client.post("/v1/sessions", headers=AUTH, json=andorran | {"geomatch": False})
     assert anywhere.status_code == 201, anywhere.get_data(as_text=True)
+
+
+# The sandbox speaks like Plivo: SessionTimeout sent by itself ----------------------------------------------
+
+
+def test_a_session_running_out_on_the_sandbox_is_expired_in_the_service_by_its_own_session_timeout(live, sandbox):
+    created = requests.post(f"{live.url}/v1/sessions", headers=AUTH, timeout=10,
+                            json={"first_party": FIRST, "second_party": SECOND, "session_expiry": 60})
+    session_uuid = created.json()["session_uuid"]
+    moved = requests.post(f"{sandbox.url}/sandbox/clock", json={"advance": 61}, timeout=30).json()
+    assert moved["timed_out"] == 1
+    got = requests.get(f"{live.url}/v1/sessions/{session_uuid}", headers=AUTH, timeout=10).json()
+    # Expired when the session ran out (the callback's EventTimestamp carries whole seconds).
+    assert got["status"] == "expired" and got["expired_at"] == created.json()["expires_at"][:19] + "+00:00"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qsl
@@ -706,3 +707,34 @@ def test_the_pool_size_is_configurable():
         assert [create(small, second_party=f"+1212555100{n}")["virtual_number"] for n in range(2)] == [
             "+16505550100", "+16505550101"]
         assert api(small, "POST", json={"first_party": FIRST, "second_party": "+12125551009"}).status_code == 400
+
+
+# SessionTimeout, sent by the sandbox itself ------------------------------------------------------------
+
+
+def test_a_session_that_runs_out_gets_its_session_timeout_without_being_asked(sandbox, receiver):
+    ending = create(sandbox, callback_url=receiver.url + "/cb", session_expiry=60)["session"]
+    lasting = create(sandbox, first_party="+14155551060", callback_url=receiver.url + "/cb")["session_uuid"]
+    deleted = create(sandbox, first_party="+14155551061", callback_url=receiver.url + "/cb",
+                     session_expiry=30)["session_uuid"]
+    api(sandbox, "DELETE", f"/{deleted}")
+
+    assert control(sandbox, "/clock", {"advance": 61}).json()["timed_out"] == 1  # delivered before the answer
+    [got] = receiver.requests
+    assert got["params"]["EventName"] == "SessionTimeout" and got["params"]["SessionUUID"] == ending["session_uuid"]
+    # Dated at the session's expiry, not when the clock was moved.
+    assert got["params"]["EventTimestamp"] == ending["expiry_time"][:19]
+    assert_signed("POST", got["url"], got["headers"], got["params"])
+    assert control(sandbox, "/clock", {"advance": 1}).json()["timed_out"] == 0  # once only
+    assert api(sandbox, "GET", f"/{lasting}").json()["response"]["status"] == "active"
+    assert len(receiver.requests) == 1  # none for the session expired by DELETE
+
+
+def test_on_the_wall_clock_too(receiver):
+    with SandboxServer(AUTH_ID, TOKEN, expiry_poll=0.05) as sandbox:
+        session_uuid = create(sandbox, callback_url=receiver.url + "/cb", session_expiry=1)["session_uuid"]
+        deadline = time.monotonic() + 10
+        while not receiver.requests and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert [(r["params"]["EventName"], r["params"]["SessionUUID"]) for r in receiver.requests] == [
+        ("SessionTimeout", session_uuid)]

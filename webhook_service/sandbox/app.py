@@ -9,7 +9,9 @@ or `python -m webhook_service.sandbox` (`make run`). All state is a `SandboxStat
 * `GET|POST|DELETE /sandbox/faults`: fault rules for API requests (first match wins);
 * `POST /sandbox/faults/release`: end the delay of every request a fault holds now;
 * `GET|DELETE /sandbox/requests`: the log of API requests;
-* `POST /sandbox/clock` `{"advance": seconds}`, `POST /sandbox/reset`, `GET /sandbox/healthz`.
+* `POST /sandbox/clock` `{"advance": seconds}` (sessions that run out get their SessionTimeout, as
+  they do on the wall clock: `SandboxServer` sends them every second), `POST /sandbox/reset`,
+  `GET /sandbox/healthz`.
 """
 
 from __future__ import annotations
@@ -208,11 +210,13 @@ def create_sandbox_app(auth_id: str, auth_token: str, *, pool: list[str] | None 
 
     @app.post("/sandbox/clock")
     def advance_clock() -> dict[str, Any]:
-        """Move the sandbox clock forward by `advance` seconds."""
+        """Move the sandbox clock forward by `advance` seconds; the sessions that ran out meanwhile
+        get their SessionTimeout (delivered before this answers)."""
         seconds = _control_body().get("advance")
         if isinstance(seconds, bool) or not isinstance(seconds, int | float) or seconds < 0:
             raise ApiError(400, "advance must be a number of seconds >= 0")
-        return {"now": go_time(state.advance_clock(seconds))}
+        now = state.advance_clock(seconds)
+        return {"now": go_time(now), "timed_out": state.expire_due()}
 
     @app.post("/sandbox/reset")
     def reset() -> dict[str, Any]:

@@ -86,6 +86,7 @@ class Session:
     last_interaction_time: datetime | None = None
     sequence: int = 0  # last SequenceNumber sent; one counter per session across all callbacks
     geomatch: bool = True  # its number comes from its first party's country (Plivo's default)
+    timeout_sent: bool = False  # its SessionTimeout is sent (or, expired by DELETE, never will be)
 
     def status(self, now: datetime) -> str:
         """ "active" until expiry_time, then "expired" (the sandbox never reports "in-progress")."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from types import TracebackType
 from urllib.parse import urlsplit
@@ -11,6 +12,8 @@ from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
 from webhook_service.sandbox.app import create_sandbox_app
 from webhook_service.sandbox.state import DEFAULT_POOL_SIZE, SandboxState
 from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN
+
+log = logging.getLogger(__name__)
 
 
 class QuietRequestHandler(WSGIRequestHandler):
@@ -37,12 +40,18 @@ class SandboxServer:
         pool: list[str] | None = None,
         subaccounts: dict[str, str] | None = None,
         pool_size: int = DEFAULT_POOL_SIZE,
+        expiry_poll: float | None = 1.0,
     ) -> None:
         self.app = create_sandbox_app(auth_id, auth_token, pool=pool, subaccounts=subaccounts, pool_size=pool_size)
         self.state: SandboxState = self.app.extensions["sandbox"]
         self._host, self._port = host, port
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
+        # Every `expiry_poll` seconds, sessions that ran out on the wall clock get their SessionTimeout
+        # (None: only when the clock is advanced).
+        self._expiry_poll = expiry_poll
+        self._sweeper: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     @property
     def url(self) -> str:
@@ -62,10 +71,25 @@ class SandboxServer:
                 target=self._server.serve_forever, args=(0.05,), name="plivo-sandbox", daemon=True
             )
             self._thread.start()
+            if self._expiry_poll:
+                self._stopping.clear()
+                self._sweeper = threading.Thread(target=self._sweep, name="plivo-sandbox-expiry", daemon=True)
+                self._sweeper.start()
         return self
+
+    def _sweep(self) -> None:
+        while not self._stopping.wait(self._expiry_poll):
+            try:
+                self.state.expire_due()
+            except Exception:  # noqa: BLE001 - a development server keeps sweeping; the next sweep retries
+                log.exception("sandbox: sending SessionTimeout failed")
 
     def stop(self) -> None:
         """Stop serving and release the port."""
+        self._stopping.set()
+        if self._sweeper is not None:
+            self._sweeper.join()
+            self._sweeper = None
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -171,6 +171,26 @@ class SandboxState:
             if session.status(now) == "expired":
                 raise ApiError(400, ALREADY_EXPIRED)
             session.expiry_time = session.modified_time = now
+            # Whether Plivo sends SessionTimeout for a session expired by DELETE is not documented (the
+            # callback page says only that it comes when the session expires). The sandbox sends none,
+            # the reading a client must survive: the service records the expiry itself on DELETE.
+            session.timeout_sent = True
+
+    def expire_due(self) -> int:
+        """Send `SessionTimeout` for every session whose expiry time has passed since the last call, as
+        Plivo does by itself when a session runs out; returns how many. The sandbox's server calls this
+        every second (sessions running out on the wall clock), and `POST /sandbox/clock` right after
+        moving the clock. The callback is dated at the session's expiry, not at the sweep."""
+        with self.lock:
+            now = self.now()
+            callbacks: list[calls.Callback] = []
+            due = [s for s in self._sessions.values() if not s.timeout_sent and s.status(now) == "expired"]
+            for session in sorted(due, key=lambda s: s.expiry_time):
+                session.timeout_sent = True
+                callbacks += calls.session_event(session, "SessionTimeout", session.expiry_time, calls.Delivery(),
+                                                 self._tokens(session))
+        calls.deliver(callbacks)
+        return len(due)
 
     def list(self, args: Mapping[str, str]) -> tuple[int, list[dict[str, Any]], int, int]:
         """Sessions matching list query `args`, newest first: (total_count, page, limit, offset)."""
@@ -204,6 +224,7 @@ class SandboxState:
             delivery = calls.parse_delivery(body)
             now = self.now()
             session.expiry_time = session.modified_time = now
+            session.timeout_sent = True
             callbacks = calls.session_event(session, "SessionTimeout", now, delivery, self._tokens(session))
             snapshot = session.to_json(now)
         return _delivered(callbacks, snapshot, delivery)
@@ -226,7 +247,8 @@ class SandboxState:
         return _delivered(callbacks, snapshot, delivery)
 
     def advance_clock(self, seconds: float) -> datetime:
-        """Move the sandbox's clock forward (to let sessions expire without waiting); return the new now."""
+        """Move the sandbox's clock forward (to let sessions expire without waiting); return the new now.
+        (The sessions that ran out meanwhile get their SessionTimeout from `expire_due`.)"""
         with self.lock:
             self._clock_offset += timedelta(seconds=seconds)
             return self.now()
