@@ -541,3 +541,26 @@ def test_a_session_running_out_on_the_sandbox_is_expired_in_the_service_by_its_o
     got = requests.get(f"{live.url}/v1/sessions/{session_uuid}", headers=AUTH, timeout=10).json()
     # Expired when the session ran out (the callback's EventTimestamp carries whole seconds).
     assert got["status"] == "expired" and got["expired_at"] == created.json()["expires_at"][:19] + "+00:00"
+
+
+# The sandbox speaks like Plivo: calls started by initiate_call_to_first_party -------------------------------
+
+
+def test_the_call_plivo_starts_for_initiate_call_to_first_party_is_recorded_by_the_service(live, sandbox):
+    from .helpers import wait_until
+
+    created = requests.post(f"{live.url}/v1/sessions", headers=AUTH, timeout=10, json={
+        "first_party": FIRST, "second_party": SECOND, "initiate_call_to_first_party": True, "record": True})
+    assert created.status_code == 201, created.text
+    session_uuid = created.json()["session_uuid"]
+
+    def details() -> dict:
+        return requests.get(f"{live.url}/v1/sessions/{session_uuid}", headers=AUTH, timeout=10).json()
+
+    # Plivo's callbacks come on their own after the create answered: the test waits for them.
+    assert wait_until(lambda: details()["recording_count"] == 1)
+    got = details()
+    assert got["call_count"] == 2 and got["answered_call_count"] == 2
+    legs = {leg["party"]: leg for leg in got["call_legs"]}
+    assert legs["first"]["answered_at"] < legs["second"]["answered_at"]  # the first party was dialled first
+    assert (legs["first"]["duration"], legs["second"]["duration"]) == (37, 30)

@@ -738,3 +738,50 @@ def test_on_the_wall_clock_too(receiver):
             time.sleep(0.05)
     assert [(r["params"]["EventName"], r["params"]["SessionUUID"]) for r in receiver.requests] == [
         ("SessionTimeout", session_uuid)]
+
+
+# Calls Plivo starts itself: initiate_call_to_first_party ----------------------------------------------
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return condition()
+
+
+INITIATED_LEGACY = ["SessionFirstPartyRing", "SessionFirstPartyAnswer", "SessionSecondPartyRing",
+                    "SessionSecondPartyAnswer", "SessionSecondPartyHangup", "SessionFirstPartyHangup"]
+
+
+def test_a_session_created_to_call_the_first_party_calls_it_then_the_second(sandbox, receiver):
+    body = create(sandbox, callback_url=receiver.url + "/cb", initiate_call_to_first_party=True)
+    # Plivo starts the call by itself once the session exists: no one dialled the number.
+    assert wait_for(lambda: len(receiver.requests) == len(INITIATED_LEGACY))
+    assert [r["params"]["EventName"] for r in receiver.requests] == INITIATED_LEGACY
+    for got in receiver.requests:
+        assert_signed("POST", got["url"], got["headers"], got["params"])
+    second_end, first_end = receiver.requests[-2]["params"], receiver.requests[-1]["params"]
+    # Both legs are outbound, each billed from its answer: 30 s of talk, the first leg 7 s more.
+    assert (second_end["Duration"], first_end["Duration"]) == ("30", "37")
+    [interaction] = api(sandbox, "GET", f"/{body['session_uuid']}").json()["response"]["interaction"]
+    assert (interaction["first_party_status"], interaction["second_party_status"]) == ("completed", "completed")
+
+
+def test_an_initiated_call_the_first_party_does_not_answer_dials_nobody_else(sandbox):
+    session_uuid = create(sandbox, callback_url="http://127.0.0.1:9/cb", initiate_call_to_first_party=True,
+                          ring_timeout=30)["session_uuid"]
+    result = play(sandbox, session_uuid, initiated=True, answered=False, vocabulary="latest", deliver=False)
+    assert event_names(result["callbacks"]) == ["SessionFirstPartyInitiated", "SessionFirstPartyRinging",
+                                                "SessionFirstPartyFailed"]
+    failed = result["callbacks"][-1]["params"]
+    assert (failed["BilledDuration"], failed["PlivoHangupCause"]) == ("0", "NO_ANSWER")
+    # (The call Plivo started on creating the session is there too, answered.)
+    [unanswered] = [i for i in result["session"]["interaction"] if i["total_call_count"] == 1]
+    assert unanswered["second_party_resource_url"] is None and unanswered["total_call_count"] == 1
+    assert unanswered["first_party_status"] == "no-answer"
+
+    plain = create(sandbox, first_party="+14155551070")["session_uuid"]
+    assert control(sandbox, f"/sessions/{plain}/calls", {"initiated": True}).status_code == 409
+    assert control(sandbox, f"/sessions/{session_uuid}/calls", {"initiated": True, "caller": "second"}
+                   ).status_code == 400

@@ -110,9 +110,10 @@ def create_sandbox_app(auth_id: str, auth_token: str, *, pool: list[str] | None 
 
     @app.post(SESSIONS, strict_slashes=False)
     def create_session(account: str) -> tuple[Response, int]:
-        """Create: 201 with the new session and its '+' virtual number."""
+        """Create: 201 with the new session and its '+' virtual number; with initiate_call_to_first_party,
+        Plivo's call to the first party starts once the answer is sent."""
         session = state.create(_json_body())
-        return _api(
+        response, status = _api(
             {
                 "session_uuid": session["session_uuid"],
                 "virtual_number": "+" + session["virtual_number"],  # '+' here, digits only inside `session`
@@ -121,6 +122,9 @@ def create_sandbox_app(auth_id: str, auth_token: str, *, pool: list[str] | None 
             },
             201,
         )
+        if session["initiate_call_to_first_party"]:
+            response.call_on_close(lambda: state.initiated_call(session["session_uuid"]))
+        return response, status
 
     @app.get(SESSIONS, strict_slashes=False)
     def list_sessions(account: str) -> tuple[Response, int]:

@@ -64,6 +64,7 @@ class CallOptions:
     duration: int  # seconds of talk when answered
     delivery: Delivery
     recording_fails: bool = False  # a recording session's recording cannot start: SessionRecordingFailed
+    initiated: bool = False  # Plivo dials the first party, then the second (initiate_call_to_first_party)
 
 
 def _body_options(body: dict[str, Any], allowed: frozenset[str]) -> None:
@@ -87,7 +88,13 @@ def parse_delivery(body: dict[str, Any], extra: frozenset[str] = frozenset()) ->
 
 def parse_call_options(body: dict[str, Any], session: Session) -> CallOptions:
     """Options of `POST /sandbox/sessions/<uuid>/calls`; raises ApiError(400) when invalid."""
-    delivery = parse_delivery(body, frozenset({"vocabulary", "caller", "answered", "duration", "recording_fails"}))
+    delivery = parse_delivery(body, frozenset({"vocabulary", "caller", "answered", "duration", "recording_fails",
+                                               "initiated"}))
+    initiated = _choice(body, "initiated", (True, False), False)
+    if initiated and not session.config["initiate_call_to_first_party"]:
+        raise ApiError(409, "Plivo starts calls itself only in sessions created with initiate_call_to_first_party")
+    if initiated and "caller" in body:
+        raise ApiError(400, "an initiated call has no caller: Plivo dials the first party, then the second")
     duration = body.get("duration", 30)
     limit = session.config["call_time_limit"]
     if isinstance(duration, bool) or not isinstance(duration, int) or not 1 <= duration <= limit:
@@ -99,6 +106,7 @@ def parse_call_options(body: dict[str, Any], session: Session) -> CallOptions:
         duration=duration,
         delivery=delivery,
         recording_fails=_choice(body, "recording_fails", (True, False), False),
+        initiated=initiated,
     )
 
 
@@ -122,8 +130,12 @@ def play_call(session: Session, options: CallOptions, now: datetime, auth_id: st
     The caller dials the virtual number (which answers at once), Plivo dials the other party, who
     rings for RING_SECONDS and answers (or rings out after ring_timeout), they talk, the dialled party
     hangs up first. The caller's leg is billed for the whole call, ring time included.
+
+    With `initiated` (a session created with `initiate_call_to_first_party`), nobody calls the number:
+    Plivo dials the first party, who rings and answers (or rings out, and nothing else happens), then
+    the second party, as above. Both legs are Plivo's outbound calls, each billed from its answer.
     """
-    first_calls = options.caller == "first"
+    first_calls = options.initiated or options.caller == "first"  # initiated: the first party's leg leads
     caller, callee = (session.first_party, session.second_party)[:: 1 if first_calls else -1]
     a, b = ("First", "Second") if first_calls else ("Second", "First")  # caller's and callee's names
     if not caller or not callee:
@@ -131,6 +143,8 @@ def play_call(session: Session, options: CallOptions, now: datetime, auth_id: st
         raise ApiError(409, f"the session has no {missing} yet (single-party session)")
     legacy = options.vocabulary == "legacy"
     vn = "+" + session.virtual_number
+    # From and To of an initiated call, which no one dialled: not documented (From is "the real number
+    # calling the virtual number"); the sandbox names the first party, on whose behalf Plivo calls.
     if legacy:
         parties = {"From": "+" + caller, "To": "+" + callee}
         recording_parties = parties
@@ -140,6 +154,7 @@ def play_call(session: Session, options: CallOptions, now: datetime, auth_id: st
     base = {"SessionUUID": session.session_uuid, "VirtualNumber": vn}
     events: list[tuple[str, dict[str, str]]] = []  # (which URL: "callback" or "recording", params)
     recording: dict[str, str] = {}  # attributes of every recording callback; empty when not recording
+    hangup = "Hangup" if legacy else "Complete"
 
     def event(name: str, at: datetime, **extra: str) -> None:
         events.append(("callback", {"EventName": name, "EventTimestamp": event_time(at), **base, **parties, **extra}))
@@ -147,19 +162,41 @@ def play_call(session: Session, options: CallOptions, now: datetime, auth_id: st
     def recording_event(name: str, at: datetime, **extra: str) -> None:
         events.append(("recording", {"EventName": name, "EventTimestamp": event_time(at), **recording, **extra}))
 
-    start = now
-    if legacy:
-        # Legacy names the caller's leg "Answer" when the virtual number picks up.
-        event(f"Session{a}PartyAnswer", start, PinAuthenticationStatus="AuthorizedCaller")
-        ring_at = start + timedelta(seconds=1)
-    else:
-        event("SessionVirtualNumberAnswer", start)
-        event(f"Session{b}PartyInitiated", start + timedelta(seconds=1))
-        ring_at = start + timedelta(seconds=2)
-    # Plivo's latest vocabulary is inconsistent: "SessionFirstPartyRinging" but "SessionSecondPartyRing".
-    event(f"Session{b}PartyRing" + ("ing" if not legacy and b == "First" else ""), ring_at)
+    def ringing(party: str) -> str:
+        # Plivo's latest vocabulary is inconsistent: "SessionFirstPartyRinging" but "SessionSecondPartyRing".
+        return f"Session{party}PartyRing" + ("ing" if not legacy and party == "First" else "")
 
-    if options.answered:
+    start = now
+    if options.initiated:
+        if not legacy:
+            event("SessionFirstPartyInitiated", start)
+        first_ring = start + timedelta(seconds=1)
+        event(ringing("First"), first_ring)
+        if not options.answered:  # the first party does not answer: the second is never dialled
+            end = first_ring + timedelta(seconds=session.config["ring_timeout"])
+            params, _, _ = _leg(0, NO_ANSWER)
+            event("SessionFirstPartyHangup" if legacy else "SessionFirstPartyFailed", end, **params)
+            _interaction(session, start, end, first=(_call_url(auth_id), "no-answer"), second=(None, None),
+                         count=1, billed=0, amount=Decimal(0), recording_url=None)
+            return sign_events(session, events, options.delivery, tokens)
+        dialled_at = billed_from = first_ring + timedelta(seconds=RING_SECONDS)
+        event("SessionFirstPartyAnswer", dialled_at)
+    else:
+        dialled_at = billed_from = start
+        if legacy:
+            # Legacy names the caller's leg "Answer" when the virtual number picks up.
+            event(f"Session{a}PartyAnswer", start, PinAuthenticationStatus="AuthorizedCaller")
+        else:
+            event("SessionVirtualNumberAnswer", start)
+    if legacy:
+        ring_at = dialled_at + timedelta(seconds=1)
+    else:
+        event(f"Session{b}PartyInitiated", dialled_at + timedelta(seconds=1))
+        ring_at = dialled_at + timedelta(seconds=2)
+    event(ringing(b), ring_at)
+
+    answered = options.answered or options.initiated  # an initiated call's `answered` is the first party's
+    if answered:
         answer_at = ring_at + timedelta(seconds=RING_SECONDS)
         end = answer_at + timedelta(seconds=options.duration)
         event(f"Session{b}PartyAnswer", answer_at)
@@ -167,15 +204,15 @@ def play_call(session: Session, options: CallOptions, now: datetime, auth_id: st
     else:
         end = ring_at + timedelta(seconds=session.config["ring_timeout"])
         callee_params, callee_billed, callee_amount = _leg(0, NO_ANSWER)
-    caller_params, caller_billed, caller_amount = _leg(int((end - start).total_seconds()), NORMAL_CLEARING)
+    caller_params, caller_billed, caller_amount = _leg(int((end - billed_from).total_seconds()), NORMAL_CLEARING)
 
     recording_url = None
-    if session.config["record"] and options.answered and options.recording_fails:
+    if session.config["record"] and answered and options.recording_fails:
         # "record=true but the recording could not start": no recording, so no RecordingUUID or URLs.
         recording = {**base, **recording_parties}
         recording_event("SessionRecordingFailed", answer_at)
         recording = {}
-    elif session.config["record"] and options.answered:  # recording starts once both parties answered
+    elif session.config["record"] and answered:  # recording starts once both parties answered
         recording_uuid = str(uuid4())
         fmt = session.config["record_file_format"]
         recording_url = f"{API_ACCOUNT_URL}/{auth_id}/Recording/{recording_uuid}/"
@@ -191,43 +228,51 @@ def play_call(session: Session, options: CallOptions, now: datetime, auth_id: st
             recording["RecordingURL"] = f"{MEDIA_ACCOUNT_URL}/{auth_id}/Recording/{recording_uuid}.{fmt}"
         recording_event("SessionRecordingInitiated", answer_at)
 
-    hangup = "Hangup" if legacy else "Complete"
-    event(f"Session{b}Party{hangup if legacy or options.answered else 'Failed'}", end, **callee_params)
+    event(f"Session{b}Party{hangup if legacy or answered else 'Failed'}", end, **callee_params)
     event(f"Session{a}Party{hangup}", end, **caller_params)
     if recording:
         recording_event(
             "SessionRecordingCompleted", end, RecordingDuration=str(options.duration), RecordingEndTime=event_time(end)
         )
 
-    caller_leg_url = f"{API_ACCOUNT_URL}/{auth_id}/Call/{uuid4()}/"
-    callee_leg_url = f"{API_ACCOUNT_URL}/{auth_id}/Call/{uuid4()}/"
-    callee_status = "completed" if options.answered else "no-answer"
-    amount = caller_amount + callee_amount
-    billed = caller_billed + callee_billed
+    caller_leg = (_call_url(auth_id), "completed")
+    callee_leg = (_call_url(auth_id), "completed" if answered else "no-answer")
     # The *_party_* fields follow the parties, not the call direction.
-    first_url, second_url = (caller_leg_url, callee_leg_url)[:: 1 if first_calls else -1]
-    first_status, second_status = ("completed", callee_status)[:: 1 if first_calls else -1]
+    first, second = (caller_leg, callee_leg)[:: 1 if first_calls else -1]
+    _interaction(session, start, end, first=first, second=second, count=2, billed=caller_billed + callee_billed,
+                 amount=caller_amount + callee_amount, recording_url=recording_url)
+    return sign_events(session, events, options.delivery, tokens)
+
+
+def _call_url(auth_id: str) -> str:
+    """The resource URL of a new call leg, as Plivo's interactions name them."""
+    return f"{API_ACCOUNT_URL}/{auth_id}/Call/{uuid4()}/"
+
+
+def _interaction(session: Session, start: datetime, end: datetime, *, first: tuple[str | None, str | None],
+                 second: tuple[str | None, str | None], count: int, billed: int, amount: Decimal,
+                 recording_url: str | None) -> None:
+    """Record one call in Plivo's `interaction` list and totals; each party's (leg URL, status)."""
     session.interaction.append(
         {
             "start_time": go_time(start),
             "end_time": go_time(end),
-            "first_party_resource_url": first_url,
-            "second_party_resource_url": second_url,
-            "first_party_status": first_status,
-            "second_party_status": second_status,
+            "first_party_resource_url": first[0],
+            "second_party_resource_url": second[0],  # null when that leg was never dialled (reference §6.3)
+            "first_party_status": first[1],
+            "second_party_status": second[1],
             "type": "call",
             "total_call_amount": float(amount),
             "call_billed_duration": billed,
-            "total_call_count": 2,
+            "total_call_count": count,
             "duration": int((end - start).total_seconds()),
             "recording_resource_url": recording_url,
         }
     )
-    session.total_call_count += 2
+    session.total_call_count += count
     session.total_call_billed_duration += billed
     session.total_call_amount += amount
     session.last_interaction_time = end
-    return sign_events(session, events, options.delivery, tokens)
 
 
 def session_event(session: Session, name: str, now: datetime, delivery: Delivery, tokens: Tokens) -> list[Callback]:

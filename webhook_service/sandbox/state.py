@@ -7,6 +7,7 @@ delivered after it is released, so a receiver may call back into the sandbox whi
 
 from __future__ import annotations
 
+import logging
 import operator
 import secrets
 import string
@@ -28,6 +29,7 @@ from webhook_service.sandbox.validation import (
     validate_update,
 )
 
+log = logging.getLogger(__name__)
 # The sandbox account's one subaccount (auth ID -> auth token), for sessions created with `subaccount`.
 SANDBOX_SUBACCOUNTS = {"SASANDBOX00000000000": "sandbox-subaccount-token"}
 # The countries of the default number pool, each with a number its pool's numbers are made from (the
@@ -216,6 +218,14 @@ class SandboxState:
             callbacks = calls.play_call(session, options, now, self.auth_id, self._tokens(session))
             snapshot = session.to_json(now)
         return _delivered(callbacks, snapshot, options.delivery)
+
+    def initiated_call(self, session_uuid: str) -> None:
+        """The call Plivo starts by itself on creating a session with `initiate_call_to_first_party`: the
+        first party dialled at once, then the second (answered, 30 s of talk); its callbacks delivered."""
+        try:
+            self.play_call(session_uuid, {"initiated": True})
+        except ApiError as exc:  # expired or gone (reset) before the call could start
+            log.info("sandbox: no initiated call for a session: %s", exc.message)
 
     def timeout(self, session_uuid: str, body: dict[str, Any]) -> dict[str, Any]:
         """Expire a session now and send `SessionTimeout`, as Plivo does when a session runs out."""
