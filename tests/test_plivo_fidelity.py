@@ -564,3 +564,37 @@ def test_the_call_plivo_starts_for_initiate_call_to_first_party_is_recorded_by_t
     legs = {leg["party"]: leg for leg in got["call_legs"]}
     assert legs["first"]["answered_at"] < legs["second"]["answered_at"]  # the first party was dialled first
     assert (legs["first"]["duration"], legs["second"]["duration"]) == (37, 30)
+
+
+# The sandbox speaks like Plivo: PIN authentication, success and failure --------------------------------------
+
+STRANGER = "+14155559876"
+
+
+def test_pin_checks_of_a_stranger_reach_the_service_right_and_wrong(live, sandbox, engine):
+    created = requests.post(f"{live.url}/v1/sessions", headers=AUTH, timeout=10, json={
+        "first_party": FIRST, "second_party": SECOND, "is_pin_authentication_required": True,
+        "pin_prompt_play": PROMPT, "first_party_pin": "1111", "second_party_pin": "2222", "pin_retry": 1})
+    assert created.status_code == 201, created.text
+    session_uuid = created.json()["session_uuid"]
+
+    def call(**options) -> list[dict]:
+        played = requests.post(f"{sandbox.url}/sandbox/sessions/{session_uuid}/calls", timeout=30, json=options)
+        assert played.status_code == 200, played.text
+        assert all(c["status"] == 200 for c in played.json()["callbacks"])
+        return played.json()["callbacks"]
+
+    call(from_number=STRANGER, pins=["0000", "2222"])  # wrong, then the second party's PIN
+    requests.post(f"{sandbox.url}/sandbox/clock", json={"advance": 300}, timeout=10)
+    call(from_number=STRANGER, pins=["9999", "8888"], vocabulary="latest")  # wrong twice: not let in
+    settle(live.app)
+
+    got = requests.get(f"{live.url}/v1/sessions/{session_uuid}", headers=AUTH, timeout=10).json()
+    assert got["call_count"] == 2  # only the call the PIN let in
+    legs = {leg["party"]: leg for leg in got["call_legs"]}
+    assert legs["second"]["from_number"] == STRANGER and legs["first"]["answered_at"] is not None
+    with engine.connect() as conn:
+        checks = conn.execute(text("SELECT status, retry_counter, from_number FROM reporting.pin_authentications"
+                                   " ORDER BY event_at")).all()
+    assert [tuple(c) for c in checks] == [("failed", 0, STRANGER), ("success", 1, STRANGER),
+                                          ("failed", 0, STRANGER), ("failed", 1, STRANGER)]

@@ -785,3 +785,55 @@ def test_an_initiated_call_the_first_party_does_not_answer_dials_nobody_else(san
     assert control(sandbox, f"/sessions/{plain}/calls", {"initiated": True}).status_code == 409
     assert control(sandbox, f"/sessions/{session_uuid}/calls", {"initiated": True, "caller": "second"}
                    ).status_code == 400
+
+
+# PIN authentication ---------------------------------------------------------------------------------
+
+STRANGER = "+14155559876"
+PINNED = {"is_pin_authentication_required": True, "pin_prompt_play": "https://x.example/p.mp3",
+          "first_party_pin": "1111", "second_party_pin": "2222", "pin_retry": 1, "pin_retry_wait": 5}
+
+
+def test_a_stranger_gets_in_with_a_partys_pin_on_a_retry_and_plays_that_partys_part(sandbox):
+    session_uuid = create(sandbox, callback_url="http://127.0.0.1:9/cb", **PINNED)["session_uuid"]
+    result = play(sandbox, session_uuid, from_number=STRANGER, pins=["0000", "2222"], deliver=False)
+    assert event_names(result["callbacks"]) == [
+        "SessionSecondPartyAnswer", "SessionPinAuthenticationStatus", "SessionPinAuthenticationStatus",
+        "SessionFirstPartyRing", "SessionFirstPartyAnswer", "SessionFirstPartyHangup", "SessionSecondPartyHangup"]
+    params = [c["params"] for c in result["callbacks"]]
+    checks = [(p["PinAuthenticationStatus"], p["PinRetryCounter"], p["From"]) for p in params[1:3]]
+    assert checks == [("failed", "0", STRANGER), ("success", "1", STRANGER)]
+    assert "PinAuthenticationStatus" not in params[0]  # prompted: no AuthorizedCaller on the answer
+    assert (params[-1]["From"], params[-1]["To"]) == (STRANGER, FIRST)  # the stranger's leg, as the second party's
+    # The first party is dialled once the PIN is right (two tries of pin_retry_wait = 5 s).
+    assert (EVENT_TIME.fullmatch(params[3]["EventTimestamp"]) and
+            params[3]["EventTimestamp"] > params[0]["EventTimestamp"])
+    assert result["session"]["total_call_count"] == 2
+
+
+def test_wrong_pins_end_the_call_a_stranger_costs_nothing_a_party_pays_its_leg(sandbox):
+    session_uuid = create(sandbox, callback_url="http://127.0.0.1:9/cb", force_pin_authentication=True,
+                          **PINNED)["session_uuid"]
+    stranger = play(sandbox, session_uuid, from_number=STRANGER, pins=["1234"], vocabulary="latest", deliver=False)
+    assert event_names(stranger["callbacks"]) == ["SessionVirtualNumberAnswer", "SessionPinAuthenticationStatus",
+                                                  "SessionPinAuthenticationStatus"]
+    assert [c["params"]["PinAuthenticationStatus"] for c in stranger["callbacks"][1:]] == ["failed", "failed"]
+    assert stranger["session"]["interaction"] is None  # the second try had no input: nothing was bridged
+
+    # force_pin_authentication: a party's own number is prompted too, and must enter its own PIN.
+    party = play(sandbox, session_uuid, caller="first", pins=["2222", "2222"], deliver=False)
+    assert event_names(party["callbacks"]) == ["SessionFirstPartyAnswer", "SessionPinAuthenticationStatus",
+                                               "SessionPinAuthenticationStatus", "SessionFirstPartyHangup"]
+    assert party["callbacks"][-1]["params"]["Duration"] == "10"  # two tries of 5 s, then it hangs up
+    [interaction] = party["session"]["interaction"]
+    assert interaction["total_call_count"] == 1 and interaction["second_party_resource_url"] is None
+    assert play(sandbox, session_uuid, caller="first", pins=["1111"], deliver=False)["session"][
+        "total_call_count"] == 3
+
+
+def test_a_stranger_without_pin_authentication_is_refused_and_call_options_are_checked(sandbox):
+    session_uuid = create(sandbox)["session_uuid"]
+    assert control(sandbox, f"/sessions/{session_uuid}/calls", {"from_number": STRANGER}).status_code == 409
+    for options in ({"from_number": "12"}, {"pins": "1111"}, {"pins": [1111]}, {"pins": ["1"] * 7},
+                    {"from_number": FIRST, "caller": "second"}):
+        assert control(sandbox, f"/sessions/{session_uuid}/calls", options).status_code == 400, options

@@ -23,7 +23,7 @@ import requests
 
 from webhook_service.plivo.signature import MA_SIGNATURE_HEADER, NONCE_HEADER, SIGNATURE_HEADER, compute_signature
 from webhook_service.sandbox.models import Session, event_time, go_time
-from webhook_service.sandbox.validation import ApiError
+from webhook_service.sandbox.validation import PHONE_RE, ApiError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,8 @@ class CallOptions:
     delivery: Delivery
     recording_fails: bool = False  # a recording session's recording cannot start: SessionRecordingFailed
     initiated: bool = False  # Plivo dials the first party, then the second (initiate_call_to_first_party)
+    from_number: str | None = None  # digits of who dials the number, when not the `caller` party's (a stranger)
+    pins: tuple[str, ...] = ()  # what the caller enters at each PIN prompt, in order (none left: no input)
 
 
 def _body_options(body: dict[str, Any], allowed: frozenset[str]) -> None:
@@ -89,11 +91,24 @@ def parse_delivery(body: dict[str, Any], extra: frozenset[str] = frozenset()) ->
 def parse_call_options(body: dict[str, Any], session: Session) -> CallOptions:
     """Options of `POST /sandbox/sessions/<uuid>/calls`; raises ApiError(400) when invalid."""
     delivery = parse_delivery(body, frozenset({"vocabulary", "caller", "answered", "duration", "recording_fails",
-                                               "initiated"}))
+                                               "initiated", "from_number", "pins"}))
+    from_number = body.get("from_number")
+    if from_number is not None:
+        match = PHONE_RE.fullmatch(from_number) if isinstance(from_number, str) else None
+        if not match:
+            raise ApiError(400, "from_number must be a phone number of 8 to 15 digits")
+        from_number = match.group(1)
+        registered = {"first": session.first_party, "second": session.second_party}
+        if from_number in registered.values() and "caller" in body and registered[body["caller"]] != from_number:
+            raise ApiError(400, "from_number is the other party's number: give one of caller and from_number")
+    pins = body.get("pins", [])
+    if not isinstance(pins, list) or len(pins) > 6 or not all(isinstance(p, str) and p.isascii() and p.isdigit()
+                                                              for p in pins):
+        raise ApiError(400, "pins must be a list of at most 6 strings of digits (one per PIN prompt)")
     initiated = _choice(body, "initiated", (True, False), False)
     if initiated and not session.config["initiate_call_to_first_party"]:
         raise ApiError(409, "Plivo starts calls itself only in sessions created with initiate_call_to_first_party")
-    if initiated and "caller" in body:
+    if initiated and ("caller" in body or from_number or pins):
         raise ApiError(400, "an initiated call has no caller: Plivo dials the first party, then the second")
     duration = body.get("duration", 30)
     limit = session.config["call_time_limit"]
@@ -107,6 +122,8 @@ def parse_call_options(body: dict[str, Any], session: Session) -> CallOptions:
         delivery=delivery,
         recording_fails=_choice(body, "recording_fails", (True, False), False),
         initiated=initiated,
+        from_number=from_number,
+        pins=tuple(pins),
     )
 
 
@@ -124,6 +141,46 @@ def _leg(seconds: int, cause: tuple[str, int]) -> tuple[dict[str, str], int, Dec
     return params, minutes * 60, amount
 
 
+def _pin_checks(session: Session, options: CallOptions, start: datetime
+                ) -> tuple[str | None, str, list[tuple[datetime, str, int]], bool]:
+    """Who calls and what PIN authentication makes of it: (the party whose part the caller plays, None
+    for a stranger never let in; the caller's digits; the PIN checks as (time, status, retry counter);
+    whether the call goes on).
+
+    Plivo documents the settings, not the call (reference §3, D-FAQ): with PIN authentication a caller
+    whose number is not in the session (or anyone, with force_pin_authentication) is prompted, has
+    1 + pin_retry tries of pin_retry_wait seconds, and each try is a SessionPinAuthenticationStatus
+    (`success` or `failed`, PinRetryCounter the retries used before it). The sandbox's readings of what is
+    not documented: a stranger plays the part of the party whose PIN they enter; a registered caller
+    must enter their own; a try without input fails; a stranger never let in has no leg in the session
+    (Plivo's leg events name a party) and costs the session nothing.
+    """
+    numbers = {"first": session.first_party, "second": session.second_party}
+    caller_number = options.from_number or numbers[options.caller]
+    if not caller_number:
+        raise ApiError(409, f"the session has no {options.caller}_party yet (single-party session)")
+    own = next((party for party, number in numbers.items() if number and number == caller_number), None)
+    config = session.config
+    if not config["is_pin_authentication_required"]:
+        if own is None:
+            raise ApiError(409, "without PIN authentication Plivo lets no caller outside the session in "
+                                "(it plays unknown_caller_play, if any, and hangs up)")
+        return own, caller_number, [], True
+    if own is not None and not config["force_pin_authentication"]:
+        return own, caller_number, [], True  # PinAuthenticationStatus AuthorizedCaller
+    accepted = {config[f"{party}_party_pin"]: party for party in numbers
+                if config[f"{party}_party_pin"] and (own is None or party == own)}
+    checks, at = [], start
+    for retry in range(1 + config["pin_retry"]):
+        at += timedelta(seconds=config["pin_retry_wait"])
+        entered = options.pins[retry] if retry < len(options.pins) else None
+        role = accepted.get(entered) if entered else None
+        checks.append((at, "success" if role else "failed", retry))
+        if role:
+            return role, caller_number, checks, True
+    return own, caller_number, checks, False
+
+
 def play_call(session: Session, options: CallOptions, now: datetime, auth_id: str, tokens: Tokens) -> list[Callback]:
     """Play one call through `session` starting at `now`: record it and return its signed callbacks.
 
@@ -131,14 +188,22 @@ def play_call(session: Session, options: CallOptions, now: datetime, auth_id: st
     rings for RING_SECONDS and answers (or rings out after ring_timeout), they talk, the dialled party
     hangs up first. The caller's leg is billed for the whole call, ring time included.
 
+    With PIN authentication, a caller who must enter a PIN does so first (`_pin_checks`); a wrong PIN
+    on the last try ends the call there.
+
     With `initiated` (a session created with `initiate_call_to_first_party`), nobody calls the number:
     Plivo dials the first party, who rings and answers (or rings out, and nothing else happens), then
     the second party, as above. Both legs are Plivo's outbound calls, each billed from its answer.
     """
-    first_calls = options.initiated or options.caller == "first"  # initiated: the first party's leg leads
-    caller, callee = (session.first_party, session.second_party)[:: 1 if first_calls else -1]
+    start = now
+    if options.initiated:
+        role, caller, checks, let_in = "first", session.first_party, [], True
+    else:
+        role, caller, checks, let_in = _pin_checks(session, options, start)
+    first_calls = role != "second"  # whose part the caller plays (a stranger never let in: neither's)
+    callee = session.second_party if first_calls else session.first_party
     a, b = ("First", "Second") if first_calls else ("Second", "First")  # caller's and callee's names
-    if not caller or not callee:
+    if let_in and (not caller or not callee):
         missing = "first_party" if not session.first_party else "second_party"
         raise ApiError(409, f"the session has no {missing} yet (single-party session)")
     legacy = options.vocabulary == "legacy"
@@ -148,9 +213,11 @@ def play_call(session: Session, options: CallOptions, now: datetime, auth_id: st
     if legacy:
         parties = {"From": "+" + caller, "To": "+" + callee}
         recording_parties = parties
+        pin_parties = {"From": "+" + caller}
     else:
         recording_parties = {"FirstParty": "+" + session.first_party, "SecondParty": "+" + session.second_party}
         parties = {**recording_parties, "From": "+" + caller, "To": "+" + callee}
+        pin_parties = {**recording_parties, "From": "+" + caller}
     base = {"SessionUUID": session.session_uuid, "VirtualNumber": vn}
     events: list[tuple[str, dict[str, str]]] = []  # (which URL: "callback" or "recording", params)
     recording: dict[str, str] = {}  # attributes of every recording callback; empty when not recording
@@ -166,7 +233,6 @@ def play_call(session: Session, options: CallOptions, now: datetime, auth_id: st
         # Plivo's latest vocabulary is inconsistent: "SessionFirstPartyRinging" but "SessionSecondPartyRing".
         return f"Session{party}PartyRing" + ("ing" if not legacy and party == "First" else "")
 
-    start = now
     if options.initiated:
         if not legacy:
             event("SessionFirstPartyInitiated", start)
@@ -182,12 +248,31 @@ def play_call(session: Session, options: CallOptions, now: datetime, auth_id: st
         dialled_at = billed_from = first_ring + timedelta(seconds=RING_SECONDS)
         event("SessionFirstPartyAnswer", dialled_at)
     else:
-        dialled_at = billed_from = start
+        billed_from = start
         if legacy:
-            # Legacy names the caller's leg "Answer" when the virtual number picks up.
-            event(f"Session{a}PartyAnswer", start, PinAuthenticationStatus="AuthorizedCaller")
+            # Legacy names the caller's leg "Answer" when the virtual number picks up (a stranger's
+            # too, by the part their PIN gives them; one never let in has no leg).
+            if role is not None:
+                checked = {} if checks else {"PinAuthenticationStatus": "AuthorizedCaller"}
+                event(f"Session{a}PartyAnswer", start, **checked)
         else:
-            event("SessionVirtualNumberAnswer", start)
+            # Whom the call is for is known once a PIN says so: until then, only who calls.
+            events.append(("callback", {"EventName": "SessionVirtualNumberAnswer", "EventTimestamp": event_time(start),
+                                        **base, **(pin_parties if checks else parties)}))
+        for at, status, retry in checks:
+            events.append(("callback", {"EventName": "SessionPinAuthenticationStatus", "EventTimestamp": event_time(at),
+                                        **base, **pin_parties, "PinAuthenticationStatus": status,
+                                        "PinRetryCounter": str(retry)}))
+        dialled_at = checks[-1][0] if checks else start
+        if not let_in:
+            if role is not None:  # a registered caller's leg ends after the last try
+                params, billed, amount = _leg(int((dialled_at - start).total_seconds()), NORMAL_CLEARING)
+                event(f"Session{a}Party{hangup}", dialled_at, **params)
+                leg = (_call_url(auth_id), "completed")
+                first, second = (leg, (None, None))[:: 1 if first_calls else -1]
+                _interaction(session, start, dialled_at, first=first, second=second, count=1, billed=billed,
+                             amount=amount, recording_url=None)
+            return sign_events(session, events, options.delivery, tokens)
     if legacy:
         ring_at = dialled_at + timedelta(seconds=1)
     else:
