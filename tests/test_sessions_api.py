@@ -154,7 +154,7 @@ def test_create_requires_a_json_content_type(client, auth):
 )
 def test_api_requires_a_valid_bearer_token(client, sandbox, headers):
     for method, path in [("post", "/v1/sessions"), ("get", "/v1/sessions"), ("get", "/v1/sessions/x"),
-                         ("patch", "/v1/sessions/x"), ("delete", "/v1/sessions/x")]:
+                         ("patch", "/v1/sessions/x"), ("delete", "/v1/sessions/x"), ("post", "/v1/sessions/x/refresh")]:
         response = getattr(client, method)(path, headers=headers, json={"first_party": FIRST})
         assert_error(response, 401, "unauthorized")
         assert "Bearer" in response.headers["WWW-Authenticate"]
