@@ -203,7 +203,7 @@ def test_slow_readers_do_not_hold_a_worker(drill_db, drill_engine, drill_sandbox
     assert readers.tally.open == 200, readers.tally
     # Answering their first requests is work (200 documents built at once); the drill is about what
     # follows, once every one of them waits on a reader that never reads.
-    assert wait_until(lambda: quick(service.url + "/healthz"), timeout=30), "the service never became quick again"
+    assert wait_until(lambda: quick(service.url + "/healthz"), timeout=60), "the service never became quick again"
     drill_report.phase("readers' first answers")
     drill_report.update({"answer bytes each": size, "pipelined": 50})
     seen = {}

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, Response
 
 from ..domain import plivo_parameters as plivo
 from ..domain import requests as v
@@ -465,6 +465,12 @@ def document() -> dict[str, Any]:
     return build_document()
 
 
+@lru_cache(maxsize=1)
+def _document_json() -> bytes:
+    return json.dumps(document()).encode()
+
+
 @bp.get("/openapi.json")
 def openapi_json():
-    return jsonify(document())
+    # Served as bytes made once: a public route that anyone may fetch as often as they like.
+    return Response(_document_json(), mimetype="application/json")
