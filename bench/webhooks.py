@@ -849,6 +849,7 @@ class Bench:
                                DATABASE_URL=self.db_url, **signing)
         self.service_settings = {
             "DATABASE_URL": self.db_url, "PLIVO_AUTH_ID": AUTH_ID, "PUBLIC_BASE_URL": self.urls["service"],
+            "PUBLIC_BASE_URL_ALLOW_HTTP": "true",
             "API_TOKENS": API_TOKEN, "PLIVO_API_BASE_URL": self.urls["sandbox"],
             # One Plivo slot per thread: with the default (2 per worker) the sessions run's extra
             # connections get 503 plivo_busy by design, and a benchmark of 503s measures nothing.

@@ -37,10 +37,14 @@ def make_settings(sandbox_url: str, public_base_url: str = "http://127.0.0.1:9",
 def settings_env(sandbox_url: str, public_base_url: str = "http://127.0.0.1:9", **overrides) -> dict[str, str]:
     """The test settings as environment variables (for the service run as a command)."""
     env = {
+        # The app fixtures give the test database as `database_url`; this one is never reached (nothing
+        # listens on the discard port), but production settings require one (no embedded fallback).
+        "DATABASE_URL": "postgresql://postgres@127.0.0.1:9/given-by-the-test",
         "PLIVO_AUTH_ID": SANDBOX_AUTH_ID,
         "PLIVO_AUTH_TOKEN": SANDBOX_AUTH_TOKEN,
         "PLIVO_API_BASE_URL": sandbox_url,
         "PUBLIC_BASE_URL": public_base_url,
+        "PUBLIC_BASE_URL_ALLOW_HTTP": "true",  # the tests' services call themselves back over http
         "API_TOKENS": f"{API_TOKEN},second-token-2",
         "PLIVO_READ_TIMEOUT": "2",
         "PLIVO_CONNECT_TIMEOUT": "1",
@@ -211,7 +215,7 @@ def wait_for_lock(engine, query: str, timeout: float = 10.0) -> None:
 # Variables the service (or gunicorn.conf.py) reads: never inherited from the environment of the test run.
 SERVICE_VARIABLES = ("DATABASE_URL", "PLIVO_", "PUBLIC_BASE_URL", "API_TOKENS", "DB_", "WEBHOOK_", "LOG_LEVEL",
                      "PROJECT_IN_WEB", "CALLBACK_METHOD", "PROMETHEUS_MULTIPROC_DIR", "GUNICORN_", "WEB_CONCURRENCY",
-                     "PORT", "FORWARDED_ALLOW_IPS", "NGINX_")
+                     "PORT", "FORWARDED_ALLOW_IPS", "NGINX_", "DEFAULT_PHONE_REGION")
 
 
 def environ_without_settings() -> dict[str, str]:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from webhook_service.settings import SANDBOX_AUTH_ID, Settings, SettingsError
 
+from .helpers import environ_without_settings, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
 PROD = {"PLIVO_AUTH_ID": "MAXXXXXXXXXXXXXXXXXX", "PLIVO_AUTH_TOKEN": "tok", "PUBLIC_BASE_URL": "https://m.example.com",
-        "API_TOKENS": "token-aaaa,token-bbbb"}
+        "API_TOKENS": "token-aaaa,token-bbbb", "DATABASE_URL": "postgresql://svc@db.example.com/masking"}
 
 
 def test_without_plivo_credentials_the_service_runs_in_sandbox_mode():
@@ -40,6 +47,12 @@ def test_production_settings_are_read_and_typed():
     ({"PLIVO_AUTH_TOKEN": "a,b,c"}, "PLIVO_AUTH_TOKEN"),
     ({"PLIVO_READ_TIMEOUT": "soon"}, "PLIVO_READ_TIMEOUT"),
     ({"DB_POOL_SIZE": "0"}, "DB_POOL_SIZE"),
+    ({"DATABASE_URL": ""}, "DATABASE_URL"),
+    ({"PUBLIC_BASE_URL": "http://m.example.com"}, "PUBLIC_BASE_URL"),
+    ({"PUBLIC_BASE_URL_ALLOW_HTTP": "perhaps"}, "PUBLIC_BASE_URL_ALLOW_HTTP"),
+    ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL"),
+    ({"LOG_LEVEL": "info,debug"}, "LOG_LEVEL"),
+    ({"DEFAULT_PHONE_REGION": "USA"}, "DEFAULT_PHONE_REGION"),
 ])
 def test_bad_settings_stop_the_start_naming_the_variable(change, variable):
     with pytest.raises(SettingsError, match=variable):
@@ -54,3 +67,48 @@ def test_app_factory_refuses_to_start_with_bad_settings(monkeypatch):
     monkeypatch.delenv("PUBLIC_BASE_URL", raising=False)
     with pytest.raises(SettingsError, match="PUBLIC_BASE_URL"):
         create_app()
+
+
+def test_production_never_falls_back_to_the_embedded_database():
+    settings = {k: v for k, v in PROD.items() if k != "DATABASE_URL"}
+    with pytest.raises(SettingsError, match="DATABASE_URL is required when PLIVO_AUTH_ID is set"):
+        Settings.from_env(settings)
+    assert Settings.from_env({}).database_url is None  # sandbox mode: the embedded PostgreSQL
+
+
+def test_an_http_public_base_url_needs_its_explicit_setting_in_production():
+    with pytest.raises(SettingsError, match="PUBLIC_BASE_URL must be an https URL.*PUBLIC_BASE_URL_ALLOW_HTTP"):
+        Settings.from_env(PROD | {"PUBLIC_BASE_URL": "http://127.0.0.1:8000"})
+    rig = Settings.from_env(PROD | {"PUBLIC_BASE_URL": "http://127.0.0.1:8000", "PUBLIC_BASE_URL_ALLOW_HTTP": "true"})
+    assert rig.public_base_url == "http://127.0.0.1:8000" and rig.public_base_url_allow_http
+    assert Settings.from_env({}).public_base_url == "http://127.0.0.1:8000"  # sandbox mode needs no setting
+
+
+def test_log_level_is_read_case_blind_and_defaults_to_info():
+    assert Settings.from_env(PROD | {"LOG_LEVEL": "warning"}).log_level == "WARNING"
+    assert Settings.from_env(PROD).log_level == "INFO" and not Settings.from_env(PROD).log_level_given
+    assert Settings.from_env(PROD | {"LOG_LEVEL": "INFO"}).log_level_given
+
+
+def test_default_phone_region_is_a_known_region_code():
+    assert Settings.from_env(PROD | {"DEFAULT_PHONE_REGION": "us"}).default_phone_region == "US"
+    assert Settings.from_env(PROD).default_phone_region is None
+
+
+def _production_without_database(tmp_path) -> dict[str, str]:
+    return environ_without_settings() | {k: v for k, v in PROD.items() if k != "DATABASE_URL"} | {
+        "EMBEDDED_PGDATA": str(tmp_path / "pgdata"), "GUNICORN_BIND": f"127.0.0.1:{free_port()}",
+        "WEB_CONCURRENCY": "1", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+
+
+@pytest.mark.parametrize("command", [
+    ["-m", "gunicorn", "--config", "gunicorn.conf.py", "webhook_service:create_app()"],  # the Procfile's web
+    ["-m", "webhook_service.migrate"],  # its release
+    ["-m", "flask", "--app", "webhook_service:create_app()", "worker"],  # its worker
+], ids=["web", "release", "worker"])
+def test_production_processes_refuse_to_start_without_database_url(tmp_path, command):
+    done = subprocess.run([sys.executable, *command], cwd=ROOT, env=_production_without_database(tmp_path),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "DATABASE_URL is required when PLIVO_AUTH_ID is set" in done.stderr, done.stderr
+    assert not (tmp_path / "pgdata").exists()  # no embedded PostgreSQL was started

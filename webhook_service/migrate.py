@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from alembic import command
@@ -34,5 +35,17 @@ def upgrade(database_url: str | None = None, revision: str = "head") -> None:
     command.upgrade(alembic_config(database_url or database_url_from_env()), revision)
 
 
+def main() -> int:
+    """`python -m webhook_service.migrate` (the Procfile's `release`): a bad setting is one line, exit code 2."""
+    from .settings import SettingsError
+
+    try:
+        upgrade()
+    except SettingsError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    upgrade()
+    sys.exit(main())

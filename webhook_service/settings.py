@@ -17,6 +17,7 @@ SANDBOX_AUTH_TOKEN = "sandbox-auth-token"  # noqa: S105 - a public development c
 SANDBOX_API_BASE_URL = "http://127.0.0.1:8001"
 DEV_PUBLIC_BASE_URL = "http://127.0.0.1:8000"
 DEV_API_TOKEN = "dev-token"  # noqa: S105 - sandbox mode only
+LOG_LEVELS = ("INFO", "DEBUG", "WARNING", "ERROR", "CRITICAL")  # the first is the default
 
 
 class SettingsError(ValueError):
@@ -34,7 +35,10 @@ class Settings:
     # verify X-Plivo-Signature-V3 only. Optional: Ma-V3, keyed with the main token, verifies those callbacks too.
     plivo_subaccount_tokens: tuple[str, ...] = field(default=(), repr=False)
     plivo_api_base_url: str = "https://api.plivo.com"  # PLIVO_API_BASE_URL
-    public_base_url: str = DEV_PUBLIC_BASE_URL  # PUBLIC_BASE_URL: the origin Plivo calls back
+    public_base_url: str = DEV_PUBLIC_BASE_URL  # PUBLIC_BASE_URL: the origin Plivo calls back (https in production)
+    # PUBLIC_BASE_URL_ALLOW_HTTP: lets production settings take an http PUBLIC_BASE_URL, for a local test rig
+    # (callbacks to a service on the same machine); never set where Plivo calls over the internet.
+    public_base_url_allow_http: bool = False
     api_tokens: tuple[str, ...] = field(default=(), repr=False)  # API_TOKENS: bearer tokens for /v1/*
     sandbox: bool = False  # derived: no PLIVO_AUTH_ID given
     plivo_connect_timeout: float = 3.05  # PLIVO_CONNECT_TIMEOUT (s)
@@ -53,7 +57,12 @@ class Settings:
     # PROJECT_IN_WEB: web processes project the sessions of the callbacks they store, in a
     # background thread (on by default, so a deployment that runs only `web` stays current).
     project_in_web: bool = True
-    log_level: str = "INFO"  # LOG_LEVEL
+    log_level: str = "INFO"  # LOG_LEVEL: DEBUG, INFO, WARNING, ERROR or CRITICAL
+    # Whether LOG_LEVEL was given: one-shot commands log only warnings unless it was (their results are printed).
+    log_level_given: bool = False
+    # DEFAULT_PHONE_REGION: the region (ISO 3166 code, e.g. US) of phone numbers given without a country
+    # code, such as `(415) 555-0100`; unset, such numbers are refused as needing one.
+    default_phone_region: str | None = None
     # NGINX_STATUS_URL: the stub_status of the nginx in front (deploy/nginx/), e.g.
     # http://127.0.0.1:8081/nginx_status; its connection counts are then in /metrics.
     nginx_status_url: str | None = None
@@ -95,14 +104,25 @@ class Settings:
         if not tokens or len(tokens) > 2:
             raise SettingsError("PLIVO_AUTH_TOKEN must hold one token, or two separated by a comma while rotating")
 
+        database_url = get("DATABASE_URL")
         public = get("PUBLIC_BASE_URL")
+        allow_http = _flag(env, "PUBLIC_BASE_URL_ALLOW_HTTP", False)
         api_tokens = _csv(get("API_TOKENS") or "")
         if not sandbox:
+            # Production never falls back to the embedded development database (it would start one
+            # under the working directory and keep every session there).
+            if database_url is None:
+                raise SettingsError("DATABASE_URL is required when PLIVO_AUTH_ID is set (the embedded PostgreSQL"
+                                    " is for development only)")
             if public is None:
                 raise SettingsError("PUBLIC_BASE_URL is required when PLIVO_AUTH_ID is set")
             if not api_tokens:
                 raise SettingsError("API_TOKENS is required when PLIVO_AUTH_ID is set")
         public = _origin("PUBLIC_BASE_URL", public or DEV_PUBLIC_BASE_URL)
+        if not sandbox and urlsplit(public).scheme != "https" and not allow_http:
+            # Plivo's callbacks carry the parties' numbers and recording links: never in the clear.
+            raise SettingsError(f"PUBLIC_BASE_URL must be an https URL when PLIVO_AUTH_ID is set, got {public!r}"
+                                " (PUBLIC_BASE_URL_ALLOW_HTTP=true allows http, for a local test rig only)")
         if not api_tokens:
             api_tokens = (DEV_API_TOKEN,)
         if any(len(t) < 8 for t in api_tokens):
@@ -112,12 +132,13 @@ class Settings:
         base = _origin("PLIVO_API_BASE_URL", base)
 
         return cls(
-            database_url=get("DATABASE_URL"),
+            database_url=database_url,
             plivo_auth_id=auth_id,
             plivo_auth_tokens=tokens,
             plivo_subaccount_tokens=_csv(get("PLIVO_SUBACCOUNT_TOKENS") or ""),
             plivo_api_base_url=base,
             public_base_url=public,
+            public_base_url_allow_http=allow_http,
             api_tokens=api_tokens,
             sandbox=sandbox,
             plivo_connect_timeout=_number(env, "PLIVO_CONNECT_TIMEOUT", 3.05, float),
@@ -130,7 +151,9 @@ class Settings:
             webhook_max_body_bytes=_number(env, "WEBHOOK_MAX_BODY_BYTES", 64 * 1024, int),
             callback_method=_choice(env, "CALLBACK_METHOD", ("POST", "GET")),
             project_in_web=_flag(env, "PROJECT_IN_WEB", True),
-            log_level=(get("LOG_LEVEL") or "INFO").upper(),
+            log_level=_choice(env, "LOG_LEVEL", LOG_LEVELS),
+            log_level_given=get("LOG_LEVEL") is not None,
+            default_phone_region=_region(env, "DEFAULT_PHONE_REGION"),
             nginx_status_url=_http_url("NGINX_STATUS_URL", get("NGINX_STATUS_URL")),
             nginx_refused_log=get("NGINX_REFUSED_LOG"),
         )
@@ -160,6 +183,15 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
     if raw not in choices:
         raise SettingsError(f"{name} must be one of {', '.join(choices)}, got {env.get(name)!r}")
     return raw
+
+
+def _region(env: Mapping[str, str], name: str) -> str | None:
+    import phonenumbers
+
+    raw = env.get(name, "").strip().upper()
+    if raw and raw not in phonenumbers.SUPPORTED_REGIONS:
+        raise SettingsError(f"{name} must be a region code such as US, GB or IN, got {env.get(name)!r}")
+    return raw or None
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:

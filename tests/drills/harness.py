@@ -199,6 +199,7 @@ def service_env(database_url: str, plivo_url: str, public_base_url: str | None =
         "PLIVO_AUTH_ID": AUTH_ID,
         "PLIVO_AUTH_TOKEN": AUTH_TOKEN,
         "PLIVO_API_BASE_URL": plivo_url,
+        "PUBLIC_BASE_URL_ALLOW_HTTP": "true",  # the drills' services are called back over http on 127.0.0.1
         "API_TOKENS": API_TOKEN,
         "PLIVO_CONNECT_TIMEOUT": "1",
         "PLIVO_READ_TIMEOUT": "2",
