@@ -371,6 +371,49 @@ def test_get_session_returns_the_stored_row_with_counters(client, auth, sandbox)
     assert_error(client.get("/v1/sessions/no-such-session", headers=auth), 404, "not_found")
 
 
+def test_a_session_uuid_matches_whatever_its_case(client, auth, sandbox):
+    uuid = create(client, auth).get_json()["session_uuid"]
+    shouting = uuid.upper()
+    assert shouting != uuid
+    assert client.get(f"/v1/sessions/{shouting}", headers=auth).get_json()["session_uuid"] == uuid
+    patched = client.patch(f"/v1/sessions/{shouting}", headers=auth, json={"ring_timeout": 30})
+    assert patched.status_code == 200, patched.get_data(as_text=True)
+    deleted = client.delete(f"/v1/sessions/{uuid.title()}", headers=auth)
+    assert deleted.status_code == 200 and deleted.get_json()["status"] == "expired"
+
+
+NATIONAL = ["4155550100", "(415) 555-0100", "415-555-0100", "415.555.0100"]
+
+
+@pytest.mark.parametrize("written", NATIONAL)
+def test_a_number_without_country_code_is_refused_as_needing_one_without_a_default_region(client, auth, sandbox,
+                                                                                           written):
+    body = assert_error(create(client, auth, {"first_party": written, "second_party": SECOND}), 400)
+    assert body["details"]["fields"] == {
+        "first_party": "is not a valid phone number: give it with its country code, e.g. +14155550100"}
+    assert plivo_requests(sandbox) == []
+
+
+@pytest.mark.parametrize("written", NATIONAL)
+def test_a_number_without_country_code_is_read_in_the_default_phone_region(database_url, auth, sandbox, written):
+    app = create_app({"TESTING": True, "database_url": database_url,
+                      "settings": make_settings(sandbox.url, DEFAULT_PHONE_REGION="US")})
+    try:
+        client = app.test_client()
+        response = create(client, auth, {"first_party": written, "second_party": "+44 20 7946 0958"})
+        assert response.status_code == 201, response.get_data(as_text=True)
+        assert (response.get_json()["first_party"], response.get_json()["second_party"]) == (FIRST, "+442079460958")
+        assert plivo_requests(sandbox, create_only=True)[-1]["body"]["first_party"] in (FIRST, FIRST[1:])
+        # International forms still read as before, with or without the '+'; the filters read alike.
+        assert create(client, auth, {"first_party": "14155550100", "second_party": "442079460959"}
+                      ).get_json()["second_party"] == "+442079460959"
+        found = client.get("/v1/sessions", headers=auth, query_string={"first_party": written}).get_json()
+        assert {s["first_party"] for s in found["sessions"]} == {FIRST}
+        assert_error(create(client, auth, {"first_party": "555-0100", "second_party": SECOND}), 400)
+    finally:
+        app.extensions["webhook_service"].close()
+
+
 def test_list_filters_and_paginates_with_a_cursor(client, auth, sandbox):
     numbers = ["+14155552671", "+14155552672", "+14155552673", "+14155552674", "+14155552675"]
     uuids = []

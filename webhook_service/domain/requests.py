@@ -44,19 +44,29 @@ def _text(max_len: int) -> Check:
     return check
 
 
-def phone(name: str, value: Any) -> str:
-    """Parse a phone number (with or without `+`) and return it in E.164."""
+def phone(name: str, value: Any, region: str | None = None) -> str:
+    """Parse a phone number and return it in E.164.
+
+    With `+`, or without it but starting with the country code (`14155550100`), it is read in any
+    country's plan. A national number (`4155550100`, `(415) 555-0100`) is read in `region`
+    (DEFAULT_PHONE_REGION) when one is set; without one it is refused as needing a country code.
+    """
     if not isinstance(value, str) or not value.strip():
         raise ValueError("must be a phone number in E.164 form, e.g. +14155550100")
     raw = value.strip()
-    candidate = raw if raw.startswith("+") else "+" + raw
-    try:
-        parsed = phonenumbers.parse(candidate, None)
-    except phonenumbers.NumberParseException:
-        raise ValueError("is not a valid phone number") from None
-    if not phonenumbers.is_valid_number(parsed):
-        raise ValueError("is not a valid phone number")
-    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    # (text, region) readings, most likely first: the region's national form before the digits read as
+    # if a '+' had been left off (with region US, `4155550100` is +1 415…, not a Swiss +41 number).
+    readings = [(raw, None)] if raw.startswith("+") else [(raw, region)] * bool(region) + [("+" + raw, None)]
+    for text, reading_region in readings:
+        try:
+            parsed = phonenumbers.parse(text, reading_region)
+        except phonenumbers.NumberParseException:
+            continue
+        if phonenumbers.is_valid_number(parsed):
+            return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+    if not raw.startswith("+") and region is None:
+        raise ValueError("is not a valid phone number: give it with its country code, e.g. +14155550100")
+    raise ValueError("is not a valid phone number")
 
 
 def _metadata(name: str, value: Any) -> dict[str, Any]:
@@ -84,10 +94,11 @@ UPDATE_FIELDS: dict[str, plivo.Parameter] = {
 }
 
 
-def _plivo_value(name: str, value: Any) -> Any:
-    """A Plivo parameter's value as the service sends it; ValueError in the service's words."""
+def _plivo_value(name: str, value: Any, region: str | None = None) -> Any:
+    """A Plivo parameter's value as the service sends it; ValueError in the service's words.
+    A party's number without its country code is read in `region` (DEFAULT_PHONE_REGION)."""
     if name in plivo.PARTIES:
-        return phone(name, value)
+        return phone(name, value, region)
     try:
         return plivo.check(name, value)
     except plivo.Invalid as exc:
@@ -138,7 +149,8 @@ def _fail(errors: dict[str, str]) -> ApiError:
     return ApiError(summary, details=details)
 
 
-def validate_create(body: Any) -> CreateRequest:
+def validate_create(body: Any, *, region: str | None = None) -> CreateRequest:
+    """The create request, checked; phone numbers without a country code are read in `region`."""
     body = _json_object(body)
     errors: dict[str, str] = {}
     params: dict[str, Any] = {}
@@ -153,7 +165,7 @@ def validate_create(body: Any) -> CreateRequest:
                 if name in OWN_CREATE_FIELDS:
                     own[name] = OWN_CREATE_FIELDS[name](name, value)
                 else:
-                    params[name] = _plivo_value(name, value)
+                    params[name] = _plivo_value(name, value, region)
             except ValueError as exc:
                 errors[name] = str(exc)
         else:
@@ -172,7 +184,7 @@ def validate_create(body: Any) -> CreateRequest:
                          metadata=own.get("metadata", {}))
 
 
-def validate_update(body: Any, *, single_party: bool) -> dict[str, Any]:
+def validate_update(body: Any, *, single_party: bool, region: str | None = None) -> dict[str, Any]:
     body = _json_object(body)
     errors: dict[str, str] = {}
     params: dict[str, Any] = {}
@@ -186,7 +198,7 @@ def validate_update(body: Any, *, single_party: bool) -> dict[str, Any]:
             errors[name] = "can be changed only on a session created with create_session_with_single_party"
         else:
             try:
-                params[name] = _plivo_value(name, value)
+                params[name] = _plivo_value(name, value, region)
             except ValueError as exc:
                 errors[name] = str(exc)
     if errors:
@@ -254,7 +266,7 @@ def _cursor(name: str, value: str) -> tuple[datetime, int]:
     return created_at, int(row_id)
 
 
-def validate_list(args: Mapping[str, str]) -> ListQuery:
+def validate_list(args: Mapping[str, str], *, region: str | None = None) -> ListQuery:
     errors: dict[str, str] = {}
     values: dict[str, Any] = {}
     for name in args:
@@ -268,7 +280,7 @@ def validate_list(args: Mapping[str, str]) -> ListQuery:
             if name == "status":
                 values[name] = _choice(*SESSION_STATUSES)(name, raw)
             elif name in ("first_party", "second_party", "virtual_number"):
-                values[name] = phone(name, raw)
+                values[name] = phone(name, raw, region)
             elif name in ("created_after", "created_before", "expires_after", "expires_before"):
                 values[name] = _timestamp(name, raw)
             elif name in ("duration_min", "duration_max"):

@@ -11,6 +11,8 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+# A session UUID as Plivo writes it: hex in lower case (its API and callbacks never use upper case).
+_SESSION_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 _TIME_RE = re.compile(r"^(\d{4}-\d{2}-\d{2})[ T](\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?)")
 
 
@@ -34,6 +36,12 @@ def parse_time(value: Any) -> datetime | None:
         return datetime.fromisoformat(f"{day}T{clock}").replace(tzinfo=UTC)
     except ValueError:
         return None
+
+
+def session_uuid_as_stored(value: str) -> str:
+    """A session UUID given in any case (`5A1C…`, copied from a ticket) as Plivo writes and we store it:
+    lower case. Anything that is not a UUID is left as given (it matches nothing, or an id of our tests)."""
+    return value.lower() if _SESSION_UUID_RE.fullmatch(value) else value
 
 
 def normalise_number(value: Any) -> str | None:

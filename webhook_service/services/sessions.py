@@ -508,7 +508,8 @@ def update_session(ctx: Context, session_uuid: str, body: Any) -> dict[str, Any]
     """Change what Plivo allows on a live session (the body is validated against the session's own
     kind: only a single-party session may get its parties), then store Plivo's answer."""
     row = get_session(ctx, session_uuid)
-    params = validate_update(body, single_party=bool(row.create_params.get("create_session_with_single_party")))
+    params = validate_update(body, single_party=bool(row.create_params.get("create_session_with_single_party")),
+                             region=ctx.settings.default_phone_region)
     if row.status == "expired":
         raise Conflict("The session has expired and can no longer be changed", code="session_expired")
     try:

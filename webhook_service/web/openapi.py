@@ -34,7 +34,8 @@ PHONE = {
     "type": "string",
     "format": "phone",
     "description": "A phone number in any common format, with or without `+` (e.g. `14155550100`, "
-                   "`+1 415 555 0100`); it must be a valid number, and is stored and returned in E.164.",
+                   "`+1 415 555 0100`), or without a country code (`(415) 555-0100`) where the service sets "
+                   "DEFAULT_PHONE_REGION; it must be a valid number, and is stored and returned in E.164.",
     "example": "+14155550100",
 }
 TIMESTAMP = {"type": "string", "format": "date-time", "nullable": True}

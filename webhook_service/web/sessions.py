@@ -11,6 +11,7 @@ from ..domain import jsonbody
 from ..domain.callbacks import MAX_SESSION_UUID
 from ..domain.callers import token_id
 from ..domain.requests import validate_create, validate_list
+from ..domain.values import session_uuid_as_stored
 from ..errors import ApiError, NotFound, Unauthorized
 from ..services import reconcile
 from ..services import sessions as service
@@ -52,13 +53,14 @@ def _session_uuid(value: str) -> str:
     # No stored session has such an id; answering here keeps NUL characters away from Postgres.
     if len(value) > MAX_SESSION_UUID or jsonbody.text_problem(value):
         raise NotFound("No such session")
+    value = session_uuid_as_stored(value)
     g.session_uuid = value
     return value
 
 
 @bp.post("/sessions")
 def create_session():
-    req = validate_create(_json_body())
+    req = validate_create(_json_body(), region=ctx().settings.default_phone_region)
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key.strip()) <= 255:
         raise ApiError("Idempotency-Key must be 1 to 255 characters")
@@ -75,7 +77,8 @@ def create_session():
 
 @bp.get("/sessions")
 def list_sessions():
-    return jsonify(service.list_sessions(ctx(), validate_list(request.args)))
+    query = validate_list(request.args, region=ctx().settings.default_phone_region)
+    return jsonify(service.list_sessions(ctx(), query))
 
 
 @bp.get("/sessions/<session_uuid>")
