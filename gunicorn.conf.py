@@ -41,6 +41,21 @@ max_requests_jitter = max_requests // 10
 accesslog = None  # the app writes one JSON line per request itself
 errorlog = "-"
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+# gunicorn's own lines (starting, workers booting and exiting, signals, a worker's crash) in the app's JSON
+# shape, one line per record, on stderr. The formatter's module imports neither psycopg nor the app.
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "webhook_service.logs.JsonFormatter"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json", "stream": "ext://sys.stderr"},
+                 "none": {"class": "logging.NullHandler"}},
+    "root": {"level": loglevel.upper(), "handlers": ["stderr"]},
+    "loggers": {
+        "gunicorn.error": {"level": loglevel.upper(), "handlers": [], "propagate": True},
+        # With a logging configuration gunicorn writes an access line per request: the app's is the one kept.
+        "gunicorn.access": {"level": "INFO", "handlers": ["none"], "propagate": False},
+    },
+}
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
 # The longest request line is a GET callback (CALLBACK_METHOD=GET) carrying every Plivo parameter,
 # about 1.5 KB, or a list query with every filter; 4094 (gunicorn's default) leaves room for both.
@@ -51,15 +66,28 @@ limit_request_fields = 50
 # Authorization: a few hundred bytes (default: 8190). It also bounds a chunk-size line.
 limit_request_field_size = 4096
 
-# Prometheus metrics summed across workers: each worker writes its samples to this folder.
+# Prometheus metrics summed across workers: each worker writes its samples to this folder. Unless
+# PROMETHEUS_MULTIPROC_DIR names one, it is a temporary folder of this server's, deleted when it exits.
+METRICS_DIR_PREFIX = "webhook-service-metrics-"
 if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="webhook-service-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=METRICS_DIR_PREFIX)
 
 
 def child_exit(server, worker):
     from prometheus_client import multiprocess
 
     multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    # Only the folder made above (a configuration reload runs this file again, finding the variable set:
+    # the folder is recognised by where it is and its name, not by a variable of this module's).
+    import shutil
+    from pathlib import Path
+
+    folder = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""))
+    if folder.name.startswith(METRICS_DIR_PREFIX) and folder.parent == Path(tempfile.gettempdir()):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _gevent_worker():

@@ -125,3 +125,62 @@ def test_gunicorns_request_limits_are_the_configured_ones(service):
     assert get(line_length=4000) == 200 and get(line_length=4100) == 414  # limit_request_line 4094
     assert get(headers=45) == 200 and get(headers=60) == 431  # limit_request_fields 50
     assert get(header_size=4000) == 200 and get(header_size=5000) == 431  # limit_request_field_size 4096
+
+
+def _serve_once(tmp_path, database_url: str, sandbox_url: str) -> tuple[list[str], list[str]]:
+    """gunicorn started as the Procfile starts it (no PROMETHEUS_MULTIPROC_DIR, TMPDIR a folder of the
+    test's), asked one request, then stopped with SIGTERM: its output lines, and the temp folder's
+    contents while it served."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from .drills.harness import ROOT
+    from .helpers import environ_without_settings, free_port, wait_until
+
+    port = free_port()
+    env = environ_without_settings() | service_env(database_url, sandbox_url) | {
+        "GUNICORN_BIND": f"127.0.0.1:{port}", "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}", "WEB_CONCURRENCY": "1",
+        "LOG_LEVEL": "INFO", "TMPDIR": str(tmp_path)}
+    log = tmp_path / "gunicorn.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py",
+                                 "webhook_service:create_app()"], cwd=ROOT, env=env, stdout=out, stderr=out)
+    try:
+        def ready() -> bool:
+            try:
+                return requests.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        assert wait_until(ready, timeout=60, alive=lambda: proc.poll() is None), log.read_text()
+        while_serving = sorted(p.name for p in tmp_path.iterdir() if p.name != "gunicorn.log")
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert proc.wait(timeout=30) == 0, log.read_text()
+        assert time.monotonic() - started < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return log.read_text().splitlines(), while_serving
+
+
+def test_gunicorn_removes_its_temporary_metrics_folder_when_it_exits(database_url, sandbox_server, tmp_path):
+    _, while_serving = _serve_once(tmp_path, database_url, sandbox_server.url)
+    assert len(while_serving) == 1 and while_serving[0].startswith("webhook-service-metrics-")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gunicorn.log"]
+
+
+def test_every_line_gunicorn_writes_is_one_json_record_its_own_included(database_url, sandbox_server, tmp_path):
+    lines, _ = _serve_once(tmp_path, database_url, sandbox_server.url)
+    records = [json.loads(line) for line in lines]  # each line one JSON object: nothing else was written
+    gunicorns = [r["message"] for r in records if r["logger"] == "gunicorn.error"]
+    assert gunicorns[0].startswith("Starting gunicorn") and gunicorns[-1] == "Shutting down: Master", gunicorns
+    assert any(m.startswith("Booting worker with pid") for m in gunicorns)
+    assert any(r["logger"] == "webhook_service.access" and r["route"] == "/readyz" for r in records)
+    assert not [r for r in records if r["logger"] == "gunicorn.access"]  # the app's access line is the only one
+    assert {"time", "level", "logger", "message"} <= set(records[0])

@@ -20,7 +20,18 @@ from sqlalchemy import text
 
 from webhook_service.logs import JsonFormatter, mask_phone, mask_phones_in
 
-from .helpers import FIRST, SECOND, flask_command, rows_locked, settle, signed_headers, store_callback, wait_until
+from .helpers import (
+    FIRST,
+    SECOND,
+    environ_without_settings,
+    flask_command,
+    free_port,
+    rows_locked,
+    settle,
+    signed_headers,
+    store_callback,
+    wait_until,
+)
 from .test_webhooks import create_session, play, send
 
 
@@ -247,6 +258,28 @@ def test_a_number_in_the_sql_parameters_of_a_logged_traceback_is_masked(engine):
     line = json.loads(JsonFormatter().format(record))
     assert "parameters" in line["exception"] and "+1415***0100" in line["exception"]
     assert "555-0100" not in line["exception"] and "4155550123" not in line["exception"]
+
+
+def test_the_sandbox_process_logs_json_lines_werkzeugs_included(tmp_path):
+    port = free_port()
+    env = environ_without_settings() | {"PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "webhook_service.sandbox", "--port", str(port)], env=env,
+                                stdout=stderr, stderr=stderr)
+    try:
+        def answers() -> bool:
+            try:
+                return requests.get(f"http://127.0.0.1:{port}/sandbox/healthz", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        assert wait_until(answers, timeout=30, alive=lambda: proc.poll() is None), (tmp_path / "stderr").read_text()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+    records = [json.loads(line) for line in (tmp_path / "stderr").read_text().splitlines()]
+    assert any(r["logger"] == "werkzeug" and "GET /sandbox/healthz" in r["message"] for r in records), records
+    assert any(r["logger"] == "webhook_service.sandbox" for r in records)
 
 
 def test_uuids_and_hex_ids_are_never_masked():

@@ -1,24 +1,23 @@
-"""Plivo masking-session service: the Flask application factory."""
+"""Plivo masking-session service: the Flask application factory.
+
+Importing the package imports little (Flask and the log formatter): gunicorn's master imports
+`webhook_service.logs` for its own JSON log lines (gunicorn.conf.py), and must not import psycopg,
+which a gevent worker has to import after patching. `create_app` imports the rest.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
-import threading
-import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, g, request
 
-from . import metrics
-from .context import Context
 from .logs import configure_logging
-from .persistence.db import Database
-from .plivo.client import PlivoClient
-from .services.projector import BackgroundProjector, Projector
-from .settings import Settings
-from .web.errors import register_body_framing, register_error_handlers
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 access_log = logging.getLogger("webhook_service.access")
 
@@ -39,6 +38,15 @@ def request_id(sent: str | None) -> str:
 
 def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     """Build the app. `test_config` may carry `settings`, `database_url` and Flask options."""
+    import threading
+
+    from .context import Context
+    from .persistence.db import Database
+    from .plivo.client import PlivoClient
+    from .services.projector import BackgroundProjector, Projector
+    from .settings import Settings
+    from .web.errors import register_body_framing, register_error_handlers
+
     config = dict(test_config or {})
     settings: Settings = config.pop("settings", None) or Settings.from_env()
     configure_logging(settings.log_level)
@@ -93,6 +101,10 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
 
 def _register_request_logging(app: Flask) -> None:
+    import time
+
+    from . import metrics
+
     @app.before_request
     def _start() -> None:
         g.started = time.perf_counter()

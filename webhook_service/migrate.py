@@ -37,13 +37,16 @@ def upgrade(database_url: str | None = None, revision: str = "head") -> None:
 
 def main() -> int:
     """`python -m webhook_service.migrate` (the Procfile's `release`): a bad setting is one line, exit code 2."""
-    from .settings import SettingsError
+    from .logs import configure_logging
+    from .settings import Settings, SettingsError
 
     try:
-        upgrade()
+        settings = Settings.from_env()
     except SettingsError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 2
+    configure_logging(settings.log_level)  # Alembic's lines too, as JSON
+    upgrade()
     return 0
 
 

@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 
+from webhook_service.logs import configure_logging
 from webhook_service.sandbox.server import SandboxServer
 from webhook_service.sandbox.state import DEFAULT_POOL_SIZE
 from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN
@@ -30,9 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pool", default="",
                         help="the virtual numbers instead, comma-separated (grouped by their country code)")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    # JSON lines like the service's; werkzeug's line per request (the sandbox's access log) included.
+    configure_logging(os.environ.get("LOG_LEVEL", "INFO").upper())
+    logging.getLogger("werkzeug").setLevel(logging.INFO)
 
     pool = [n.strip() for n in args.pool.split(",") if n.strip()] or None
     server = SandboxServer(args.auth_id, args.auth_token.split(",")[0].strip(), host=args.host, port=args.port,
