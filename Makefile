@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install run test lint bench-webhooks bench-reporting clean-db
+.PHONY: install run test lint bench-webhooks bench-reporting stop-db clean-db psql
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,8 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Serve the API on http://127.0.0.1:8000 (embedded Postgres and the sandbox Plivo when not configured).
+# Serve the API on http://127.0.0.1:8000 with the worker (and the embedded Postgres and the sandbox Plivo
+# when not configured); Ctrl-C stops them all. The embedded Postgres keeps running: `make stop-db`.
 run: install
 	$(PY) -m webhook_service.devserver
 
@@ -31,9 +32,17 @@ drills: install
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Stop the embedded development Postgres, keeping its data (`make run` starts it again).
+stop-db: install
+	$(PY) -c "from webhook_service.devdb import stop; stop()"
+
 # Stop the embedded development Postgres and delete its data.
 clean-db: install
 	$(PY) -c "from webhook_service.devdb import stop; stop(delete=True)"
+
+# psql on the development database (DATABASE_URL's when set), e.g. for the queries of docs/reporting.md.
+psql: install
+	$(PY) -m webhook_service.devdb psql
 
 # The request path's req/s beside four baselines, the rate sustained with the projection lag under a
 # second, a busy session, p99 at 300 req/s and worker RSS (bench/webhooks.py), with Debian's wrk as

@@ -222,3 +222,45 @@ def test_make_run_refuses_a_taken_web_port_naming_this_process(run_database, tmp
     assert run.proc.returncode != 0
     assert f"port {run.web_port} (web) is already taken by pid {os.getpid()}" in run.output(), run.output()
 
+
+def test_make_stop_db_stops_the_embedded_postgresql_keeping_its_data_and_clean_db_deletes_it():
+    import shutil
+    import tempfile
+
+    import psycopg
+
+    base = Path(tempfile.mkdtemp(prefix="devdb-test-"))
+    env = environ_without_settings() | {"EMBEDDED_PGDATA": str(base / "pgdata")}
+
+    def development_database() -> str:  # starts the server if it is not running, as `make run` does
+        done = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "webhook_service.devdb"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120, check=True)
+        assert done.stderr == ""
+        return done.stdout.strip()
+
+    def make(target: str) -> str:
+        done = subprocess.run(["make", target], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    try:
+        with psycopg.connect(development_database(), autocommit=True) as conn:
+            conn.execute("CREATE TABLE kept (note text); INSERT INTO kept VALUES ('still here')")
+        assert "stopped the embedded PostgreSQL" in make("stop-db")
+        assert not (base / "pgdata" / "postmaster.pid").exists()
+        assert "is not running" in make("stop-db")  # stopping it again says so
+        with psycopg.connect(development_database()) as conn:  # started again, with its data
+            assert conn.execute("SELECT note FROM kept").fetchone() == ("still here",)
+        assert "deleted its data" in make("clean-db")
+        assert not (base / "pgdata").exists()
+    finally:
+        subprocess.run(["make", "clean-db"], cwd=ROOT, env=env, capture_output=True, timeout=120)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_make_psql_opens_psql_on_the_database_for_the_reporting_queries(database_url):
+    env = environ_without_settings() | {"DATABASE_URL": database_url}
+    done = subprocess.run(["make", "--silent", "psql"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+                          input="SELECT count(*) AS sessions FROM reporting.session_summary;\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["sessions", "----------", "0", "(1", "row)"]
