@@ -12,6 +12,7 @@ import re
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import click
 from flask import Flask, g, request
 
 from .logs import configure_logging
@@ -44,12 +45,23 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from .persistence.db import Database
     from .plivo.client import PlivoClient
     from .services.projector import BackgroundProjector, Projector
-    from .settings import Settings
+    from .settings import Settings, SettingsError
     from .web.errors import register_body_framing, register_error_handlers
 
     config = dict(test_config or {})
-    settings: Settings = config.pop("settings", None) or Settings.from_env()
-    configure_logging(settings.log_level)
+    # Loaded by the `flask` command (its click context is current): to run one of ours, or to list them.
+    command_line = click.get_current_context(silent=True) is not None
+    try:
+        settings: Settings = config.pop("settings", None) or Settings.from_env()
+    except SettingsError as exc:
+        if not command_line:
+            raise
+        # A command (or --help) with a bad setting: the one line naming it, exit code 2, no traceback.
+        click.echo(f"Error: {exc}", err=True)
+        raise SystemExit(2) from None
+    # A command prints its result: its logs are warnings and errors only, unless LOG_LEVEL asks for more
+    # (the `worker` command, a service, logs at LOG_LEVEL).
+    configure_logging(settings.log_level if settings.log_level_given or not command_line else "WARNING")
     app = Flask(__name__)
     app.config.update(JSON_SORT_KEYS=False, MAX_CONTENT_LENGTH=1024 * 1024)
     app.config.update(config)
@@ -92,7 +104,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from .cli import register_cli
 
     register_cli(app)
-    if settings.sandbox:
+    if settings.sandbox and not command_line:  # said by the commands that call Plivo (`worker`), not by --help
         app.logger.warning(
             "SANDBOX MODE: no PLIVO_AUTH_ID set; Plivo calls go to the local sandbox at %s",
             settings.plivo_api_base_url,
