@@ -52,17 +52,18 @@ def _statuses(engine):
 def test_prune_deletes_only_old_recorded_and_ignored_callbacks(app, engine):
     _inbox(engine, [("recorded", 100), ("ignored", 95), ("failed", 120), ("failed", 100), ("recorded", 10),
                     ("recorded", 91)])
-    result = app.test_cli_runner().invoke(args=["callbacks", "prune", "--older-than", "90d", "--batch-size", "1"])
+    result = app.test_cli_runner().invoke(args=["callbacks", "prune", "--older-than", "90d", "--batch-size", "1",
+                                                "--format", "json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output.strip().splitlines()[-1]) == {"deleted": 3}
+    assert json.loads(result.stdout) == {"deleted": 3}
     assert _statuses(engine) == [("k2", "failed"), ("k3", "failed"), ("k4", "recorded")]
 
 
 def test_prune_skips_rows_a_live_transaction_holds_instead_of_waiting(app, engine):
     _inbox(engine, [("recorded", 100), ("recorded", 100)])
     with rows_locked(engine, "SELECT id FROM callback_inbox WHERE dedupe_key = 'k0' FOR UPDATE"):
-        result = app.test_cli_runner().invoke(args=["callbacks", "prune", "--older-than", "90d"])
-    assert json.loads(result.output.strip().splitlines()[-1]) == {"deleted": 1}
+        result = app.test_cli_runner().invoke(args=["callbacks", "prune", "--older-than", "90d", "--format", "json"])
+    assert json.loads(result.stdout) == {"deleted": 1}
     assert _statuses(engine) == [("k0", "recorded")]
 
 
@@ -91,9 +92,9 @@ def _attempt_keys(engine):
 def test_prune_attempts_deletes_only_old_finished_create_attempts(app, engine):
     _attempts(engine, [(state, days) for state in ATTEMPT_STATES for days in (400, 91, 89, 0)])
     result = app.test_cli_runner().invoke(args=["sessions", "prune-attempts", "--older-than", "90d",
-                                                "--batch-size", "3"])
+                                                "--batch-size", "3", "--format", "json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output.strip().splitlines()[-1]) == {"deleted": 8}  # 4 finished states x 2 old ages
+    assert json.loads(result.stdout) == {"deleted": 8}  # 4 finished states x 2 old ages
     kept = [f"{state}-{days}" for state in ATTEMPT_STATES for days in (400, 91, 89, 0)
             if state in ("pending", "unknown") or days < 90]
     assert _attempt_keys(engine) == sorted(kept)
@@ -103,8 +104,8 @@ def test_prune_attempts_skips_rows_a_live_transaction_holds_instead_of_waiting(a
     _attempts(engine, [("succeeded", 100), ("failed", 100), ("not_found", 100)])
     with rows_locked(engine, "SELECT id FROM session_create_attempts WHERE state = 'failed' FOR UPDATE"):
         result = app.test_cli_runner().invoke(args=["sessions", "prune-attempts", "--older-than", "90d",
-                                                    "--batch-size", "1"])
-    assert json.loads(result.output.strip().splitlines()[-1]) == {"deleted": 2}
+                                                    "--batch-size", "1", "--format", "json"])
+    assert json.loads(result.stdout) == {"deleted": 2}
     assert _attempt_keys(engine) == ["failed-100"]
 
 
@@ -306,9 +307,9 @@ def test_sessions_project_projects_every_due_session_now(live, sandbox, engine, 
         send(callback)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM projection_queue")).scalar() == 7
-    result = app.test_cli_runner().invoke(args=["sessions", "project"])
+    result = app.test_cli_runner().invoke(args=["sessions", "project", "--format", "json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output.strip().splitlines()[-1]) == {"projected": 1}
+    assert json.loads(result.stdout) == {"projected": 1}
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM projection_queue")).scalar() == 0
         assert conn.execute(text("SELECT call_count FROM masking_sessions WHERE session_uuid = :u"),
@@ -351,7 +352,8 @@ def _stop(proc: subprocess.Popen) -> int:
             proc.wait()
 
 
-def test_sessions_reconcile_every_runs_repeatedly_until_sigterm(app, auth, database_url, sandbox, tmp_path):
+def test_sessions_reconcile_every_says_when_it_starts_each_pass_in_one_line_and_when_it_stops(
+        app, auth, database_url, sandbox, tmp_path):
     uuid = app.test_client().post("/v1/sessions", headers=auth, json={"first_party": FIRST, "second_party": SECOND}
                                   ).get_json()["session_uuid"]
     errors = tmp_path / "stderr"
@@ -359,17 +361,46 @@ def test_sessions_reconcile_every_runs_repeatedly_until_sigterm(app, auth, datab
         proc = flask_command(["sessions", "reconcile", "--every", "0.1"], database_url, sandbox.url, stderr=stderr)
     try:
         output = Output(proc)
+        lines = [output.next() for _ in range(3)]
+        assert None not in lines, errors.read_text()
+    finally:
+        code = _stop(proc)
+    assert code == 0, errors.read_text()
+    lines += output.rest()  # a pass under way when the signal came finishes; nothing starts after it
+    assert lines[0] == "reconciling every 0.1 s until SIGTERM or Ctrl-C\n"
+    passes = lines[1:-1]
+    assert len(passes) in (2, 3), lines
+    assert all(re.fullmatch(r"\S+  checked 1, changed \d, drift \d, not found 0, errors 0; marked expired 0;"
+                            r" unknown creates resolved: none\n", line) for line in passes), passes
+    assert lines[-1] == f"stopped after {len(passes)} passes\n"
+    fetched = [r for r in sandbox.state.request_log() if r["method"] == "GET" and uuid in r["path"]]
+    assert len(fetched) == len(passes)
+    assert errors.read_text() == ""  # said once, on stdout: no log line repeats it
+
+
+def test_sessions_reconcile_every_in_json_writes_one_object_per_pass_on_stdout(app, auth, database_url, sandbox,
+                                                                               tmp_path):
+    uuid = app.test_client().post("/v1/sessions", headers=auth, json={"first_party": FIRST, "second_party": SECOND}
+                                  ).get_json()["session_uuid"]
+    errors = tmp_path / "stderr"
+    with open(errors, "w") as stderr:
+        proc = flask_command(["sessions", "reconcile", "--every", "0.1", "--format", "json"], database_url,
+                             sandbox.url, stderr=stderr)
+    try:
+        output = Output(proc)
         runs = [output.next() for _ in range(2)]
         assert None not in runs, errors.read_text()
     finally:
         code = _stop(proc)
     assert code == 0, errors.read_text()
-    runs += output.rest()  # a run under way when the signal came finishes; nothing starts after it
+    runs += output.rest()
     reports = [json.loads(line) for line in runs]
     assert len(reports) in (2, 3)
     assert all(report["checked"] == 1 and report["errors"] == 0 for report in reports), reports
     fetched = [r for r in sandbox.state.request_log() if r["method"] == "GET" and uuid in r["path"]]
     assert len(fetched) == len(reports)
+    assert errors.read_text().splitlines() == ["reconciling every 0.1 s until SIGTERM or Ctrl-C",
+                                               f"stopped after {len(reports)} passes"]
 
 
 def test_the_worker_command_projects_what_is_due_reconciles_repeatedly_and_stops_on_sigterm(
@@ -424,13 +455,15 @@ def test_callbacks_replay_by_id_reads_only_that_row_again(app, engine):
 
     before = rows()
     runner = app.test_cli_runner()
-    result = runner.invoke(args=["callbacks", "replay", "--id", str(ids[1])])  # one of the failed ones
+    # One of the failed ones:
+    result = runner.invoke(args=["callbacks", "replay", "--id", str(ids[1]), "--format", "json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output.strip().splitlines()[-1]) == {"recorded": 1}
+    assert json.loads(result.stdout) == {"recorded": 1}
     assert rows() == [before[0], (ids[1], "recorded", None, before[1].attempts + 1), before[2]]
 
     before = rows()
-    result = runner.invoke(args=["callbacks", "replay", "--id", str(ids[0])])  # a recorded one: read again too
+    # A recorded one: read again too.
+    result = runner.invoke(args=["callbacks", "replay", "--id", str(ids[0]), "--format", "json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output.strip().splitlines()[-1]) == {"recorded": 1}
+    assert json.loads(result.stdout) == {"recorded": 1}
     assert rows() == [(ids[0], "recorded", None, before[0].attempts + 1), before[1], before[2]]

@@ -622,6 +622,14 @@ def test_report_daily_json(app, dataset):
     }]
 
 
+def test_report_daily_says_so_when_there_is_no_activity(app, dataset):
+    result = invoke(app, "daily", "--since", "2030-01-01")
+    assert (result.exit_code, result.output) == (0, "No sessions created and no calls from 2030-01-01 on.\n")
+    result = invoke(app, "daily", "--since", "2020-01-01", "--until", "2020-01-31")
+    assert result.output == "No sessions created and no calls from 2020-01-01 to 2020-01-31.\n"
+    assert json.loads(invoke(app, "daily", "--since", "2030-01-01", "--format", "json").output) == []
+
+
 def test_report_daily_refuses_an_until_before_since(app, engine):
     result = invoke(app, "daily", "--since", "2026-11-05", "--until", "2026-11-04")
     assert result.exit_code == 2

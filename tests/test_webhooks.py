@@ -494,9 +494,9 @@ def test_replay_reads_failed_callbacks_again_and_projects_them(live, sandbox, en
         ), {"params": json.dumps(stranded["params"]), "name": stranded["params"]["EventName"], "uuid": uuid})
     before = snapshot(live, engine, uuid)
     assert before["session"]["billed_duration"] < plivo["total_call_billed_duration"]
-    result = app.test_cli_runner().invoke(args=["callbacks", "replay", "--failed"])
+    result = app.test_cli_runner().invoke(args=["callbacks", "replay", "--failed", "--format", "json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output.strip().splitlines()[-1]) == {"recorded": 1}
+    assert json.loads(result.stdout) == {"recorded": 1}
     after = snapshot(live, engine, uuid)
     assert after["session"]["billed_duration"] == plivo["total_call_billed_duration"]
     assert {r.status for r in inbox_rows(engine)} == {"recorded"}

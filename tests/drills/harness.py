@@ -1031,10 +1031,10 @@ def resolve_unknown_creates(env: Mapping[str, str]) -> dict[str, int]:
     inherited = environ_without_settings()
     python = PYTHON if PYTHON.exists() else Path(sys.executable)
     done = subprocess.run([str(python), "-m", "flask", "--app", "webhook_service", "sessions", "resolve",
-                           "--grace-seconds", "0"], cwd=ROOT, env=inherited | dict(env), capture_output=True,
-                          text=True, timeout=120)
+                           "--grace-seconds", "0", "--format", "json"], cwd=ROOT, env=inherited | dict(env),
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, f"flask sessions resolve failed:\n{done.stdout}\n{done.stderr}"
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout)
 
 
 # The checker ------------------------------------------------------------------------------------

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Sequence
-from datetime import UTC, date, datetime
-from decimal import Decimal
+from datetime import datetime
 from typing import Any
 
 import click
 from flask import current_app
-from flask.cli import AppGroup
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-report_cli = AppGroup("report", help="Reports read from the reporting.* views.")
+from ..domain.values import session_uuid_as_stored
+from .output import Commands, as_text, format_table, to_json
+
+report_cli = Commands("report", help="Reports read from the reporting.* views.")
 
 DAY = click.DateTime(formats=["%Y-%m-%d"])
 # Shown above the leg table of `report session`, where the session's own columns would repeat.
@@ -30,45 +30,12 @@ def _connect() -> Connection:
     return engine.connect().execution_options(isolation_level="REPEATABLE READ")
 
 
-def _text(value: Any) -> str:
-    """A value as it appears in tables, CSV and JSON: ISO dates, UTC times, exact decimals, NULL empty."""
-    if value is None:
-        return ""
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).isoformat()
-    if isinstance(value, date):
-        return value.isoformat()
-    return str(value)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | Decimal) and not isinstance(value, bool)
-
-
-def format_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Rows as aligned plain-text columns under a header; numeric columns right-aligned."""
-    cells = [[_text(value) for value in row] for row in rows]
-    widths = [max([len(name)] + [len(row[i]) for row in cells]) for i, name in enumerate(columns)]
-    numeric = [any(_is_number(row[i]) for row in rows) for i in range(len(columns))]
-
-    def line(values: Sequence[str]) -> str:
-        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric, strict=True))
-
-    lines = [line(columns), line(["-" * w for w in widths])] + [line(row) for row in cells]
-    return "\n".join(row.rstrip() for row in lines)
-
-
 def format_csv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)
-    writer.writerows([_text(value) for value in row] for row in rows)
+    writer.writerows([as_text(value) for value in row] for row in rows)
     return out.getvalue().rstrip("\n")
-
-
-def _json(data: Any) -> str:
-    # Money and ratios stay exact decimals, written as strings (as the HTTP API writes amounts).
-    return json.dumps(data, indent=2, default=_text)
 
 
 @report_cli.command("daily")
@@ -88,7 +55,10 @@ def report_daily(since: datetime, until: datetime | None, fmt: str) -> None:
         result = conn.execute(text(query + " ORDER BY day"), params)
         columns, rows = list(result.keys()), result.all()
     if fmt == "json":
-        click.echo(_json([dict(zip(columns, row, strict=True)) for row in rows]))
+        click.echo(to_json([dict(zip(columns, row, strict=True)) for row in rows]))
+    elif not rows and fmt == "table":
+        click.echo(f"No sessions created and no calls from {since.date()}"
+                   + (f" to {until.date()}." if until is not None else " on."))
     elif fmt == "csv":
         click.echo(format_csv(columns, rows))
     else:
@@ -100,6 +70,7 @@ def report_daily(since: datetime, until: datetime | None, fmt: str) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 def report_session(session_uuid: str, fmt: str) -> None:
     """One session's totals (reporting.session_summary) and its call legs (reporting.call_legs)."""
+    session_uuid = session_uuid_as_stored(session_uuid)
     with _connect() as conn:
         summary = conn.execute(text("SELECT * FROM reporting.session_summary WHERE session_uuid = :uuid"),
                                {"uuid": session_uuid}).mappings().first()
@@ -111,11 +82,11 @@ def report_session(session_uuid: str, fmt: str) -> None:
         """), {"uuid": session_uuid})
         leg_columns, leg_rows = list(legs.keys()), legs.all()
     if fmt == "json":
-        click.echo(_json({"session": dict(summary),
+        click.echo(to_json({"session": dict(summary),
                           "call_legs": [dict(zip(leg_columns, row, strict=True)) for row in leg_rows]}))
         return
     width = max(len(name) for name in summary)
-    click.echo("\n".join(f"{name.ljust(width)}  {_text(value)}".rstrip() for name, value in summary.items()))
+    click.echo("\n".join(f"{name.ljust(width)}  {as_text(value)}".rstrip() for name, value in summary.items()))
     keep = [i for i, name in enumerate(leg_columns) if name not in SESSION_COLUMNS]
     click.echo(f"\ncall legs ({len(leg_rows)})")
     click.echo(format_table([leg_columns[i] for i in keep], [[row[i] for i in keep] for row in leg_rows]))

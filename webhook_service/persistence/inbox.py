@@ -81,6 +81,29 @@ def replay_selection(*, ids: list[int], failed: bool, since: Any) -> Any:
     return and_(*conditions)
 
 
+def selection_count(condition: Any) -> Any:
+    """How many rows a selection holds (a replay's length, for its progress bar)."""
+    return select(func.count()).select_from(inbox).where(condition)
+
+
+def known_ids(ids: list[int]) -> Any:
+    return select(inbox.c.id).where(inbox.c.id.in_(ids))
+
+
+def listing(*, failed: bool, session_uuid: str | None, since: Any, limit: int) -> Any:
+    """The newest inbox rows first, as `flask callbacks list` shows them (failed ones by their partial index)."""
+    conditions = []
+    if failed:
+        conditions.append(inbox.c.status == "failed")
+    if session_uuid is not None:
+        conditions.append(inbox.c.session_uuid == session_uuid)
+    if since is not None:
+        conditions.append(inbox.c.received_at >= since)
+    return (select(inbox.c.id, inbox.c.received_at, inbox.c.endpoint, inbox.c.event_name, inbox.c.session_uuid,
+                   inbox.c.status, inbox.c.error, inbox.c.attempts)
+            .where(*conditions).order_by(inbox.c.id.desc()).limit(limit))
+
+
 def replay_batch(condition: Any, after_id: int, limit: int) -> Any:
     return (select(inbox.c.id, inbox.c.endpoint, inbox.c.params).where(condition, inbox.c.id > after_id)
             .order_by(inbox.c.id).limit(limit))
@@ -91,10 +114,18 @@ def failed_count() -> Any:
     return select(func.count()).select_from(inbox).where(inbox.c.status == "failed")
 
 
+def _prunable(cutoff: Any) -> Any:
+    return and_(inbox.c.received_at < cutoff, or_(inbox.c.status == "recorded", inbox.c.status == "ignored"))
+
+
+def prune_count(cutoff: Any) -> Any:
+    """How many rows a prune would delete now (its progress bar's length)."""
+    return select(func.count()).select_from(inbox).where(_prunable(cutoff))
+
+
 def prune_batch(cutoff: Any, batch_size: int) -> Any:
     """Delete up to `batch_size` recorded or ignored rows received before `cutoff`, oldest first,
     skipping rows another transaction holds (a replay), so live work never waits on the prune."""
-    oldest = (select(inbox.c.id)
-              .where(inbox.c.received_at < cutoff, or_(inbox.c.status == "recorded", inbox.c.status == "ignored"))
+    oldest = (select(inbox.c.id).where(_prunable(cutoff))
               .order_by(inbox.c.id).limit(batch_size).with_for_update(skip_locked=True))
     return delete(inbox).where(inbox.c.id.in_(oldest.scalar_subquery()))

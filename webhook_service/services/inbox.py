@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,6 +25,7 @@ from psycopg.types.json import Jsonb
 from .. import metrics
 from ..context import Context
 from ..domain.callbacks import Reading, plain_params, read_callback
+from ..errors import NotFound
 from ..persistence.db import Database, is_database_unavailable
 from ..persistence.inbox import (
     MARK_READ,
@@ -34,10 +35,17 @@ from ..persistence.inbox import (
     STORE_RECORDED,
     fact_arguments,
     failed_count,
+    known_ids,
+    listing,
     prune_batch,
+    prune_count,
     replay_batch,
     replay_selection,
+    selection_count,
 )
+
+# Told how far long work has got: (done, total). The CLI draws a progress bar with it on a terminal.
+Progress = Callable[[int, int], None]
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +104,27 @@ def receive(ctx: Context, endpoint: str, method: str, content_type: str | None, 
     return outcome
 
 
-def replay(ctx: Context, *, ids: Iterable[int] = (), failed: bool = False, since: datetime | None = None
-           ) -> dict[str, int]:
+def replay(ctx: Context, *, ids: Iterable[int] = (), failed: bool = False, since: datetime | None = None,
+           progress: Progress | None = None) -> dict[str, int]:
     """Read stored callbacks again from their stored parameters, record their facts, project.
 
     Selectors combine (`failed=True, since=…`: failed callbacks received since then); with none, the
     failed ones. Safe to repeat: a callback's fact replaces the one it recorded before, and facts
     are a set. For callbacks a bug mis-read (then fixed), or events this service learnt to handle.
+    An id that names no stored callback is NotFound, and then nothing is replayed.
     """
-    condition = replay_selection(ids=list(ids), failed=failed, since=since)
+    ids = list(ids)
+    if ids:
+        with ctx.db.engine.connect() as conn:
+            missing = sorted(set(ids) - set(conn.execute(known_ids(ids)).scalars()))
+        if missing:
+            raise NotFound(f"No stored callback with id {', '.join(map(str, missing))}: nothing was replayed",
+                           details={"missing": missing})
+    condition = replay_selection(ids=ids, failed=failed, since=since)
+    total = done = 0
+    if progress is not None:
+        with ctx.db.engine.connect() as conn:
+            total = conn.execute(selection_count(condition)).scalar_one()
     counts: dict[str, int] = {}
     due: set[str] = set()
     last_id = 0
@@ -119,6 +139,9 @@ def replay(ctx: Context, *, ids: Iterable[int] = (), failed: bool = False, since
             if session_uuid:
                 due.add(session_uuid)
             last_id = inbox_id
+            done += 1
+            if progress is not None:
+                progress(done, max(total, done))
     ctx.projector.project(due, wait=True)
     return counts
 
@@ -141,18 +164,32 @@ def failed_callbacks(db: Database) -> int:
         return conn.execute(failed_count()).scalar_one()
 
 
-def prune(db: Database, *, older_than: timedelta, batch_size: int = 1000, pause: float = 0.0) -> int:
+def list_callbacks(db: Database, *, failed: bool = False, session_uuid: str | None = None,
+                   since: datetime | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """The newest stored callbacks first (what `flask callbacks list` shows), filtered as asked."""
+    with db.engine.connect() as conn:
+        rows = conn.execute(listing(failed=failed, session_uuid=session_uuid, since=since, limit=limit)).mappings()
+        return [dict(row) for row in rows]
+
+
+def prune(db: Database, *, older_than: timedelta, batch_size: int = 1000, pause: float = 0.0,
+          progress: Progress | None = None) -> int:
     """Delete recorded and ignored inbox rows received before `older_than` ago, in small batches.
 
     Their facts stay (`callback_facts` is the record); failed rows are kept for replay. Each batch is
     its own short transaction and skips rows another transaction holds, so nothing waits on it.
     """
     cutoff = datetime.now(UTC) - older_than
-    deleted = 0
+    deleted = total = 0
+    if progress is not None:
+        with db.engine.connect() as conn:
+            total = conn.execute(prune_count(cutoff)).scalar_one()
     while True:
         with db.engine.begin() as conn:
             batch = conn.execute(prune_batch(cutoff, batch_size)).rowcount
         deleted += batch
+        if progress is not None:
+            progress(deleted, max(total, deleted))
         if batch < batch_size:
             return deleted
         if pause:

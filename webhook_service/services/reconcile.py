@@ -80,7 +80,8 @@ class ReconcileReport:
     changed: int = 0
     drift: int = 0
     not_found: int = 0
-    errors: int = 0
+    errors: int = 0  # sessions Plivo could not be asked about (unreachable, failing) or whose answer failed to apply
+    fetched: int = 0  # sessions asked of Plivo this run (checked, changed, not found or errors)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -202,8 +203,9 @@ def refresh_session(ctx: Context, session_uuid: str) -> dict[str, Any]:
 
 
 def reconcile(ctx: Context, *, now: datetime | None = None, limit: int = 3000, concurrency: int = 8,
-              recent: timedelta = timedelta(hours=24), limiter: RateLimiter | None = None) -> ReconcileReport:
-    """One reconciliation run (see the module docstring)."""
+              recent: timedelta = timedelta(hours=24), limiter: RateLimiter | None = None,
+              progress: Callable[[int, int], None] | None = None) -> ReconcileReport:
+    """One reconciliation run (see the module docstring); `progress` is told (sessions done, sessions due)."""
     now = now or datetime.now(UTC)
     limiter = limiter or RateLimiter()
     report = ReconcileReport()
@@ -239,6 +241,9 @@ def reconcile(ctx: Context, *, now: datetime | None = None, limit: int = 3000, c
             report.changed += outcome == "changed"
             report.not_found += outcome == "not_found"
             report.errors += outcome == "errors"
+            report.fetched += 1
+            if progress is not None:
+                progress(report.fetched, len(due))
 
     with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
         list(pool.map(one, due))

@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -421,7 +422,8 @@ def resolve_pending_attempts(ctx: Context, *, grace: timedelta = timedelta(minut
 # Retention -----------------------------------------------------------------------------------
 
 
-def prune_attempts(ctx: Context, *, older_than: timedelta, batch_size: int = 1000, pause: float = 0.0) -> int:
+def prune_attempts(ctx: Context, *, older_than: timedelta, batch_size: int = 1000, pause: float = 0.0,
+                   progress: Callable[[int, int], None] | None = None) -> int:
     """Delete finished create attempts started before `older_than` ago, in small batches; return how many.
 
     Pending and unknown attempts are kept, whatever their age, until `resolve` settles them. The
@@ -431,17 +433,23 @@ def prune_attempts(ctx: Context, *, older_than: timedelta, batch_size: int = 100
     rows another transaction holds (a replay answering from one), so nothing waits on it.
     """
     cutoff = datetime.now(UTC) - older_than
-    deleted = after = 0
+    finished = and_(SessionCreateAttempt.started_at < cutoff,
+                    SessionCreateAttempt.state.not_in(UNRESOLVED_ATTEMPT_STATES))
+    deleted = after = total = 0
+    if progress is not None:
+        with ctx.db.engine.connect() as conn:
+            total = conn.execute(select(func.count()).select_from(SessionCreateAttempt).where(finished)).scalar_one()
     while True:
         oldest = (select(SessionCreateAttempt.id)
-                  .where(SessionCreateAttempt.id > after, SessionCreateAttempt.started_at < cutoff,
-                         SessionCreateAttempt.state.not_in(UNRESOLVED_ATTEMPT_STATES))
+                  .where(SessionCreateAttempt.id > after, finished)
                   .order_by(SessionCreateAttempt.id).limit(batch_size).with_for_update(skip_locked=True))
         with ctx.db.engine.begin() as conn:
             ids = conn.execute(delete(SessionCreateAttempt)
                                .where(SessionCreateAttempt.id.in_(oldest.scalar_subquery()))
                                .returning(SessionCreateAttempt.id)).scalars().all()
         deleted += len(ids)
+        if progress is not None:
+            progress(deleted, max(total, deleted))
         if len(ids) < batch_size:
             return deleted
         after = max(ids)
