@@ -7,7 +7,9 @@ are found through psutil, so that a test that fails still kills every one it sta
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -264,3 +266,79 @@ def test_make_psql_opens_psql_on_the_database_for_the_reporting_queries(database
                           input="SELECT count(*) AS sessions FROM reporting.session_summary;\n")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["sessions", "----------", "0", "(1", "row)"]
+
+
+# A newcomer's first hour, as the README tells it ------------------------------------------------------
+
+README = (ROOT / "README.md").read_text()
+SANDBOX_NUMBERS = 5  # the sandbox's pool today; with more (and numbers freed on expiry) all ten runs succeed
+
+
+def readme_shell_blocks() -> list[str]:
+    return re.findall(r"```sh\n(.*?)```", README, flags=re.DOTALL)
+
+
+def on_ports(command: str, run: MakeRun) -> str:
+    """The README's command for this run's ports (the README's are 8000 and 8001)."""
+    return command.replace("127.0.0.1:8000", f"127.0.0.1:{run.web_port}").replace(
+        "127.0.0.1:8001", f"127.0.0.1:{run.sandbox_port}")
+
+
+def test_a_newcomers_first_hour_as_the_readme_tells_it(make_runs, run_database, tmp_path):
+    quick_start, snippet, *commands = readme_shell_blocks()
+    assert [line.split("#")[0].strip() for line in quick_start.splitlines()] == ["make run", "make test"]
+    [look] = re.findall(r"`(curl -s http://127\.0\.0\.1:8000/v1/sessions/\$uuid [^`]*)`", README)
+    run = MakeRun(tmp_path, run_database).start()
+    make_runs.append(run)
+    run.wait_serving()
+    started = run.processes()
+    shell = environ_without_settings() | {"DATABASE_URL": run_database}  # what the newcomer's shell holds
+
+    def bash(script: str, **variables: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", script], cwd=ROOT, env=shell | variables, capture_output=True, text=True,
+                              timeout=120)
+
+    # The snippet, ten times: each either plays its call or says the API's own message (no traceback).
+    uuids, refusals = [], []
+    for _ in range(10):
+        done = bash(on_ports(snippet, run) + '\nstatus=$?; echo "uuid=$uuid"; exit $status')
+        assert "Traceback" not in done.stderr, done.stderr
+        uuid = done.stdout.rsplit("uuid=", 1)[1].strip()
+        if done.returncode == 0:
+            assert json.loads(done.stdout.rsplit("uuid=", 1)[0])["callbacks"]  # the call the sandbox played
+            session = json.loads(bash(on_ports(look, run), uuid=uuid).stdout)
+            assert (session["call_count"], len(session["call_legs"]), session["recording_count"]) == (2, 2, 1), session
+            uuids.append(uuid)
+        else:
+            assert uuid == "" and done.stdout == "uuid=\n"
+            refusals.append(done.stderr)
+    assert len(uuids) == min(10, SANDBOX_NUMBERS)
+    answer = requests.post(run.url + "/v1/sessions", headers={"Authorization": "Bearer dev-token"}, timeout=10,
+                           json={"first_party": FIRST, "second_party": SECOND}).json()
+    assert refusals == [answer["message"] + "\n"] * (10 - len(uuids))  # the API's message, word for word
+
+    # The README's other examples, as written (its commands, with $uuid from the snippet).
+    for command in commands:
+        done = bash(command, uuid=uuids[0])
+        assert done.returncode == 0, command + done.stdout + done.stderr
+        assert "Traceback" not in done.stderr
+    # A round trip through the CLI.
+    flask = str(ROOT / ".venv/bin/flask")
+    listed = bash(f"{flask} --app webhook_service sessions list --limit 100 --format json")
+    assert {s["session_uuid"] for s in json.loads(listed.stdout)["sessions"]} == set(uuids)
+    shown = json.loads(bash(f"{flask} --app webhook_service sessions show {uuids[0].upper()} --format json").stdout)
+    assert shown["call_count"] == 2 and shown["recording_count"] == 1
+    callbacks = json.loads(bash(f"{flask} --app webhook_service callbacks list --session {uuids[0]} --format json"
+                                ).stdout)
+    assert len(callbacks) >= 5 and {c["status"] for c in callbacks} == {"recorded"}
+    replayed = bash(f"{flask} --app webhook_service callbacks replay --id {callbacks[0]['id']}")
+    assert (replayed.returncode, replayed.stdout.split()) == (0, ["outcome", "callbacks", "--------", "---------",
+                                                                  "recorded", "1"]), replayed.stderr
+
+    # Ctrl-C, and every process gone and every port free.
+    signalled = time.monotonic()
+    os.killpg(run.proc.pid, signal.SIGINT)
+    run.proc.wait(timeout=STOP_WITHIN + 5)
+    assert wait_until(lambda: all(gone(p) for p in started), timeout=STOP_WITHIN - (time.monotonic() - signalled))
+    assert bindable(run.web_port) and bindable(run.sandbox_port)
+    assert "Traceback" not in run.output(), run.output()
