@@ -46,3 +46,63 @@ def test_every_test_the_documents_cite_exists():
         elif name and name not in defined_in(path):
             missing.append(f"{doc}: {file}::{name}")
     assert not missing, "cited but not there:\n" + "\n".join(missing)
+
+
+# The settings the code reads, and the README's table of them -------------------------------------
+
+ENVIRONMENT_NAMES = {"environ", "env", "environment"}  # what the code calls a mapping of environment variables
+SETTING_READERS = {"get", "getenv"}  # settings.py's get("X"), os.getenv("X")
+TYPED_READERS = {"_number", "_flag", "_choice", "_region"}  # settings.py's readers: (env, "X", …)
+VARIABLE = re.compile(r"[A-Z][A-Z0-9_]{2,}")
+
+
+def variables_read(source: str) -> set[str]:
+    """The environment variables a module reads: `os.environ.get("X")`, `env["X"]`, `env.setdefault("X", …)`,
+    `os.getenv("X")`, and settings.py's `get("X")`, `_number(env, "X", …)` and the like."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load):
+            target, keys = node.value, [node.slice]
+        elif isinstance(node, ast.Call):
+            target, keys = node.func, node.args[:1]
+        else:
+            continue
+        names = {part.attr if isinstance(part, ast.Attribute) else getattr(part, "id", None)
+                 for part in (target, getattr(target, "value", None))}
+        if isinstance(node, ast.Call) and names & TYPED_READERS:
+            keys = node.args[1:2]
+        elif isinstance(node, ast.Call) and not (names & ENVIRONMENT_NAMES or names & SETTING_READERS):
+            continue
+        if isinstance(node, ast.Subscript) and not names & ENVIRONMENT_NAMES:
+            continue
+        found |= {key.value for key in keys if isinstance(key, ast.Constant) and isinstance(key.value, str)
+                  and VARIABLE.fullmatch(key.value)}
+    return found
+
+
+def test_the_variables_read_are_found_however_they_are_read():
+    source = """
+import os
+os.environ.get("ONE", "DEFAULT"); os.environ["TWO"]; env.get("THREE", "x"); env.setdefault("FOUR", "1")
+os.getenv("FIVE")
+get("SIX"); _number(env, "SEVEN", 3, int); _flag(env, "EIGHT", True)
+params.get("EventName"); headers.get("X-Request-Id"); row["NOT_ENV"]; env["WRITTEN"] = "1"
+"""
+    assert variables_read(source) == {"ONE", "TWO", "THREE", "FOUR", "FIVE", "SIX", "SEVEN", "EIGHT"}
+
+
+def readme_settings_table() -> set[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    return {name for line in section.splitlines() if line.startswith("| `")
+            for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", line.split(" | ")[0])}
+
+
+def test_the_readme_lists_every_variable_the_code_reads():
+    sources = [path for path in ROOT.rglob("*.py")
+               if not ({".venv", "tests", "bench", ".git"} & set(path.relative_to(ROOT).parts))]
+    read = {name: sorted(str(path.relative_to(ROOT)) for path in sources if name in variables_read(path.read_text()))
+            for name in set().union(*(variables_read(path.read_text()) for path in sources))}
+    assert len(read) > 30 and "EMBEDDED_PGDATA" in read and "GUNICORN_BIND" in read
+    missing = {name: where for name, where in read.items() if name not in readme_settings_table()}
+    assert not missing, f"read by the code but not in the README's settings table: {missing}"
