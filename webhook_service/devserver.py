@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,6 +37,7 @@ log = logging.getLogger("webhook_service.devserver")
 DEFAULT_PORT = 8000
 STOP_DEADLINE = 8.0  # seconds from the stop signal to SIGKILL: everything is gone well within 10 s
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^@/\s]+@")
 
 
 def web_address(env: dict[str, str]) -> tuple[str, int]:
@@ -69,10 +71,13 @@ def _listener(port: int) -> str | None:
     for conn in connections:
         if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
             try:
-                command = " ".join(psutil.Process(conn.pid).cmdline())
+                arguments = psutil.Process(conn.pid).cmdline()
             except psutil.Error:
-                command = "?"
-            return f"pid {conn.pid} ({command[:200]})"
+                arguments = ["?"]
+            # Enough to recognise it (`python -m webhook_service.sandbox …`), with any URL's password hidden.
+            shown = [argument if len(argument) <= 80 else argument[:79] + "…" for argument in arguments[:4]]
+            command = _URL_PASSWORD.sub(r"\1***@", " ".join(shown) + (" …" if len(arguments) > 4 else ""))
+            return f"pid {conn.pid} ({command})"
     return None
 
 
