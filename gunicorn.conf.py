@@ -17,6 +17,10 @@
 * Never exposed directly in production: nginx in front buffers slow clients (deploy/nginx/,
   docs/deploy.md). The gevent worker is what keeps `make run`, a Procfile platform or a
   misconfigured deploy standing when gunicorn does face the clients.
+* Logs: gunicorn's own lines (starting, workers booting and exiting, signals, crashes) are JSON records
+  through the app's formatter, like every other line; its access line is off (the app writes one).
+* Metrics: without PROMETHEUS_MULTIPROC_DIR, the workers' samples go to a temporary folder this server
+  makes, and deletes when it exits.
 * Request limits: gunicorn refuses a request line, header or header count over these limits itself,
   with an HTML page the app never sees (414, 431). They are set for what this service receives, and
   the TLS proxy in front refuses the same requests first, in the JSON shape (docs/deploy.md).
