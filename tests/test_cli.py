@@ -71,6 +71,22 @@ def test_help_prints_help_only(database_url, sandbox_server, args, mode):
     assert done.stdout.startswith("Usage: ") and "{" not in done.stdout.splitlines()[0]
 
 
+def test_help_prints_help_only_on_a_fresh_clone_with_the_embedded_database(tmp_path):
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="cli-help-"))  # the wheel's server runs as its own user: not under tmp_path
+    env = {"EMBEDDED_PGDATA": str(base / "pgdata")}  # and no DATABASE_URL: the embedded PostgreSQL, as on a fresh clone
+    try:
+        done = flask_with(env, ["sessions", "--help"])
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == "" and done.stdout.startswith("Usage: python -m flask sessions")
+    finally:
+        subprocess.run([sys.executable, "-c", "from webhook_service.devdb import stop; stop(delete=True)"], cwd=ROOT,
+                       env=environ_without_settings() | env, capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 SETTING_ERRORS = {
     "DATABASE_URL": {"DATABASE_URL": ""},
     "LOG_LEVEL": {"LOG_LEVEL": "chatty"},
