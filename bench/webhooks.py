@@ -15,7 +15,7 @@ from --worker-class), so they all have the same worker class, workers and thread
   callback before answering does, so a ceiling for the service on this machine);
 * the service, `webhook_service:create_app()`, on a database of its own (`webhook_service_bench_webhooks`
   on DATABASE_URL's server, else on the embedded PostgreSQL; recreated by the migrations on every run),
-  with a sandbox Plivo (`python -m webhook_service.sandbox`) for POST /v1/sessions. PLIVO_MAX_CONCURRENCY
+  with a sandbox Plivo (`python -m plivo_sandbox`) for POST /v1/sessions. PLIVO_MAX_CONCURRENCY
   is set to the thread count, or the sessions run would measure the 503s that setting exists to give.
 
 Load: every request is generated beforehand and read by `bench/wrk_feed.lua`, one line per request,
@@ -835,7 +835,7 @@ class Bench:
 
         log("starting the sandbox Plivo, the baselines and the service")
         self.sandbox = self._start(Server(
-            "sandbox", [sys.executable, "-m", "webhook_service.sandbox", "--port", str(self.ports["sandbox"])],
+            "sandbox", [sys.executable, "-m", "plivo_sandbox", "--port", str(self.ports["sandbox"])],
             os.environ | {"LOG_LEVEL": "WARNING", "PLIVO_AUTH_ID": AUTH_ID, "PLIVO_AUTH_TOKEN": AUTH_TOKEN},
             self.ports["sandbox"], "/sandbox/healthz", self.workdir))
         signing = {"PLIVO_AUTH_TOKEN": AUTH_TOKEN}

@@ -16,11 +16,11 @@ import pytest
 import requests
 from sqlalchemy import create_engine, text
 
+from plivo_sandbox.server import SandboxServer
 from webhook_service import create_app
 from webhook_service.devdb import admin_url, drop_database, ensure_database
 from webhook_service.migrate import upgrade
 from webhook_service.persistence.db import Database, sqlalchemy_url
-from webhook_service.sandbox.server import SandboxServer
 from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN
 
 from .helpers import API_TOKEN, LiveServer, free_port, make_settings

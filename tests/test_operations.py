@@ -265,7 +265,7 @@ def test_the_sandbox_process_logs_json_lines_werkzeugs_included(tmp_path):
     port = free_port()
     env = environ_without_settings() | {"PYTHONUNBUFFERED": "1"}
     with open(tmp_path / "stderr", "w") as stderr:
-        proc = subprocess.Popen([sys.executable, "-m", "webhook_service.sandbox", "--port", str(port)], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "plivo_sandbox", "--port", str(port)], env=env,
                                 stdout=stderr, stderr=stderr)
     try:
         def answers() -> bool:
@@ -280,7 +280,7 @@ def test_the_sandbox_process_logs_json_lines_werkzeugs_included(tmp_path):
         proc.wait(timeout=10)
     records = [json.loads(line) for line in (tmp_path / "stderr").read_text().splitlines()]
     assert any(r["logger"] == "werkzeug" and "GET /sandbox/healthz" in r["message"] for r in records), records
-    assert any(r["logger"] == "webhook_service.sandbox" for r in records)
+    assert any(r["logger"] == "plivo_sandbox" for r in records)
 
 
 def test_uuids_and_hex_ids_are_never_masked():

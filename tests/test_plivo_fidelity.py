@@ -13,9 +13,9 @@ import requests
 from plivo.utils.signature_v3 import construct_post_url, get_signature_v3, validate_v3_signature
 from sqlalchemy import text
 
+from plivo_sandbox.state import SANDBOX_SUBACCOUNTS
 from webhook_service import create_app
 from webhook_service.plivo.signature import MA_SIGNATURE_HEADER, NONCE_HEADER, SIGNATURE_HEADER
-from webhook_service.sandbox.state import SANDBOX_SUBACCOUNTS
 from webhook_service.settings import SANDBOX_AUTH_TOKEN
 
 from .helpers import API_TOKEN, FIRST, SECOND, make_settings, settle
@@ -306,10 +306,10 @@ PIN_ON = {"is_pin_authentication_required": True, "pin_prompt_play": PROMPT, "ge
 
 def both_verdicts(body: dict) -> tuple[bool, bool]:
     """Whether the service's validation and the sandbox's accept a create body (True: accepted)."""
+    from plivo_sandbox.validation import ApiError as SandboxRefusal
+    from plivo_sandbox.validation import validate_create as sandbox_validates
     from webhook_service.domain.requests import validate_create as service_validates
     from webhook_service.errors import ApiError as ServiceRefusal
-    from webhook_service.sandbox.validation import ApiError as SandboxRefusal
-    from webhook_service.sandbox.validation import validate_create as sandbox_validates
 
     verdicts = []
     for validate, refusal in ((service_validates, ServiceRefusal), (sandbox_validates, SandboxRefusal)):

@@ -11,9 +11,9 @@ from urllib.parse import urlencode
 import requests
 from sqlalchemy import text
 
+from plivo_sandbox.server import SandboxServer
 from webhook_service.plivo.client import PlivoClient
 from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
-from webhook_service.sandbox.server import SandboxServer
 from webhook_service.services.reconcile import RateLimiter, apply_plivo_session, reconcile, reconcile_every
 from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN
 

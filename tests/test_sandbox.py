@@ -18,8 +18,8 @@ from plivo.utils.signature_v3 import validate_v3_signature
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
+from plivo_sandbox import SandboxServer
 from webhook_service.plivo.signature import verify_signature
-from webhook_service.sandbox import SandboxServer
 
 AUTH_ID = "MATESTSANDBOX0000000"  # 20 characters starting with MA, as the Plivo SDK demands
 TOKEN = "test-sandbox-token"

@@ -499,7 +499,7 @@ class LogCapture:
     def entries(self) -> list[dict]:
         entries = [json.loads(line) for line in self.stream.getvalue().splitlines()]  # one JSON object a line
         # The in-process sandbox (a stand-in for Plivo, never deployed) logs on loggers of its own.
-        return [e for e in entries if not e["logger"].startswith(("webhook_service.sandbox", "werkzeug"))]
+        return [e for e in entries if not e["logger"].startswith(("plivo_sandbox", "werkzeug"))]
 
     def text(self) -> str:
         return "\n".join(json.dumps(e, ensure_ascii=False) for e in self.entries())

@@ -112,3 +112,18 @@ def test_production_processes_refuse_to_start_without_database_url(tmp_path, com
     assert done.returncode != 0
     assert "DATABASE_URL is required when PLIVO_AUTH_ID is set" in done.stderr, done.stderr
     assert not (tmp_path / "pgdata").exists()  # no embedded PostgreSQL was started
+
+
+def test_a_production_install_ships_no_fake_plivo():
+    """`pip install .` takes the packages pyproject.toml's find rule selects (setuptools' own search,
+    run here with that rule): the service's package and not the sandbox Plivo."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    root = Path(__file__).resolve().parents[1]
+    rule = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    shipped = find_packages(where=str(root), include=rule["include"], exclude=rule.get("exclude", ()))
+    assert "webhook_service.services" in shipped
+    assert not [name for name in shipped if "sandbox" in name], shipped
+    assert (root / "plivo_sandbox" / "__main__.py").exists()  # it is in the checkout, for development

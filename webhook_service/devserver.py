@@ -74,7 +74,7 @@ def _listener(port: int) -> str | None:
                 arguments = psutil.Process(conn.pid).cmdline()
             except psutil.Error:
                 arguments = ["?"]
-            # Enough to recognise it (`python -m webhook_service.sandbox …`), with any URL's password hidden.
+            # Enough to recognise it (`python -m plivo_sandbox …`), with any URL's password hidden.
             shown = [argument if len(argument) <= 80 else argument[:79] + "…" for argument in arguments[:4]]
             command = _URL_PASSWORD.sub(r"\1***@", " ".join(shown) + (" …" if len(arguments) > 4 else ""))
             return f"pid {conn.pid} ({command})"
@@ -228,7 +228,7 @@ def _run(supervisor: Supervisor, settings: Settings, env: dict[str, str], ports:
     try:
         if "sandbox" in ports and not supervisor.stop_requested.is_set():
             host, port = ports["sandbox"]
-            sandbox = supervisor.start(Child("sandbox", [python, "-m", "webhook_service.sandbox", "--host", host,
+            sandbox = supervisor.start(Child("sandbox", [python, "-m", "plivo_sandbox", "--host", host,
                                                          "--port", str(port)], signal.SIGINT, port), env)
             if not supervisor.wait_listening(sandbox, host, timeout=15) and not supervisor.stop_requested.is_set():
                 log.error("the sandbox Plivo did not start on %s:%d", host, port)

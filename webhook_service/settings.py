@@ -2,7 +2,7 @@
 
 A missing or malformed variable stops the start with a message that names it. With no Plivo
 credentials the service runs in *sandbox mode*: it talks to the local fake Plivo
-(`webhook_service.sandbox`) with well-known development credentials.
+(`plivo_sandbox`) with well-known development credentials.
 """
 
 from __future__ import annotations

@@ -42,12 +42,12 @@ import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 
+from plivo_sandbox.calls import RATE_PER_MINUTE, RING_SECONDS
+from plivo_sandbox.server import SandboxServer
 from webhook_service.devdb import drop_database, with_database
 from webhook_service.migrate import upgrade
 from webhook_service.persistence.db import Database, sqlalchemy_url
 from webhook_service.plivo.signature import NONCE_HEADER, SIGNATURE_HEADER, compute_signature
-from webhook_service.sandbox.calls import RATE_PER_MINUTE, RING_SECONDS
-from webhook_service.sandbox.server import SandboxServer
 from webhook_service.services.projector import Projector
 from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN, Settings
 
