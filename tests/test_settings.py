@@ -53,6 +53,7 @@ def test_production_settings_are_read_and_typed():
     ({"LOG_LEVEL": "verbose"}, "LOG_LEVEL"),
     ({"LOG_LEVEL": "info,debug"}, "LOG_LEVEL"),
     ({"DEFAULT_PHONE_REGION": "USA"}, "DEFAULT_PHONE_REGION"),
+    ({"FORWARDED_ALLOW_IPS": "10.0.0.1,nginx"}, "FORWARDED_ALLOW_IPS"),
 ])
 def test_bad_settings_stop_the_start_naming_the_variable(change, variable):
     with pytest.raises(SettingsError, match=variable):
@@ -127,3 +128,17 @@ def test_a_production_install_ships_no_fake_plivo():
     assert "webhook_service.services" in shipped
     assert not [name for name in shipped if "sandbox" in name], shipped
     assert (root / "plivo_sandbox" / "__main__.py").exists()  # it is in the checkout, for development
+
+
+def test_the_client_is_read_from_x_forwarded_for_only_through_trusted_proxies():
+    from webhook_service.web.clients import TrustedProxies
+
+    proxies = TrustedProxies(Settings.from_env(PROD | {"FORWARDED_ALLOW_IPS": "127.0.0.1, 10.0.0.0/8"})
+                             .forwarded_allow_ips)
+    # nginx (10.1.1.1) behind the load balancer (127.0.0.1): each appended the address it saw.
+    assert proxies.client("127.0.0.1", "203.0.113.9, 198.51.100.4, 10.1.1.1") == "198.51.100.4"
+    assert proxies.client("127.0.0.1", "10.1.1.2") == "10.1.1.2"  # every hop trusted: the furthest one
+    assert proxies.client("127.0.0.1", "not-an-address, 198.51.100.4") == "198.51.100.4"
+    assert proxies.client("127.0.0.1", None) == "127.0.0.1"
+    assert proxies.client("192.0.2.8", "198.51.100.4") == "192.0.2.8"  # a stranger's claim is not believed
+    assert TrustedProxies("*").client("192.0.2.8", "198.51.100.4") == "198.51.100.4"

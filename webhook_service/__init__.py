@@ -116,6 +116,9 @@ def _register_request_logging(app: Flask) -> None:
     import time
 
     from . import metrics
+    from .web.clients import TrustedProxies
+
+    proxies = TrustedProxies(app.extensions["webhook_service"].settings.forwarded_allow_ips)
 
     @app.before_request
     def _start() -> None:
@@ -141,6 +144,8 @@ def _register_request_logging(app: Flask) -> None:
                 "status": response.status_code,
                 "latency_ms": round(elapsed * 1000, 2),
                 "session_uuid": g.get("session_uuid"),
+                # The proxy's X-Forwarded-For only if the peer is a trusted proxy (web/clients.py).
+                "client": proxies.client(request.remote_addr, request.headers.get("X-Forwarded-For")),
             },
         )
         return response

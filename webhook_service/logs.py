@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -75,10 +76,20 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in vars(record).items():
             if key not in self.RESERVED and not key.startswith("_"):
-                entry[key] = mask_phones_in(value) if isinstance(value, str) else value
+                # An IP address is not a phone number, though its digits may look like one.
+                masked = isinstance(value, str) and not (key == "client" and _is_ip(value))
+                entry[key] = mask_phones_in(value) if masked else value
         if record.exc_info:
             entry["exception"] = mask_phones_in(self.formatException(record.exc_info))
         return json.dumps(entry, default=str)
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -7,6 +7,7 @@ credentials the service runs in *sandbox mode*: it talks to the local fake Plivo
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -69,6 +70,10 @@ class Settings:
     # NGINX_REFUSED_LOG: the log of requests nginx refused for slowness or size (deploy/nginx/), counted
     # in /metrics by status; for an nginx on the same machine.
     nginx_refused_log: str | None = None
+    # FORWARDED_ALLOW_IPS: the proxies believed about the client (X-Forwarded-For, in the request log)
+    # and the scheme (X-Forwarded-Proto, by gunicorn, which reads the same variable): `*`, or addresses
+    # and networks separated by commas; default 127.0.0.1 (gunicorn's).
+    forwarded_allow_ips: str = "127.0.0.1"
 
     @property
     def plivo_auth_token(self) -> str:
@@ -156,6 +161,7 @@ class Settings:
             default_phone_region=_region(env, "DEFAULT_PHONE_REGION"),
             nginx_status_url=_http_url("NGINX_STATUS_URL", get("NGINX_STATUS_URL")),
             nginx_refused_log=get("NGINX_REFUSED_LOG"),
+            forwarded_allow_ips=_proxies("FORWARDED_ALLOW_IPS", get("FORWARDED_ALLOW_IPS") or "127.0.0.1"),
         )
 
 
@@ -170,6 +176,16 @@ def _origin(name: str, value: str) -> str:
     if parts.query or parts.fragment:
         raise SettingsError(f"{name} must not carry a query string or fragment")
     return value.rstrip("/")
+
+
+def _proxies(name: str, value: str) -> str:
+    try:
+        for entry in _csv(value):
+            if entry != "*":
+                ipaddress.ip_network(entry, strict=False)
+    except ValueError:
+        raise SettingsError(f"{name} must be * or addresses and networks separated by commas, got {value!r}") from None
+    return value
 
 
 def _http_url(name: str, value: str | None) -> str | None:

@@ -457,10 +457,13 @@ NGINX_PROXY = ROOT / "deploy" / "nginx" / "masking-service-proxy.conf"
 
 
 def render_nginx_site(workdir: Path, *, listen: str, upstream: str, status_listen: str,
-                      tls: tuple[Path, Path] | None = None) -> str:
+                      tls: tuple[Path, Path] | None = None, locations: str = "") -> str:
     """deploy/nginx/masking-service.conf with this run's addresses, log paths and (with `tls`, a
-    certificate and key) TLS; every other directive is the deployed file's own."""
+    certificate and key) TLS, and `locations` (more location blocks, written as for /etc/nginx)
+    before its own; every other directive is the deployed file's own."""
     text_ = NGINX_SITE.read_text()
+    if locations:
+        text_ = text_.replace("    location /webhooks/plivo/ {", locations + "\n    location /webhooks/plivo/ {", 1)
     replaced = {
         r"server 127\.0\.0\.1:8000;": f"server {upstream};",
         r"listen 443 ssl http2;": f"listen {listen} ssl http2;" if tls else f"listen {listen};",
@@ -476,6 +479,17 @@ def render_nginx_site(workdir: Path, *, listen: str, upstream: str, status_liste
     return text_
 
 
+def self_signed_certificate(directory: Path, hostname: str) -> tuple[Path, Path]:
+    """A throwaway certificate and key for `hostname` and 127.0.0.1, made by the openssl command."""
+    cert, key = directory / f"{hostname}.crt", directory / f"{hostname}.key"
+    made = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={hostname}",
+         "-addext", f"subjectAltName=DNS:{hostname},IP:127.0.0.1"], capture_output=True, text=True, timeout=30)
+    assert made.returncode == 0, f"openssl could not make a certificate:\n{made.stderr}"
+    return cert, key
+
+
 class NginxProxy:
     """Debian's nginx with the repository's site (`render_nginx_site`), on loopback, in front of `upstream`.
 
@@ -484,7 +498,8 @@ class NginxProxy:
     """
 
     def __init__(self, upstream_port: int | None = None, *, port: int | None = None,
-                 tls: tuple[Path, Path] | None = None):
+                 tls: tuple[Path, Path] | None = None, locations: str = ""):
+        self.locations = locations  # more `location` blocks for the server, before the deployed ones
         self.port = port or free_port()
         self.status_port = free_port()
         self.upstream_port = upstream_port
@@ -503,9 +518,14 @@ class NginxProxy:
         assert self.upstream_port, "no upstream port"
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         (self.dir / "masking-service-proxy.conf").write_text(NGINX_PROXY.read_text())
+        tls = None
+        if self.tls:  # copied beside the configuration, where the unprivileged nginx can read them
+            tls = (self.dir / "site.crt", self.dir / "site.key")
+            for source, copy in zip(self.tls, tls, strict=True):
+                shutil.copyfile(source, copy)
         (self.dir / "site.conf").write_text(render_nginx_site(
             self.dir, listen=f"127.0.0.1:{self.port}", upstream=f"127.0.0.1:{self.upstream_port}",
-            status_listen=f"127.0.0.1:{self.status_port}", tls=self.tls))
+            status_listen=f"127.0.0.1:{self.status_port}", tls=tls, locations=self.locations))
         temp = {name: self.dir / name for name in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")}
         (self.dir / "nginx.conf").write_text(f"""
 daemon off;
