@@ -673,6 +673,47 @@ def test_readyz_fails_while_the_schema_is_behind_this_codes_head(sandbox, scratc
         app.extensions["webhook_service"].close()
 
 
+def test_readyz_stays_ready_when_the_schema_is_ahead_of_this_code(sandbox, scratch_url):
+    # `release` of the next version migrated first (a revision this code does not know): a rolling
+    # upgrade's old nodes keep serving.
+    from sqlalchemy import create_engine
+
+    from webhook_service.migrate import upgrade
+    from webhook_service.persistence.db import sqlalchemy_url
+
+    upgrade(scratch_url)
+    engine = create_engine(sqlalchemy_url(scratch_url))
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'from_the_next_release'"))
+    engine.dispose()
+    app = create_app({"TESTING": True, "settings": make_settings(sandbox.url), "database_url": scratch_url})
+    try:
+        ahead = app.test_client().get("/readyz")
+        assert ahead.status_code == 200, ahead.get_json()
+        assert ahead.get_json()["migration"] == "from_the_next_release"
+    finally:
+        app.extensions["webhook_service"].close()
+
+
+def test_readyz_answers_draining_while_the_drain_file_exists_and_the_node_still_serves(database_url, sandbox,
+                                                                                       tmp_path):
+    drain = tmp_path / "drain"
+    settings = make_settings(sandbox.url, DRAIN_FILE=str(drain))
+    app = create_app({"TESTING": True, "settings": settings, "database_url": database_url})
+    try:
+        client = app.test_client()
+        assert client.get("/readyz").status_code == 200
+        drain.touch()
+        draining = client.get("/readyz")
+        assert (draining.status_code, draining.get_json()["status"]) == (503, "draining")
+        assert client.get("/healthz").status_code == 200  # alive, and serving what it is still sent
+        assert client.get("/v1/sessions", headers={"Authorization": f"Bearer {API_TOKEN}"}).status_code == 200
+        drain.unlink()
+        assert client.get("/readyz").status_code == 200
+    finally:
+        app.extensions["webhook_service"].close()
+
+
 def test_slow_plivo_cannot_take_every_thread_of_a_worker(database_url, auth, sandbox):
     # One slot: while one create waits on a slow Plivo, the next is refused at once (503), so the
     # worker's other threads stay free for Plivo's callbacks. "At once": before Plivo answers the first.

@@ -74,6 +74,9 @@ class Settings:
     # and the scheme (X-Forwarded-Proto, by gunicorn, which reads the same variable): `*`, or addresses
     # and networks separated by commas; default 127.0.0.1 (gunicorn's).
     forwarded_allow_ips: str = "127.0.0.1"
+    # DRAIN_FILE: while this file exists, /readyz answers 503 "draining" so that the load balancer
+    # takes the node out before it is stopped (docs/deploy.md, rolling restarts). Unset: never.
+    drain_file: str | None = None
 
     @property
     def plivo_auth_token(self) -> str:
@@ -161,6 +164,7 @@ class Settings:
             default_phone_region=_region(env, "DEFAULT_PHONE_REGION"),
             nginx_status_url=_http_url("NGINX_STATUS_URL", get("NGINX_STATUS_URL")),
             nginx_refused_log=get("NGINX_REFUSED_LOG"),
+            drain_file=get("DRAIN_FILE"),
             forwarded_allow_ips=_proxies("FORWARDED_ALLOW_IPS", get("FORWARDED_ALLOW_IPS") or "127.0.0.1"),
         )
 

@@ -600,6 +600,113 @@ http {{
         return {"active": int(body.split()[2])} | counts
 
 
+# haproxy: the load balancer over several nodes ------------------------------------------------------
+
+HAPROXY_CONFIG = ROOT / "deploy" / "haproxy" / "masking-service.cfg"
+
+
+def render_haproxy(workdir: Path, *, listen: str, stats_listen: str, nodes: Sequence[int]) -> str:
+    """deploy/haproxy/masking-service.cfg with this run's addresses (and one `server` line per node),
+    logging to its standard output; every other directive is the deployed file's own."""
+    text_ = HAPROXY_CONFIG.read_text()
+    servers = "".join(f"    server node{n} 127.0.0.1:{port} check\n" for n, port in enumerate(nodes, 1))
+    replaced = {
+        r"bind 127\.0\.0\.1:8000\n": f"bind {listen}\n",
+        r"bind 127\.0\.0\.1:8404\n": f"bind {stats_listen}\n",
+        r"(    server node\d+ [^\n]*\n)+": servers,
+        r"log /dev/log local0": "log stdout format raw local0",  # its request log in the drill's directory
+    }
+    for pattern, replacement in replaced.items():
+        text_, count = re.subn(pattern, lambda _m, r=replacement: r, text_)
+        assert count, f"{pattern} is no longer in {HAPROXY_CONFIG.name}: update render_haproxy"
+    return text_
+
+
+class HAProxyBalancer:
+    """Debian's haproxy with the repository's configuration (`render_haproxy`), on loopback, in front of
+    `nodes` (gunicorn ports). Runs unprivileged (as `nobody` when the tests run as root) in the
+    foreground from a directory of its own; `stop` ends it. `states()` reads its stats page."""
+
+    def __init__(self, nodes: Sequence[int]):
+        self.nodes = list(nodes)
+        self.port, self.stats_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.dir = Path(tempfile.mkdtemp(prefix="drill-haproxy-"))
+        self.log = self.dir / "haproxy.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 15.0) -> HAProxyBalancer:
+        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        config = self.dir / "haproxy.cfg"
+        config.write_text(render_haproxy(self.dir, listen=f"127.0.0.1:{self.port}",
+                                         stats_listen=f"127.0.0.1:{self.stats_port}", nodes=self.nodes))
+        user = None
+        if os.geteuid() == 0:
+            user = "nobody"
+            entry = pwd.getpwnam(user)
+            for path in [self.dir, *self.dir.iterdir()]:
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        checked = subprocess.run([haproxy, "-c", "-f", str(config)], capture_output=True, text=True, user=user,
+                                 timeout=30)
+        assert checked.returncode == 0, f"haproxy -c refused the configuration:\n{checked.stdout}{checked.stderr}"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([haproxy, "-db", "-f", str(config)], cwd=self.dir, stdout=log,
+                                         stderr=subprocess.STDOUT, user=user, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.states()
+                return self
+            except (requests.RequestException, ValueError):
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"haproxy did not start:\n{self.log_text()}")
+            time.sleep(0.05)
+
+    def states(self) -> dict[str, str]:
+        """Each node's state as haproxy sees it: "UP", "DOWN", "UP 1/2" (going down), "DOWN 1/2"…"""
+        csv = requests.get(f"http://127.0.0.1:{self.stats_port}/stats;csv", timeout=5).text.splitlines()
+        header = csv[0].lstrip("# ").split(",")
+        rows = [dict(zip(header, line.split(","), strict=False)) for line in csv[1:] if line]
+        return {row["svname"]: row["status"] for row in rows if row["svname"].startswith("node")}
+
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Per node: requests sent (stot), retries (wretr), redispatches (wredis), 5xx answers (hrsp_5xx)."""
+        csv = requests.get(f"http://127.0.0.1:{self.stats_port}/stats;csv", timeout=5).text.splitlines()
+        header = csv[0].lstrip("# ").split(",")
+        rows = [dict(zip(header, line.split(","), strict=False)) for line in csv[1:] if line]
+        return {row["svname"]: {k: int(row[k] or 0) for k in ("stot", "wretr", "wredis", "hrsp_5xx")}
+                for row in rows if row["svname"].startswith("node")}
+
+    def wait_state(self, node: str, state: str, timeout: float = 15.0) -> float:
+        """Wait until haproxy sees `node` in `state` ("UP" or "DOWN"); the seconds waited."""
+        started = time.monotonic()
+        while self.states().get(node) != state:
+            if time.monotonic() - started > timeout:
+                raise TimeoutError(f"haproxy: {node} is {self.states().get(node)}, not {state}, after {timeout} s")
+            time.sleep(0.05)
+        return time.monotonic() - started
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGUSR1)  # soft stop: finishes what it is forwarding
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(timeout=10)
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+
 # Slow clients -----------------------------------------------------------------------------------------
 
 
@@ -882,11 +989,13 @@ def plan_calls(sandbox: Sandbox, uuids: Sequence[str], calls: int) -> tuple[list
     return callbacks, expected
 
 
-def shuffled_load(callbacks: Sequence[Callback], senders: int, seed: int, *, pace: float = 0.0) -> Load:
-    """Every callback once, in a shuffled order, dealt to `senders` threads: started."""
+def shuffled_load(callbacks: Sequence[Callback], senders: int, seed: int, *, pace: float = 0.0,
+                  base_url: str | None = None) -> Load:
+    """Every callback once, in a shuffled order, dealt to `senders` threads (to `base_url` instead of
+    each callback's own origin, if given): started."""
     order = list(range(len(callbacks)))
     random.Random(seed).shuffle(order)
-    return Load(split([(i, callbacks[i], None) for i in order], senders), pace=pace).start()
+    return Load(split([(i, callbacks[i], base_url) for i in order], senders), pace=pace).start()
 
 
 def received_params(callback: Callback) -> dict[str, Any]:
