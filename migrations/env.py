@@ -7,6 +7,7 @@ from sqlalchemy import create_engine, pool, text
 
 from webhook_service.persistence.db import sqlalchemy_url
 from webhook_service.persistence.models import Base
+from webhook_service.settings import Settings
 
 config = context.config
 target_metadata = Base.metadata
@@ -40,9 +41,12 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = create_engine(sqlalchemy_url(_url()), poolclass=pool.NullPool)
     with engine.connect() as connection:
-        # Online migrations must not queue behind (or in front of) live callbacks for long:
-        # give up on a lock after 5 s and retry the deploy instead.
-        connection.execute(text("SET lock_timeout = '5s'"))
+        # Online migrations must not queue behind (or in front of) live callbacks for long: a
+        # callback that needs the table waits behind a migration waiting for its lock. Give up after
+        # MIGRATION_LOCK_TIMEOUT_MS (default 2 s, within a callback's DB_STATEMENT_TIMEOUT_MS); `release`
+        # (webhook_service.migrate) then tries again.
+        lock_timeout = f"{Settings.from_env().migration_lock_timeout_ms}ms"
+        connection.execute(text("SELECT set_config('lock_timeout', :value, false)"), {"value": lock_timeout})
         connection.execute(text("SET statement_timeout = '15min'"))
         connection.commit()
         _configure(connection=connection)

@@ -49,6 +49,9 @@ class Settings:
     # worker's other threads stay free for callbacks however slow Plivo gets.
     plivo_max_concurrency: int = 2
     db_statement_timeout_ms: int = 5000  # DB_STATEMENT_TIMEOUT_MS: no request waits longer on Postgres
+    # MIGRATION_LOCK_TIMEOUT_MS: how long a migration of `release` waits for a lock before it gives up
+    # (and `release` tries again): callbacks needing the table queue behind it that long at most.
+    migration_lock_timeout_ms: int = 2000
     db_connect_timeout: int = 3  # DB_CONNECT_TIMEOUT (s): "database down" is answered quickly
     db_pool_size: int = 5  # DB_POOL_SIZE: per worker process
     webhook_max_body_bytes: int = 64 * 1024  # WEBHOOK_MAX_BODY_BYTES
@@ -154,6 +157,7 @@ class Settings:
             plivo_max_retries=_number(env, "PLIVO_MAX_RETRIES", 3, int),
             plivo_max_concurrency=_number(env, "PLIVO_MAX_CONCURRENCY", 2, int),
             db_statement_timeout_ms=_number(env, "DB_STATEMENT_TIMEOUT_MS", 5000, int),
+            migration_lock_timeout_ms=_number(env, "MIGRATION_LOCK_TIMEOUT_MS", 2000, int),
             db_connect_timeout=_number(env, "DB_CONNECT_TIMEOUT", 3, int),
             db_pool_size=_number(env, "DB_POOL_SIZE", 5, int),
             webhook_max_body_bytes=_number(env, "WEBHOOK_MAX_BODY_BYTES", 64 * 1024, int),
