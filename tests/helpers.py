@@ -213,7 +213,8 @@ def wait_for_lock(engine, query: str, timeout: float = 10.0) -> None:
 
 
 # Variables the service (or gunicorn.conf.py) reads: never inherited from the environment of the test run.
-SERVICE_VARIABLES = ("DATABASE_URL", "PLIVO_", "PUBLIC_BASE_URL", "API_TOKENS", "DB_", "WEBHOOK_", "LOG_LEVEL",
+SERVICE_VARIABLES = ("DATABASE_URL", "DATABASE_DIRECT_URL", "PLIVO_", "PUBLIC_BASE_URL", "API_TOKENS", "DB_",
+                     "WEBHOOK_", "LOG_LEVEL",
                      "PROJECT_IN_WEB", "CALLBACK_METHOD", "PROMETHEUS_MULTIPROC_DIR", "GUNICORN_", "WEB_CONCURRENCY",
                      "PORT", "FORWARDED_ALLOW_IPS", "NGINX_", "DEFAULT_PHONE_REGION", "DRAIN_FILE", "MIGRATION_")
 

@@ -27,8 +27,10 @@ def database_url_from_env() -> str:
     from .settings import Settings
 
     settings = Settings.from_env()
-    if settings.database_url:
-        return settings.database_url
+    # Migrations set session state (lock_timeout) and take locks across statements: never through
+    # a transaction pooler.
+    if settings.database_direct_url or settings.database_url:
+        return settings.database_direct_url or settings.database_url
     from .devdb import embedded_database_url
 
     return embedded_database_url()

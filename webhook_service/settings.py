@@ -54,6 +54,14 @@ class Settings:
     migration_lock_timeout_ms: int = 2000
     db_connect_timeout: int = 3  # DB_CONNECT_TIMEOUT (s): "database down" is answered quickly
     db_pool_size: int = 5  # DB_POOL_SIZE: per worker process
+    # DB_TRANSACTION_POOLER: DATABASE_URL goes through a pooler in transaction mode (PgBouncer's
+    # pool_mode = transaction): no server-side prepared statements, no session settings in the
+    # startup packet, and the projector's leader lock only through DATABASE_DIRECT_URL.
+    db_transaction_pooler: bool = False
+    # DATABASE_DIRECT_URL: straight to PostgreSQL, past the pooler: the projector's leader lock (a
+    # session advisory lock) and `release`'s migrations use it. Unset: they use DATABASE_URL (and
+    # through a transaction pooler the projectors then run without a leader, polling).
+    database_direct_url: str | None = field(default=None, repr=False)
     webhook_max_body_bytes: int = 64 * 1024  # WEBHOOK_MAX_BODY_BYTES
     # CALLBACK_METHOD: the method Plivo is told to call back with (callback_method and
     # recording_callback_method of every session created); callbacks by any other are refused.
@@ -160,6 +168,8 @@ class Settings:
             migration_lock_timeout_ms=_number(env, "MIGRATION_LOCK_TIMEOUT_MS", 2000, int),
             db_connect_timeout=_number(env, "DB_CONNECT_TIMEOUT", 3, int),
             db_pool_size=_number(env, "DB_POOL_SIZE", 5, int),
+            db_transaction_pooler=_flag(env, "DB_TRANSACTION_POOLER", False),
+            database_direct_url=get("DATABASE_DIRECT_URL"),
             webhook_max_body_bytes=_number(env, "WEBHOOK_MAX_BODY_BYTES", 64 * 1024, int),
             callback_method=_choice(env, "CALLBACK_METHOD", ("POST", "GET")),
             project_in_web=_flag(env, "PROJECT_IN_WEB", True),

@@ -186,6 +186,87 @@ class PgCluster:
             shutil.rmtree(self.base, ignore_errors=True)
 
 
+class PgBouncer:
+    """Debian's pgbouncer in transaction pooling mode, on loopback, in front of a `PgCluster`.
+
+    Every database of the cluster is reachable through it under its own name; `pool_size` server
+    connections per database at most, whatever the number of clients. Runs unprivileged (as
+    `nobody` when the tests run as root: pgbouncer refuses root) in the foreground from a directory
+    of its own; `stop` ends it.
+    """
+
+    def __init__(self, cluster: PgCluster, *, pool_size: int = 8, max_clients: int = 400):
+        self.cluster, self.pool_size, self.max_clients = cluster, pool_size, max_clients
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="drill-pgbouncer-"))
+        self.log = self.dir / "pgbouncer.log"
+        self.proc: subprocess.Popen | None = None
+
+    def url(self, database_url: str) -> str:
+        """`database_url` (a database of the cluster) through the pooler."""
+        return database_url.replace(f"127.0.0.1:{self.cluster.port}/", f"127.0.0.1:{self.port}/", 1)
+
+    def start(self, timeout: float = 15.0) -> PgBouncer:
+        import psycopg
+
+        program = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        (self.dir / "userlist.txt").write_text('"postgres" ""\n')
+        config = self.dir / "pgbouncer.ini"
+        config.write_text(f"""
+[databases]
+* = host=127.0.0.1 port={self.cluster.port}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {self.port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {self.dir}/userlist.txt
+pool_mode = transaction
+default_pool_size = {self.pool_size}
+max_client_conn = {self.max_clients}
+ignore_startup_parameters = extra_float_digits
+logfile = {self.log}
+""")
+        user = None
+        if os.geteuid() == 0:
+            user = "nobody"
+            entry = pwd.getpwnam(user)
+            for path in [self.dir, *self.dir.iterdir()]:
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        self.proc = subprocess.Popen([program, str(config)], cwd=self.dir, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, user=user, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                psycopg.connect(self.url(self.cluster.admin_url), connect_timeout=2).close()
+                return self
+            except psycopg.OperationalError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"pgbouncer did not start:\n{self.log_text()}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGINT)  # "safe shutdown": waits for transactions to end
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait(timeout=10)
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+
 # The service under gunicorn -----------------------------------------------------------------------
 
 def service_env(database_url: str, plivo_url: str, public_base_url: str | None = None, **overrides: str

@@ -14,6 +14,7 @@ import random
 
 import pytest
 
+from ..helpers import queued, wait_until
 from .harness import (
     Load,
     check_exact,
@@ -35,7 +36,15 @@ SENDERS = 8
 @pytest.mark.slow
 def test_two_instances_one_database(drill_cluster, drill_db, drill_engine, drill_sandbox, start_service,
                                     drill_report):
-    env = service_env(drill_db, drill_sandbox.url, LOAD_BALANCER)
+    two_instances_load(drill_db, drill_engine, drill_sandbox, start_service, drill_report)
+
+
+def two_instances_load(drill_db, drill_engine, drill_sandbox, start_service, drill_report, *,
+                       projected_within: float | None = None, **overrides: str) -> None:
+    """The drill, on `drill_db` with the service's settings changed by `overrides` (also run through
+    PgBouncer: tests/drills/test_pgbouncer.py). `projected_within`: the instances' own projectors must
+    have projected everything within that many seconds after the load, before the verdict."""
+    env = service_env(drill_db, drill_sandbox.url, LOAD_BALANCER, **overrides)
     instances = [start_service(env, name, wait=False) for name in ("a", "b")]
     for instance in instances:
         instance.wait_started()
@@ -74,6 +83,10 @@ def test_two_instances_one_database(drill_cluster, drill_db, drill_engine, drill
     assert sorted(firsts) == list(range(len(callbacks))), tally(answers)
     assert {x.outcome for x in answers} == {"recorded", "duplicate"}, tally(answers)
 
+    if projected_within is not None:
+        assert wait_until(lambda: queued(drill_engine) == 0, timeout=projected_within), (
+            f"{queued(drill_engine)} facts still unprojected {projected_within} s after the load")
+        drill_report.phase("projected by the instances")
     problems = check_exact(drill_engine, env, callbacks, expected)
     drill_report.phase("verify")
     assert not problems, "\n".join(problems)

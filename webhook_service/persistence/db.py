@@ -20,6 +20,29 @@ def sqlalchemy_url(url: str) -> str:
     return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
+def connect_arguments(settings: Settings) -> dict[str, object]:
+    """psycopg's connection arguments: a short connect timeout, and the session's settings.
+
+    Straight to PostgreSQL, the session's settings go in the startup packet (`options`). Through a
+    transaction pooler (DB_TRANSACTION_POOLER: PgBouncer's pool_mode = transaction), a connection is
+    a different server session at every transaction, so nothing may rely on session state:
+    * no `options`: PgBouncer refuses the startup parameter (and would not keep it); the timeouts
+      and TimeZone are then the role's (`ALTER ROLE … SET`, docs/deploy.md);
+    * no server-side prepared statements (psycopg prepares a query it ran 5 times): the statement
+      would be prepared on one server session and executed on another.
+    """
+    arguments: dict[str, object] = {"connect_timeout": settings.db_connect_timeout,
+                                    "application_name": "webhook_service"}
+    if settings.db_transaction_pooler:
+        arguments["prepare_threshold"] = None
+    else:
+        # TimeZone=UTC: psycopg then returns times with datetime.timezone.utc, not a ZoneInfo
+        # (the server's default may be 'Etc/UTC'), whose every comparison costs a lookup.
+        arguments["options"] = (f"-c statement_timeout={settings.db_statement_timeout_ms}"
+                                f" -c lock_timeout={settings.db_statement_timeout_ms} -c TimeZone=UTC")
+    return arguments
+
+
 def build_engine(url: str, settings: Settings, **overrides) -> Engine:
     """An engine whose connections fail fast: short connect timeout, per-statement timeout."""
     options = {
@@ -28,14 +51,7 @@ def build_engine(url: str, settings: Settings, **overrides) -> Engine:
         "pool_timeout": settings.db_connect_timeout,
         # A restarted Postgres leaves dead connections in the pool; test each one on checkout.
         "pool_pre_ping": True,
-        "connect_args": {
-            "connect_timeout": settings.db_connect_timeout,
-            # TimeZone=UTC: psycopg then returns times with datetime.timezone.utc, not a ZoneInfo
-            # (the server's default may be 'Etc/UTC'), whose every comparison costs a lookup.
-            "options": f"-c statement_timeout={settings.db_statement_timeout_ms}"
-            f" -c lock_timeout={settings.db_statement_timeout_ms} -c TimeZone=UTC",
-            "application_name": "webhook_service",
-        },
+        "connect_args": connect_arguments(settings),
     }
     options.update(overrides)
     return create_engine(sqlalchemy_url(url), **options)
@@ -48,10 +64,13 @@ class Database:
     directly (pipelines, explicit BEGIN/COMMIT) to need one round trip per step; see `pg()`.
     """
 
-    def __init__(self, engine: Engine, fast: Engine, *, connect_timeout: int = 3):
+    def __init__(self, engine: Engine, fast: Engine, *, connect_timeout: int = 3, direct_url: str | None = None,
+                 pooled: bool = False):
         self.engine = engine
         self.fast = fast
         self.connect_timeout = connect_timeout
+        self.direct_url = direct_url  # straight to PostgreSQL, when `engine` goes through a pooler
+        self.pooled = pooled  # through a transaction pooler: no session state survives a transaction
         self.sessions = sessionmaker(engine, expire_on_commit=False)
 
     @classmethod
@@ -60,7 +79,14 @@ class Database:
         has no pre-ping round trip: a dead connection is detected by its first statement, and
         `pg()` then replaces the whole pool."""
         return cls(build_engine(url, settings), build_engine(url, settings, pool_pre_ping=False),
-                   connect_timeout=settings.db_connect_timeout)
+                   connect_timeout=settings.db_connect_timeout, direct_url=settings.database_direct_url,
+                   pooled=settings.db_transaction_pooler)
+
+    @property
+    def holds_session_locks(self) -> bool:
+        """Can a dedicated connection keep a session-level advisory lock? Not through a transaction
+        pooler, unless DATABASE_DIRECT_URL gives a way around it."""
+        return not self.pooled or self.direct_url is not None
 
     @contextmanager
     def pg(self) -> Iterator[psycopg.Connection]:
@@ -92,8 +118,10 @@ class Database:
             yield session
 
     def dedicated_connection(self) -> psycopg.Connection:
-        """A connection of its own, outside the pools, in autocommit (for a session-level lock)."""
-        return psycopg.connect(self.fast.url.set(drivername="postgresql").render_as_string(hide_password=False),
+        """A connection of its own, outside the pools, in autocommit (for a session-level lock);
+        straight to PostgreSQL when DATABASE_DIRECT_URL is set."""
+        url = (make_url(sqlalchemy_url(self.direct_url)) if self.direct_url else self.fast.url)
+        return psycopg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False),
                                autocommit=True, connect_timeout=self.connect_timeout,
                                application_name="webhook_service")
 

@@ -415,7 +415,7 @@ class BackgroundProjector:
     """
 
     def __init__(self, projector: Projector, **options: Any):
-        self.loop = ProjectorLoop(projector, **options)
+        self.loop = ProjectorLoop(projector, **{"leader": projector.db.holds_session_locks} | options)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._pid = 0
@@ -440,5 +440,6 @@ class BackgroundProjector:
 
 
 def run_worker(projector: Projector, stop: threading.Event, *, poll: float = 0.05) -> None:
-    """The worker's loop (see `ProjectorLoop`)."""
-    ProjectorLoop(projector, worker=True, poll=poll).run(stop)
+    """The worker's loop (see `ProjectorLoop`): without a leader lock when the database connection
+    cannot keep one (a transaction pooler and no DATABASE_DIRECT_URL)."""
+    ProjectorLoop(projector, worker=True, poll=poll, leader=projector.db.holds_session_locks).run(stop)
