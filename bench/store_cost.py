@@ -33,7 +33,7 @@ from psycopg.types.json import Jsonb
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from webhook_service.devdb import drop_database, ensure_database  # noqa: E402
-from webhook_service.domain.callbacks import read_callback  # noqa: E402
+from webhook_service.domain.callbacks import NO_MONTH, read_callback  # noqa: E402
 from webhook_service.migrate import upgrade  # noqa: E402
 from webhook_service.persistence.inbox import STORE_OTHER, STORE_RECORDED, fact_arguments  # noqa: E402
 
@@ -64,7 +64,7 @@ def callbacks(count: int, seed: int) -> list[dict]:
         row = {"endpoint": "session", "method": "POST", "content_type": "application/x-www-form-urlencoded",
                "params": Jsonb(params), "nonce": str(i), "dedupe_key": f"{rng.getrandbits(256):064x}",
                "event_name": params["EventName"], "session_uuid": params["SessionUUID"], "status": "recorded",
-               "error": None}
+               "error": None, "event_month": NO_MONTH}  # the default partition
         rows.append(row | fact_arguments(read_callback("session", params).fact))
     return rows
 

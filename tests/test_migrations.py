@@ -14,6 +14,10 @@ from webhook_service.persistence.db import sqlalchemy_url
 from webhook_service.persistence.models import Base
 
 
+def _include_name(name, type_, parent_names) -> bool:
+    return not (type_ == "table" and name and name.startswith("callback_inbox_"))  # as migrations/env.py
+
+
 def test_upgrade_head_then_check_finds_nothing_to_generate(scratch_url):
     url = scratch_url
     config = alembic_config(url)
@@ -21,7 +25,8 @@ def test_upgrade_head_then_check_finds_nothing_to_generate(scratch_url):
     command.check(config)  # raises if autogenerate would produce anything
     engine = create_engine(sqlalchemy_url(url))
     with engine.connect() as conn:
-        context = MigrationContext.configure(conn, opts={"compare_server_default": True, "compare_type": True})
+        context = MigrationContext.configure(conn, opts={"compare_server_default": True, "compare_type": True,
+                                                         "include_name": _include_name})
         assert compare_metadata(context, Base.metadata) == []
     engine.dispose()
 

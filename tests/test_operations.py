@@ -39,8 +39,9 @@ def _inbox(engine, rows):
     with engine.begin() as conn:
         for i, (status, days_old) in enumerate(rows):
             conn.execute(text(
-                "INSERT INTO callback_inbox (received_at, endpoint, method, params, dedupe_key, status) "
-                "VALUES (now() - make_interval(days => :days), 'session', 'POST', '{}', :key, :status)"
+                "INSERT INTO callback_inbox (received_at, event_month, endpoint, method, params, dedupe_key, status) "
+                "SELECT at, date_trunc('month', at AT TIME ZONE 'UTC')::date, 'session', 'POST', '{}', :key, :status"
+                " FROM (SELECT now() - make_interval(days => :days) AS at) t"
             ), {"days": days_old, "key": f"k{i}", "status": status})
 
 

@@ -1329,7 +1329,7 @@ def check_inbox(engine: Engine, callbacks: Sequence[Callback], accepted: Iterabl
     with engine.connect() as conn:
         rows = conn.execute(text("SELECT i.dedupe_key, i.status, i.error, count(f.inbox_id) AS facts"
                                  " FROM callback_inbox i LEFT JOIN callback_facts f ON f.inbox_id = i.id"
-                                 " GROUP BY i.id")).all()
+                                 " GROUP BY i.id, i.event_month")).all()
         doubles = conn.execute(text(  # one callback under two keys (the key is unique, the parameters not)
             "SELECT endpoint, params->>'EventName', count(*) FROM callback_inbox GROUP BY endpoint, params"
             " HAVING count(*) > 1")).all()

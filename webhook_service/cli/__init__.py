@@ -233,6 +233,7 @@ def worker(reconcile_every: float, poll: float) -> None:
     projected again by whoever comes next).
     """
     from ..services import reconcile
+    from ..services.inbox import keep_partitions_ahead
     from ..services.projector import run_worker
 
     ctx = _ctx()
@@ -245,6 +246,10 @@ def worker(reconcile_every: float, poll: float) -> None:
     reconciler = threading.Thread(target=reconcile.reconcile_every, args=(ctx, reconcile_every, stop),
                                   name="reconcile", daemon=True)
     reconciler.start()
+    # The inbox's next monthly partitions, made ahead of time (migration 0011).
+    partitioner = threading.Thread(target=keep_partitions_ahead, args=(ctx.db, stop), name="partitions",
+                                   daemon=True)
+    partitioner.start()
     log.info("worker started: projecting, and reconciling every %g s", reconcile_every)
     run_worker(ctx.projector, stop, poll=poll)
     reconciler.join(30)
@@ -330,6 +335,22 @@ def callbacks_prune(older_than: str, batch_size: int, fmt: str) -> None:
     else:
         click.echo(f"Deleted {deleted} recorded or ignored callback(s) received more than {older_than} ago."
                    if deleted else f"Nothing to prune: no recorded or ignored callback is older than {older_than}.")
+
+
+@callbacks_cli.command("partitions")
+@click.option("--months-ahead", default=3, show_default=True)
+@format_option()
+def callbacks_partitions(months_ahead: int, fmt: str) -> None:
+    """Make the inbox's monthly partitions up to N months ahead (the worker does it every hour)."""
+    from ..services.inbox import ensure_partitions
+
+    made = ensure_partitions(_ctx().db, months_ahead=months_ahead)
+    if fmt == "json":
+        click.echo(to_json({"made": made}))
+    else:
+        click.echo("Made the inbox's partition(s) " + ", ".join(made) + "." if made
+                   else f"Nothing to do: the inbox's partitions {months_ahead} month(s) ahead exist (or it is not "
+                        "partitioned).")
 
 
 @sessions_cli.command("prune-attempts")

@@ -14,9 +14,10 @@ or fractional duration, or a non-finite amount, is dropped, never counted).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
 
@@ -204,3 +205,23 @@ def read_callback(endpoint: str, params: Mapping[str, str]) -> Reading:
     return Reading("recorded", CallbackFact(
         session_uuid=session_uuid, kind=meaning.kind, event_name=name, at=at, party=meaning.party,
         phase=meaning.phase, end_event=meaning.end_event, recording_status=meaning.recording_status, **values))
+
+
+
+# The month in a signed string: Plivo's EventTimestamp (`2026-11-20 10:01:37`, UTC) as the string
+# carries it, `EventTimestamp2026-11-20…` in a POST's sorted parameters, `EventTimestamp=2026-11-20…`
+# in a GET's query.
+_SIGNED_MONTH = re.compile(r"EventTimestamp=?(\d{4})-(0[1-9]|1[0-2])-\d{2}")
+# Filed under this month: a callback whose signed string carries no EventTimestamp (it is stored
+# failed or ignored; the default partition keeps it).
+NO_MONTH = date(1970, 2, 1)
+
+
+def inbox_month(signed: str) -> date:
+    """The month a callback is filed under in the inbox (its partition, migration 0011): the month of
+    the EventTimestamp in the string its signature covers, which Plivo signs. A function of that
+    string alone, like the dedupe key: every redelivery, and every reshaping of the parameters that
+    still verifies (docs/security.md), is filed in the same month, where the unique key
+    `(dedupe_key, event_month)` meets it."""
+    found = _SIGNED_MONTH.search(signed)
+    return date(int(found.group(1)), int(found.group(2)), 1) if found else NO_MONTH

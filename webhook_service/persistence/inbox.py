@@ -10,7 +10,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Text, and_, bindparam, delete, func, insert, literal_column, or_, select, update
+from sqlalchemy import (
+    BigInteger,
+    Text,
+    and_,
+    bindparam,
+    column,
+    delete,
+    func,
+    insert,
+    literal_column,
+    or_,
+    select,
+    table,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from ..domain.callbacks import FACT_FIELDS
@@ -29,9 +43,24 @@ def _fact_values() -> list[Any]:
     return [bindparam(f"fact_{name}", type_=facts.c[name].type) for name in FACT_FIELDS]
 
 
+# The month of the rows stored before the inbox was partitioned (migration 0011): its one partition,
+# `callback_inbox_legacy`, until prune has emptied and dropped it.
+LEGACY_MONTH = "1970-01-01"
+
+
 def _store(with_fact: bool) -> str:
-    stored = (pg_insert(inbox).values({name: bindparam(name, type_=inbox.c[name].type) for name in INBOX_FIELDS})
-              .on_conflict_do_nothing(index_elements=[inbox.c.dedupe_key]).returning(inbox.c.id).cte("stored"))
+    # The unique key is (dedupe_key, event_month): every copy of a callback has the same month (its
+    # signed EventTimestamp's). A callback stored before the partitioning is in the legacy month:
+    # looked up there too (one index probe; once that partition is dropped, the default one's).
+    fields = (*INBOX_FIELDS, "event_month")
+    stored_before = (select(literal_column("1")).select_from(inbox)
+                     .where(inbox.c.dedupe_key == bindparam("dedupe_key", type_=Text),
+                            inbox.c.event_month == literal_column(f"DATE '{LEGACY_MONTH}'")))
+    values = (select(*[bindparam(name, type_=inbox.c[name].type) for name in fields])
+              .where(~stored_before.exists()))
+    stored = (pg_insert(inbox).from_select(list(fields), values)
+              .on_conflict_do_nothing(index_elements=[inbox.c.dedupe_key, inbox.c.event_month])
+              .returning(inbox.c.id).cte("stored"))
     statement = select(stored.c.id)
     if with_fact:
         fact = insert(facts).from_select(["inbox_id", *FACT_FIELDS], select(stored.c.id, *_fact_values())).cte("fact")
@@ -114,18 +143,21 @@ def failed_count() -> Any:
     return select(func.count()).select_from(inbox).where(inbox.c.status == "failed")
 
 
-def _prunable(cutoff: Any) -> Any:
-    return and_(inbox.c.received_at < cutoff, or_(inbox.c.status == "recorded", inbox.c.status == "ignored"))
+def _prunable(target: Any, cutoff: Any) -> Any:
+    return and_(target.c.received_at < cutoff, or_(target.c.status == "recorded", target.c.status == "ignored"))
 
 
 def prune_count(cutoff: Any) -> Any:
-    """How many rows a prune would delete now (its progress bar's length)."""
-    return select(func.count()).select_from(inbox).where(_prunable(cutoff))
+    """How many rows a prune would delete now row by row (its progress bar's length)."""
+    return select(func.count()).select_from(inbox).where(_prunable(inbox, cutoff))
 
 
-def prune_batch(cutoff: Any, batch_size: int) -> Any:
+def prune_batch(cutoff: Any, batch_size: int, *, partition: str | None = None) -> Any:
     """Delete up to `batch_size` recorded or ignored rows received before `cutoff`, oldest first,
-    skipping rows another transaction holds (a replay), so live work never waits on the prune."""
-    oldest = (select(inbox.c.id).where(_prunable(cutoff))
-              .order_by(inbox.c.id).limit(batch_size).with_for_update(skip_locked=True))
-    return delete(inbox).where(inbox.c.id.in_(oldest.scalar_subquery()))
+    skipping rows another transaction holds (a replay), so live work never waits on the prune.
+
+    `partition`: in that partition of the inbox only (the legacy or the default one)."""
+    target = inbox if partition is None else table(partition, column("id"), column("received_at"), column("status"))
+    oldest = (select(target.c.id).where(_prunable(target, cutoff))
+              .order_by(target.c.id).limit(batch_size).with_for_update(skip_locked=True))
+    return delete(target).where(target.c.id.in_(oldest.scalar_subquery()))

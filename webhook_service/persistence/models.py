@@ -182,26 +182,40 @@ class CallbackInbox(Base):
     still verifies, hits the unique constraint and is a no-op. Its fact goes to `callback_facts` in
     the same statement; `status` says whether it had one (`recorded`), had none (`ignored`) or
     could not be read (`failed`, with the reason in `error`, for `flask callbacks replay`).
+
+    Partitioned by month (migration 0011): `event_month` is the month of the EventTimestamp in the
+    string the signature covers (as the dedupe key, a function of that string), so every copy of a
+    callback falls in one partition and `(dedupe_key, event_month)` is unique across the retention
+    window; retention drops a month's partition (`services.inbox.prune`), and the worker creates the
+    next months ahead (`ensure_partitions`).
+    The partitions themselves are made by the migration and the worker, not declared here.
     """
 
     __tablename__ = "callback_inbox"
     __table_args__ = (
         CheckConstraint(f"status IN {INBOX_STATUSES}", name="status"),
         CheckConstraint(f"endpoint IN {INBOX_ENDPOINTS}", name="endpoint"),
+        UniqueConstraint("dedupe_key", "event_month", name="uq_callback_inbox_dedupe_key"),
         # Rows arrive in received_at order: a BRIN index finds a retention window's blocks for a
         # fraction of a B-tree's size and insert cost.
         Index("ix_callback_inbox_received_at", "received_at", postgresql_using="brin"),
         Index("ix_callback_inbox_failed", "id", postgresql_where=text("status = 'failed'")),
+        {"postgresql_partition_by": "RANGE (event_month)"},
     )
 
-    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    # One sequence for every partition (PostgreSQL 15 has no identity on a partitioned table): the
+    # column's default is nextval('callback_inbox_id_seq'), set by migration 0011 (Alembic reads a
+    # nextval default as the column's own sequence and compares nothing).
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    event_month: Mapped[date] = mapped_column(
+        Date, primary_key=True, server_default=text("(date_trunc('month', timezone('UTC', now())))::date"))
     received_at: Mapped[datetime] = _now()
     endpoint: Mapped[str] = mapped_column(Text)
     method: Mapped[str] = mapped_column(Text)
     content_type: Mapped[str | None] = mapped_column(Text)
     params: Mapped[dict[str, Any]]
     nonce: Mapped[str | None] = mapped_column(Text)
-    dedupe_key: Mapped[str] = mapped_column(Text, unique=True)
+    dedupe_key: Mapped[str] = mapped_column(Text)
     event_name: Mapped[str | None] = mapped_column(Text)
     session_uuid: Mapped[str | None] = mapped_column(Text)  # not indexed: a session's callbacks are its facts'
     status: Mapped[str] = mapped_column(Text)

@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from psycopg.types.json import Jsonb
 
 from .. import metrics
 from ..context import Context
-from ..domain.callbacks import Reading, plain_params, read_callback
+from ..domain.callbacks import Reading, inbox_month, plain_params, read_callback
 from ..errors import NotFound
+from ..persistence import partitions
 from ..persistence.db import Database, is_database_unavailable
 from ..persistence.inbox import (
     MARK_READ,
@@ -48,6 +50,8 @@ from ..persistence.inbox import (
 Progress = Callable[[int, int], None]
 
 log = logging.getLogger(__name__)
+
+MONTHS_AHEAD = 3  # the inbox's partitions made ahead of time (so does migration 0011)
 
 
 def dedupe_key(signed: str) -> str:
@@ -81,6 +85,7 @@ def receive(ctx: Context, endpoint: str, method: str, content_type: str | None, 
     unavailable the error propagates (503) and nothing is stored.
     """
     row = _inbox_row(endpoint, method, content_type, params, nonce, dedupe_key(signed))
+    row["event_month"] = inbox_month(signed)
     reading = read_callback(endpoint, params)
     row |= _status(reading)
     with ctx.db.pg() as pg:
@@ -174,23 +179,87 @@ def list_callbacks(db: Database, *, failed: bool = False, session_uuid: str | No
 
 def prune(db: Database, *, older_than: timedelta, batch_size: int = 1000, pause: float = 0.0,
           progress: Progress | None = None) -> int:
-    """Delete recorded and ignored inbox rows received before `older_than` ago, in small batches.
+    """Delete recorded and ignored inbox rows received before `older_than` ago; returns how many.
 
-    Their facts stay (`callback_facts` is the record); failed rows are kept for replay. Each batch is
-    its own short transaction and skips rows another transaction holds, so nothing waits on it.
+    Their facts stay (`callback_facts` is the record); failed rows are kept for replay. On either
+    layout of the inbox:
+
+    * plain (before migration 0011), and the partitions that are not a month (the legacy one of the
+      rows stored before 0011, the default one): in small batches, each its own short transaction
+      that skips rows another transaction holds, so nothing waits on it; the legacy partition is
+      dropped once nothing but failed rows is left in it;
+    * partitioned by month: every month that ended before the cutoff is dropped whole (its failed
+      rows kept, in the default partition). A month is kept until all of it is older than the
+      cutoff, so rows live between `older_than` and `older_than` plus a month.
     """
     cutoff = datetime.now(UTC) - older_than
-    deleted = total = 0
-    if progress is not None:
-        with db.engine.connect() as conn:
-            total = conn.execute(prune_count(cutoff)).scalar_one()
+    done = [0, 0]  # rows deleted row by row so far, and how many there are to delete (for `progress`)
+    with db.engine.connect() as conn:
+        partitioned = partitions.is_partitioned(conn)
+        existing = partitions.partitions(conn) if partitioned else []
+        if progress is not None:
+            done[1] = conn.execute(prune_count(cutoff)).scalar_one()
+    # Row by row: the plain inbox; or the legacy and default partitions of the partitioned one.
+    row_by_row = [None] if not partitioned else [p for p in existing if p in partitions.ROW_BY_ROW]
+    deleted = sum(_prune_rows(db, cutoff, batch_size, pause, partition, progress, done)
+                  for partition in row_by_row)
+    if partitions.LEGACY_PARTITION in existing:
+        with db.engine.begin() as conn:
+            if partitions.legacy_is_empty(conn):
+                partitions.drop_partition(conn, partitions.LEGACY_PARTITION)
+                log.info("prune: the legacy partition of the inbox is empty and dropped")
+    for name in existing:
+        month = partitions.month_of(name)
+        if month is None:
+            continue
+        month_end = datetime.combine(partitions.add_months(month, 1), datetime.min.time(), UTC)
+        if month_end <= cutoff:
+            with db.engine.begin() as conn:
+                deleted += partitions.drop_partition(conn, name)
+            log.info("prune: dropped the inbox's partition %s", name)
+    return deleted
+
+
+def _prune_rows(db: Database, cutoff: datetime, batch_size: int, pause: float, partition: str | None,
+                progress: Progress | None, done: list[int]) -> int:
+    deleted = 0
     while True:
         with db.engine.begin() as conn:
-            batch = conn.execute(prune_batch(cutoff, batch_size)).rowcount
+            batch = conn.execute(prune_batch(cutoff, batch_size, partition=partition)).rowcount
         deleted += batch
+        done[0] += batch
         if progress is not None:
-            progress(deleted, max(total, deleted))
+            progress(done[0], max(done))
         if batch < batch_size:
             return deleted
         if pause:
             time.sleep(pause)
+
+
+def ensure_partitions(db: Database, *, months_ahead: int = MONTHS_AHEAD, today: date | None = None) -> list[str]:
+    """Make the inbox's partitions from this month to `months_ahead` months on, where missing (the
+    worker calls this every hour); returns those made. Nothing to do on a plain inbox."""
+    made = []
+    this_month = (today or datetime.now(UTC).date()).replace(day=1)
+    with db.engine.connect() as conn:
+        if not partitions.is_partitioned(conn):
+            return made
+        existing = set(partitions.partitions(conn))
+    for offset in range(months_ahead + 1):
+        month = partitions.add_months(this_month, offset)
+        if f"callback_inbox_p{month:%Y_%m}" not in existing:
+            with db.engine.begin() as conn:
+                made.append(partitions.create_month(conn, month))
+            log.info("made the inbox's partition %s", made[-1])
+    return made
+
+
+def keep_partitions_ahead(db: Database, stop: threading.Event, *, every: float = 3600.0) -> None:
+    """The worker's thread: `ensure_partitions` now, then every `every` seconds, until `stop`."""
+    while True:
+        try:
+            ensure_partitions(db)
+        except Exception as exc:  # noqa: BLE001 - tried again next time; three months are made ahead
+            log.warning("could not make the inbox's next partitions: %s", type(exc).__name__, exc_info=True)
+        if stop.wait(every):
+            return
