@@ -8,6 +8,8 @@ throwaway certificate the drill makes, terminates TLS on loopback and forwards t
   (`PUBLIC_BASE_URL` then carries the prefix). Nothing of the request's own address is signed.
 * The request log names the client from `X-Forwarded-For` only when the peer is in
   FORWARDED_ALLOW_IPS; any other peer is logged as itself, whatever it claims.
+* Only the callbacks are public: from an address outside the internal networks the site lists,
+  the API, /metrics and /readyz are a JSON 403 from nginx, and callbacks are still taken.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 
 from ..helpers import wait_until
 from .harness import (
+    API_HEADERS,
     GunicornService,
     Load,
     NginxProxy,
@@ -34,6 +37,7 @@ from .harness import (
 )
 
 PUBLIC_HOST = "masking.drill.test"
+CALLBACK_PATH = "/webhooks/plivo/session"
 SESSIONS = 4
 CALLS = 3
 
@@ -101,15 +105,16 @@ def test_callbacks_signed_for_the_public_https_url_verify_whatever_the_proxy_sen
         nginx.stop()
 
 
-def get_from(source: str, port: int, path: str, headers: dict[str, str], *, tls: Path | None = None) -> int:
-    """GET `path` on 127.0.0.1:`port` from the loopback address `source`; its status."""
+def get_from(source: str, port: int, path: str, headers: dict[str, str], *, tls: Path | None = None,
+             method: str = "GET") -> int:
+    """GET (or `method`) `path` on 127.0.0.1:`port` from the loopback address `source`; its status."""
     if tls:
         context = ssl.create_default_context(cafile=str(tls))
         conn = http.client.HTTPSConnection("127.0.0.1", port, source_address=(source, 0), context=context, timeout=10)
     else:
         conn = http.client.HTTPConnection("127.0.0.1", port, source_address=(source, 0), timeout=10)
     try:
-        conn.request("GET", path, headers=headers)
+        conn.request(method, path, headers=headers)
         return conn.getresponse().status
     finally:
         conn.close()
@@ -147,13 +152,14 @@ def test_the_request_log_believes_x_forwarded_for_only_from_forwarded_allow_ips(
             try:
                 if nginx.proc is None:
                     nginx.start(service.port)
+                # An unsigned callback (the only public route): refused 403 by the app, which logs it.
                 sent = {  # request id -> status
-                    f"via-nginx-{trusted}": get_from("127.0.0.5", nginx.port, "/healthz",
-                                                     spoof | {"X-Request-Id": f"via-nginx-{trusted}"}, tls=cert),
-                    f"direct-{trusted}": get_from("127.0.0.5", service.port, "/healthz",
-                                                  spoof | {"X-Request-Id": f"direct-{trusted}"}),
+                    f"via-nginx-{trusted}": get_from("127.0.0.5", nginx.port, CALLBACK_PATH, spoof | {
+                        "X-Request-Id": f"via-nginx-{trusted}"}, tls=cert, method="POST"),
+                    f"direct-{trusted}": get_from("127.0.0.5", service.port, CALLBACK_PATH, spoof | {
+                        "X-Request-Id": f"direct-{trusted}"}, method="POST"),
                 }
-                assert set(sent.values()) == {200}, sent
+                assert set(sent.values()) == {403}, sent
                 assert wait_until(lambda s=service, ids=set(sent): ids <= set(logged_clients(s)), timeout=10)
             finally:
                 service.stop()
@@ -165,3 +171,43 @@ def test_the_request_log_believes_x_forwarded_for_only_from_forwarded_allow_ips(
     # gunicorn, the peer itself. nginx not trusted: through it, nginx's own address.
     assert seen == {"via-nginx-127.0.0.1": "127.0.0.5", "direct-127.0.0.1": "127.0.0.5",
                     "via-nginx-127.0.0.2": "127.0.0.1", "direct-127.0.0.2": "127.0.0.5"}, seen
+
+
+@pytest.mark.slow
+def test_only_the_callbacks_are_public(certificate, drill_db, drill_engine, drill_sandbox, start_service,
+                                       drill_report):
+    cert, _ = certificate
+    nginx = NginxProxy(tls=certificate)
+    env = service_env(drill_db, drill_sandbox.url, f"https://{PUBLIC_HOST}")
+    try:
+        service = start_service(env)
+        nginx.start(service.port)
+        uuids = create_sessions(nginx.url, 1)  # from 127.0.0.1, an internal address the site lists
+        callbacks, _ = plan_calls(drill_sandbox, uuids, 1)
+        outside = "127.0.0.5"  # not listed: the internet, as far as the site knows
+        statuses = {path: get_from(outside, nginx.port, path, API_HEADERS, tls=cert)
+                    for path in ("/v1/sessions", f"/v1/sessions/{uuids[0]}", "/metrics", "/readyz", "/openapi.json")}
+        drill_report.update({"from outside": statuses})
+        assert set(statuses.values()) == {403}, statuses
+        context = ssl.create_default_context(cafile=str(cert))
+        conn = http.client.HTTPSConnection("127.0.0.1", nginx.port, source_address=(outside, 0), context=context,
+                                           timeout=10)
+        try:
+            conn.request("GET", "/v1/sessions", headers=API_HEADERS)
+            answer = conn.getresponse()
+            assert json.loads(answer.read())["error"] == "forbidden"
+        finally:
+            conn.close()
+        callback = callbacks[0]
+        path = callback["url"].removeprefix(f"https://{PUBLIC_HOST}")
+        conn = http.client.HTTPSConnection("127.0.0.1", nginx.port, source_address=(outside, 0), context=context,
+                                           timeout=10)
+        try:
+            conn.request(callback["method"], path, body=callback["body"].encode() or None,
+                         headers=callback["headers"])
+            answer = conn.getresponse()
+            assert (answer.status, json.loads(answer.read())) == (200, {"status": "recorded"})
+        finally:
+            conn.close()
+    finally:
+        nginx.stop()
