@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from sqlalchemy import text
 
 from webhook_service.services.operations import schema_head
 
-from ..helpers import environ_without_settings
+from ..helpers import environ_without_settings, wait_for_lock
 from .harness import (
     PYTHON,
     ROOT,
@@ -43,7 +42,7 @@ CALLS = 4
 SENDERS = 4
 PACE = 0.1
 LOCK_TIMEOUT_MS = 1000
-HELD_FOR = 2.5  # seconds the analyst's transaction holds callback_facts once the release started
+HELD_PAST_THE_TIMEOUT = 0.3  # seconds the analyst's transaction outlasts the first attempt's lock timeout
 
 MIGRATION = '''"""Drill only: a column and an index on callback_facts, added online."""
 
@@ -98,12 +97,14 @@ def test_release_migrates_while_callbacks_flow_and_none_waits_past_the_lock_time
     released = subprocess.Popen([str(PYTHON if PYTHON.exists() else sys.executable), "-c", RELEASE, drill_db,
                                  str(extra)], cwd=ROOT, env=release_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
-    ender = threading.Timer(HELD_FOR, analyst.close)  # the report ends; its transaction rolls back
-    ender.start()
     try:
-        output, _ = released.communicate(timeout=60)
+        # Once the ALTER waits for it, the report goes on a little longer than the lock timeout, so
+        # the first attempt gives up; then it ends (its transaction rolls back).
+        wait_for_lock(drill_engine, "%ADD COLUMN drill_note%", timeout=60)
+        time.sleep(LOCK_TIMEOUT_MS / 1000 + HELD_PAST_THE_TIMEOUT)
     finally:
-        ender.join()
+        analyst.close()
+    output, _ = released.communicate(timeout=60)
     release_seconds = time.monotonic() - started
     assert released.returncode == 0, output
     attempts = int(output.split("attempts")[-1].split()[0])
