@@ -3,6 +3,7 @@ layouts and across the change, and the partitions made ahead of time."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -92,6 +93,9 @@ def test_ensure_partitions_makes_the_months_ahead_once(scratch_app):
     assert ensure_partitions(db, months_ahead=3) == []  # the migration made this month and three more
     assert ensure_partitions(db, months_ahead=5) == [f"callback_inbox_p{_months_ago(-m):%Y_%m}" for m in (4, 5)]
     assert ensure_partitions(db, months_ahead=5) == []
+    result = scratch_app.test_cli_runner().invoke(args=["callbacks", "partitions", "--months-ahead", "6"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1]) == {"made": [f"callback_inbox_p{_months_ago(-6):%Y_%m}"]}
 
 
 def test_prune_works_on_the_plain_inbox_and_across_the_change_to_partitions(scratch_url, sandbox):
