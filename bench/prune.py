@@ -47,7 +47,7 @@ SELECT at, {month_value} 'session', 'POST', 'application/x-www-form-urlencoded',
                           'PlivoHangupCause', 'NORMAL_CLEARING', 'SequenceNumber', n::text),
        n::text, md5(n::text) || md5((n + 1)::text), 'SessionFirstPartyHangup', md5(n::text),
        CASE WHEN n % 1000 = 0 THEN 'failed' ELSE 'recorded' END
-  FROM (SELECT n, :start + (:span * (n - :first)::float / :rows) * interval '1 second' AS at
+  FROM (SELECT n, :start + (:span * (n - 1)::float / :rows) * interval '1 second' AS at
           FROM generate_series(:first, :last) AS n) AS rows
 """
 CHUNK = 1_000_000
