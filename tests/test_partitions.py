@@ -4,6 +4,7 @@ layouts and across the change, and the partitions made ahead of time."""
 from __future__ import annotations
 
 import json
+import time
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -33,6 +34,20 @@ def test_every_copy_of_a_callback_is_filed_in_the_month_of_its_signed_event_time
     # No EventTimestamp in the string: one month of its own, in the default partition.
     assert inbox_month(string_to_sign("POST", url, {"EventName": "X"})) == NO_MONTH == date(1970, 2, 1)
     assert inbox_month(string_to_sign("POST", url, {"EventTimestamp": "soon"})) == NO_MONTH
+    assert inbox_month(string_to_sign("POST", url, {"EventTimestamp": "0000-01-01 00:00:00"})) == NO_MONTH
+
+
+def test_callbacks_dated_before_1970_or_far_ahead_are_stored_in_the_default_partition(scratch_app):
+    # Not in the legacy partition (1970-01-01 alone), whose CHECK would refuse them (a fuzzer's 500).
+    for n, stamp in enumerate(("1969-01-01 00:00:00", "1970-01-01 00:00:00", "2999-12-31 23:59:59")):
+        params = {"EventName": "NotAnEventWeHandle", "SessionUUID": f"s-{n}", "EventTimestamp": stamp}
+        assert store_callback(scratch_app, "session", params) == "ignored"
+        assert store_callback(scratch_app, "session", params) == "duplicate"
+    with scratch_app.extensions["webhook_service"].db.engine.connect() as conn:
+        tables = conn.execute(text("SELECT tableoid::regclass::text, event_month FROM callback_inbox"
+                                   " ORDER BY event_month")).all()
+    assert tables == [("callback_inbox_default", date(1969, 1, 1)), ("callback_inbox_legacy", date(1970, 1, 1)),
+                      ("callback_inbox_default", date(2999, 12, 1))]
 
 
 @pytest.fixture
@@ -168,3 +183,18 @@ def test_a_callback_dated_past_the_partitions_waits_in_the_default_one_until_its
     with db.engine.connect() as conn:
         assert conn.execute(text("SELECT tableoid::regclass::text FROM callback_inbox")).scalars().all() == [
             f"callback_inbox_p{_months_ago(-8):%Y_%m}"]
+
+
+def test_prune_never_queues_behind_live_work_a_busy_month_is_dropped_next_time(scratch_app):
+    db = scratch_app.extensions["webhook_service"].db
+    ensure_partitions(db, months_ahead=0, today=_months_ago(6))
+    with db.engine.begin() as conn:
+        _insert(conn, _months_ago(6), "recorded", "old")
+    with db.engine.connect() as reader, reader.begin():
+        reader.execute(text("SELECT count(*) FROM callback_inbox"))  # a report holds the inbox (ACCESS SHARE)
+        started = time.monotonic()
+        assert prune(db, older_than=timedelta(days=90)) == 0
+        assert time.monotonic() - started < 5  # gave up after the lock timeout (1 s), did not wait the report out
+    with db.engine.connect() as conn:
+        assert f"callback_inbox_p{_months_ago(6):%Y_%m}" in partitions.partitions(conn)
+    assert prune(db, older_than=timedelta(days=90)) == 1

@@ -106,7 +106,7 @@ def upgrade() -> None:
         ALTER SEQUENCE callback_inbox_id_seq OWNED BY callback_inbox.id;
         CREATE INDEX ix_callback_inbox_received_at ON callback_inbox USING brin (received_at);
         CREATE INDEX ix_callback_inbox_failed ON callback_inbox (id) WHERE status = 'failed';
-        ALTER TABLE callback_inbox ATTACH PARTITION {LEGACY} FOR VALUES FROM (MINVALUE) TO ('1970-01-02');
+        ALTER TABLE callback_inbox ATTACH PARTITION {LEGACY} FOR VALUES FROM ('1970-01-01') TO ('1970-01-02');
         CREATE TABLE callback_inbox_default PARTITION OF callback_inbox DEFAULT;
     """)
     this_month = datetime.now(UTC).date().replace(day=1)

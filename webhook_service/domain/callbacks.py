@@ -224,4 +224,6 @@ def inbox_month(signed: str) -> date:
     still verifies (docs/security.md), is filed in the same month, where the unique key
     `(dedupe_key, event_month)` meets it."""
     found = _SIGNED_MONTH.search(signed)
-    return date(int(found.group(1)), int(found.group(2)), 1) if found else NO_MONTH
+    if found is None or int(found.group(1)) < 1:  # no timestamp, or the year 0000 (no such date)
+        return NO_MONTH
+    return date(int(found.group(1)), int(found.group(2)), 1)

@@ -21,7 +21,9 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from psycopg.errors import LockNotAvailable
 from psycopg.types.json import Jsonb
+from sqlalchemy.exc import OperationalError
 
 from .. import metrics
 from ..context import Context
@@ -204,20 +206,33 @@ def prune(db: Database, *, older_than: timedelta, batch_size: int = 1000, pause:
     deleted = sum(_prune_rows(db, cutoff, batch_size, pause, partition, progress, done)
                   for partition in row_by_row)
     if partitions.LEGACY_PARTITION in existing:
-        with db.engine.begin() as conn:
-            if partitions.legacy_is_empty(conn):
-                partitions.drop_partition(conn, partitions.LEGACY_PARTITION)
-                log.info("prune: the legacy partition of the inbox is empty and dropped")
+        with db.engine.connect() as conn:
+            empty = partitions.legacy_is_empty(conn)
+        if empty:
+            deleted += _drop(db, partitions.LEGACY_PARTITION)
     for name in existing:
         month = partitions.month_of(name)
         if month is None:
             continue
         month_end = datetime.combine(partitions.add_months(month, 1), datetime.min.time(), UTC)
         if month_end <= cutoff:
-            with db.engine.begin() as conn:
-                deleted += partitions.drop_partition(conn, name)
-            log.info("prune: dropped the inbox's partition %s", name)
+            deleted += _drop(db, name)
     return deleted
+
+
+def _drop(db: Database, partition: str) -> int:
+    """Drop one partition of the inbox; the rows dropped (0 if it was busy: dropped on the next run)."""
+    try:
+        with db.engine.begin() as conn:
+            dropped = partitions.drop_partition(conn, partition)
+    except OperationalError as exc:
+        if not isinstance(exc.orig, LockNotAvailable):
+            raise
+        # Live work held the inbox longer than the lock timeout: never queue callbacks behind us.
+        log.warning("prune: %s is busy; it is dropped on the next run", partition)
+        return 0
+    log.info("prune: dropped the inbox's partition %s", partition)
+    return dropped
 
 
 def _prune_rows(db: Database, cutoff: datetime, batch_size: int, pause: float, partition: str | None,
