@@ -277,9 +277,12 @@ def _failed_callbacks(engine, count: int) -> None:
         for n in range(count):
             params = {"EventName": "SessionTimeout", "SessionUUID": f"5a1c0e6e-0000-4000-8000-{n:012d}",
                       "EventTimestamp": "2026-11-20 10:00:00"}
-            conn.execute(text("INSERT INTO callback_inbox (received_at, endpoint, method, params, dedupe_key, status,"
-                              " error) VALUES (now() - interval '100 days', 'session', 'POST', CAST(:p AS jsonb), :k,"
-                              " 'failed', 'stranded')"), {"p": json.dumps(params), "k": f"progress-{n}"})
+            # Received, and (its partition's month) sent, 100 days ago: a month a prune drops whole.
+            conn.execute(text("INSERT INTO callback_inbox (received_at, event_month, endpoint, method, params,"
+                              " dedupe_key, status, error) VALUES (now() - interval '100 days',"
+                              " date_trunc('month', now() - interval '100 days')::date, 'session', 'POST',"
+                              " CAST(:p AS jsonb), :k, 'failed', 'stranded')"),
+                         {"p": json.dumps(params), "k": f"progress-{n}"})
 
 
 @pytest.mark.parametrize(("args", "label", "said"), [

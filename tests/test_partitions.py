@@ -108,16 +108,19 @@ def test_ensure_partitions_makes_the_months_ahead_once(scratch_app):
     assert ensure_partitions(db, months_ahead=3) == []  # the migration made this month and three more
     assert ensure_partitions(db, months_ahead=5) == [f"callback_inbox_p{_months_ago(-m):%Y_%m}" for m in (4, 5)]
     assert ensure_partitions(db, months_ahead=5) == []
-    result = scratch_app.test_cli_runner().invoke(args=["callbacks", "partitions", "--months-ahead", "6"])
+    runner = scratch_app.test_cli_runner()
+    result = runner.invoke(args=["callbacks", "partitions", "--months-ahead", "6", "--format", "json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output.strip().splitlines()[-1]) == {"made": [f"callback_inbox_p{_months_ago(-6):%Y_%m}"]}
+    assert json.loads(result.output) == {"made": [f"callback_inbox_p{_months_ago(-6):%Y_%m}"]}
+    result = runner.invoke(args=["callbacks", "partitions", "--months-ahead", "6"])
+    assert result.output == "Nothing to do: the inbox's partitions 6 month(s) ahead exist (or it is not partitioned).\n"
 
 
 def test_prune_works_on_the_plain_inbox_and_across_the_change_to_partitions(scratch_url, sandbox):
     """Before 0011 (the plain table), after it (rows stored before it are in the legacy partition, deleted
     row by row; a redelivery of one of them is still a duplicate), and once the legacy partition is
     empty (dropped, its failed rows kept)."""
-    command.upgrade(alembic_config(scratch_url), "0009")
+    command.upgrade(alembic_config(scratch_url), "0010")
     engine = create_engine(sqlalchemy_url(scratch_url))
     now = datetime.now(UTC)
     settings = make_settings(sandbox.url)

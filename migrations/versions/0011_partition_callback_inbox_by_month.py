@@ -1,7 +1,7 @@
 """Partition callback_inbox by month (declarative range partitioning on `event_month`).
 
 Revision ID: 0011
-Revises: 0009 (to be chained after 0010 at merge: it touches nothing 0010 does)
+Revises: 0010
 
 At tens of millions of callbacks a day the inbox grows by billions of rows; its retention becomes
 dropping a month's partition instead of deleting rows in batches.
@@ -38,7 +38,7 @@ from datetime import UTC, date, datetime
 from alembic import op
 
 revision = "0011"
-down_revision = "0009"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 

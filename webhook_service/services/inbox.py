@@ -195,7 +195,7 @@ def prune(db: Database, *, older_than: timedelta, batch_size: int = 1000, pause:
       cutoff, so rows live between `older_than` and `older_than` plus a month.
     """
     cutoff = datetime.now(UTC) - older_than
-    done = [0, 0]  # rows deleted row by row so far, and how many there are to delete (for `progress`)
+    done = [0, 0]  # rows deleted so far, and how many there are to delete (for `progress`)
     with db.engine.connect() as conn:
         partitioned = partitions.is_partitioned(conn)
         existing = partitions.partitions(conn) if partitioned else []
@@ -209,15 +209,24 @@ def prune(db: Database, *, older_than: timedelta, batch_size: int = 1000, pause:
         with db.engine.connect() as conn:
             empty = partitions.legacy_is_empty(conn)
         if empty:
-            deleted += _drop(db, partitions.LEGACY_PARTITION)
+            deleted += _dropped(_drop(db, partitions.LEGACY_PARTITION), progress, done)
     for name in existing:
         month = partitions.month_of(name)
         if month is None:
             continue
         month_end = datetime.combine(partitions.add_months(month, 1), datetime.min.time(), UTC)
         if month_end <= cutoff:
-            deleted += _drop(db, name)
+            deleted += _dropped(_drop(db, name), progress, done)
     return deleted
+
+
+def _dropped(rows: int, progress: Progress | None, done: list[int]) -> int:
+    """Count a dropped partition's rows as done (a month holds rows by event time, so the count
+    made by receipt time may differ: the bar never runs past its end)."""
+    done[0] += rows
+    if progress is not None and rows:
+        progress(done[0], max(done))
+    return rows
 
 
 def _drop(db: Database, partition: str) -> int:
