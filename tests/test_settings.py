@@ -65,6 +65,7 @@ def test_app_factory_refuses_to_start_with_bad_settings(monkeypatch):
 
     monkeypatch.setenv("PLIVO_AUTH_ID", "MAXXXXXXXXXXXXXXXXXX")
     monkeypatch.setenv("PLIVO_AUTH_TOKEN", "tok")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://postgres@127.0.0.1:9/none")  # given: the URL is missing alone
     monkeypatch.delenv("PUBLIC_BASE_URL", raising=False)
     with pytest.raises(SettingsError, match="PUBLIC_BASE_URL"):
         create_app()
