@@ -24,10 +24,20 @@ FIRST = "+14155550100"
 SECOND = "+14155550123"
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on now, and never one this test run handed out before: two servers a
+    test starts close together (nginx and the gunicorn behind it) must not be given the same one,
+    or one fails to bind and the other answers in its place."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def make_settings(sandbox_url: str, public_base_url: str = "http://127.0.0.1:9", **overrides) -> Settings:
