@@ -54,3 +54,7 @@ bench-webhooks: install
 # The reporting queries at 100 000 sessions / 1 000 000 legs, beside the raw tables (bench/reporting.py).
 bench-reporting: install
 	$(PY) bench/reporting.py
+
+# One busy session's projection (1000 calls), read whole and from the projector's kept copy.
+bench-projection: install
+	$(PY) bench/projection.py
