@@ -258,3 +258,28 @@ def test_billing_counts_on_a_legs_end_only():
                         phase="ringing", billed_duration=600, amount=Decimal("9"))
     [leg] = project(RECORD, [ring]).legs
     assert leg["billed_duration"] is None and leg["amount"] is None
+
+
+def test_a_session_ends_at_the_earliest_time_anyone_reported_and_was_last_used_at_the_latest():
+    """Plivo's report, the API's expire, a SessionTimeout and the expiry time once passed each expire a
+    session; together, at the earliest of them. These are inputs: nobody else writes the outcome."""
+    timeout = CallbackFact(session_uuid="s-1", kind="timeout", event_name="SessionTimeout",
+                           at=T0 + timedelta(minutes=40))
+    due = replace(RECORD, expires_at=T0 + timedelta(minutes=30))
+    reports = {"plivo_expired_at": T0 + timedelta(minutes=20), "api_expired_at": T0 + timedelta(minutes=10)}
+    assert project(due, []).session["status"] == "active"  # no clock, no report: not expired
+    assert project(due, [], now=T0 + timedelta(minutes=30)).session["status"] == "active"  # not before its time
+    assert project(due, [timeout], now=T0 + timedelta(minutes=31)).session["expired_at"] == T0 + timedelta(minutes=30)
+    for name, at in reports.items():
+        session = project(replace(RECORD, **{name: at}), [timeout]).session
+        assert (session["status"], session["expired_at"]) == ("expired", at)
+    session = project(replace(due, **reports), [timeout], now=T0 + timedelta(hours=1)).session
+    assert (session["status"], session["expired_at"]) == ("expired", T0 + timedelta(minutes=10))
+
+    used = CallbackFact(session_uuid="s-1", kind="pin", event_name="SessionFirstPartyPinAuthenticated",
+                        at=T0 + timedelta(minutes=5))
+    for plivo, latest in ((T0 + timedelta(minutes=7), T0 + timedelta(minutes=7)), (T0, T0 + timedelta(minutes=5))):
+        record = replace(RECORD, plivo_last_interaction_at=plivo)
+        assert project(record, [used]).session["last_interaction_at"] == latest
+        assert project(replace(record, last_interaction_at=T0 + timedelta(hours=1)), [used]
+                       ).session["last_interaction_at"] == T0 + timedelta(hours=1)  # never back

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import random
+import re
 import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from urllib.parse import urlencode
 
 import requests
-from sqlalchemy import text
+from sqlalchemy import event, text
 
 from plivo_sandbox.server import SandboxServer
 from webhook_service.plivo.client import PlivoClient
@@ -19,6 +20,7 @@ from webhook_service.settings import SANDBOX_AUTH_ID, SANDBOX_AUTH_TOKEN
 
 from .helpers import free_port, settle, wait_for_lock, writes_held
 from .test_webhooks import (
+    AUTH,
     assert_daily_totals_match_a_recount,
     create_session,
     forget_callbacks,
@@ -344,3 +346,43 @@ def test_reconcile_every_stops_at_once_while_it_waits_for_its_next_run(live, san
     assert not thread.is_alive()
     assert [(r.checked, r.errors) for r in reports] == [(1, 0)]
     assert len([r for r in sandbox.state.request_log() if r["method"] == "GET" and uuid in r["path"]]) == 1
+
+
+def test_only_the_projection_writes_a_sessions_status_expiry_and_last_interaction(live, sandbox, engine):
+    """Reconciliation, the API's update and expire and the overdue sweep store what they were told
+    (Plivo's expiry and last interaction, the API's expire); the projection alone makes the status,
+    the time it expired and the last interaction of them, so those rules have one home."""
+    ctx = ctx_of(live)
+    updates: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):
+        if re.match(r"\s*UPDATE masking_sessions\b", statement):
+            updates.append(statement.split(" WHERE ")[0])
+
+    event.listen(ctx.db.engine, "before_cursor_execute", seen)
+    try:
+        overdue = create_session(live, session_expiry=600)
+        expired = create_session(live, second_party="+14155552671", session_expiry=1200)
+        used = create_session(live, second_party="+14155552672")
+        play(sandbox, used)
+        patched = requests.patch(f"{live.url}/v1/sessions/{expired}", headers=AUTH, json={"record": True}, timeout=10)
+        assert patched.status_code == 200, patched.text
+        reconcile(ctx)
+        gone = requests.delete(f"{live.url}/v1/sessions/{expired}", headers=AUTH, timeout=10)
+        assert gone.status_code == 200 and gone.json()["status"] == "expired", gone.text
+        assert reconcile(ctx).errors == 0  # Plivo now says it expired too
+        expires_at = session_row(live, engine, overdue)["expires_at"]
+        assert reconcile(ctx, now=expires_at + timedelta(minutes=1)).marked_expired == 1
+    finally:
+        event.remove(ctx.db.engine, "before_cursor_execute", seen)
+    assert len(updates) >= 5
+    assert [u for u in updates if re.search(r"\b(status|expired_at|last_interaction_at)\s*=", u)] == []
+
+    row = session_row(live, engine, overdue)
+    assert (row["status"], row["expired_at"]) == ("expired", expires_at)
+    row = session_row(live, engine, expired)
+    assert row["status"] == "expired" and row["api_expired_at"] is not None and row["plivo_expired_at"] is not None
+    assert row["expired_at"] == min(row["api_expired_at"], row["plivo_expired_at"])
+    row = session_row(live, engine, used)
+    assert row["plivo_last_interaction_at"] is not None and row["status"] == "active"
+    assert row["last_interaction_at"] >= row["plivo_last_interaction_at"]

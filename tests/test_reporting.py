@@ -173,7 +173,8 @@ def _s3_callbacks() -> list[tuple[str, dict]]:
 def build_dataset(engine: Engine) -> None:
     with engine.begin() as conn:
         conn.execute(insert(MaskingSession), [
-            _api_session(S1, "order-1", VN1, "2026-11-02 09:00:00", "2026-11-09 09:00:00", 604800, "0.00500"),
+            # S1 runs for four years: it must not be past its expiry when the tests run (it would be expired).
+            _api_session(S1, "order-1", VN1, "2026-11-02 09:00:00", "2030-11-02 09:00:00", 126230400, "0.00500"),
             _api_session(S2, "order-1", VN2, "2026-11-03 12:00:00", "2026-11-04 12:00:00", 86400, "0.00000"),
             _api_session(S4, "order-2", VN4, "2026-11-02 15:00:00", "2026-11-02 16:00:00", 3600, "0.00000"),
             _api_session(S5, "order-3", VN5, "2026-11-06 10:00:00", "2026-11-06 11:00:00", 3600, "0.00000"),
@@ -248,7 +249,7 @@ VIEW_COLUMNS = {
 SUMMARY = {
     S1: {"session_uuid": S1, "external_ref": "order-1", "origin": "api", "first_party": FIRST,
          "second_party": SECOND, "virtual_number": VN9, "status": "active", "created_at": t("2026-11-02 09:00:00"),
-         "expires_at": t("2026-11-09 09:00:00"), "ended_at": None, "call_count": 4, "answered_call_count": 3,
+         "expires_at": t("2030-11-02 09:00:00"), "ended_at": None, "call_count": 4, "answered_call_count": 3,
          "billed_duration": 300, "billed_minutes": D("5.00"), "amount": D("0.04250"), "session_amount": D("0.00500"),
          "total_amount": D("0.04750"), "recording_count": 1, "last_interaction_at": t("2026-11-04 00:00:16"),
          "plivo_call_count": 5, "plivo_billed_duration": 360, "plivo_amount": D("0.05100"), "call_count_drift": -1,
@@ -663,7 +664,7 @@ def test_report_session_json(app, dataset):
     assert report["session"] == {
         "session_uuid": S1, "external_ref": "order-1", "origin": "api", "first_party": FIRST,
         "second_party": SECOND, "virtual_number": VN9, "status": "active", "created_at": "2026-11-02T09:00:00+00:00",
-        "expires_at": "2026-11-09T09:00:00+00:00", "ended_at": None, "call_count": 4, "answered_call_count": 3,
+        "expires_at": "2030-11-02T09:00:00+00:00", "ended_at": None, "call_count": 4, "answered_call_count": 3,
         "billed_duration": 300, "billed_minutes": "5.00", "amount": "0.04250", "session_amount": "0.00500",
         "total_amount": "0.04750", "recording_count": 1, "last_interaction_at": "2026-11-04T00:00:16+00:00",
         "plivo_call_count": 5, "plivo_billed_duration": 360, "plivo_amount": "0.05100", "call_count_drift": -1,

@@ -3,19 +3,22 @@
 `project(record, facts, interactions)` is a pure function of
 
 * the session's own record (what the API and reconciliation stored: parties, original number,
-  status, expiry),
+  when it is due to expire, and what Plivo and the API reported about its end and its last use),
 * its callbacks' facts (`domain.callbacks.CallbackFact`, one per callback, as reported), and
 * Plivo's interaction records (reconciliation's facts),
 
-and returns everything the projector writes: call legs, recordings, the number history, the
+and the time it is projected (`now`: a session past its expiry is expired), and returns
+everything the projector writes: call legs, recordings, the number history, the
 counters, status, parties and current number, and the activity per day the daily totals are kept
 from. Facts are a set: the same fact twice, or the facts in any order, give the same projection,
 so redeliveries, replays and reshuffles cannot change a total. Where two facts disagree on a value
 the earlier one wins (by event time, then `SequenceNumber`, then content), never the later arrival.
 
 Rules that only move one way merge with what the record holds: an expired session stays expired
-(at the earliest time anyone reported), the last interaction only moves later, parties learnt
-from callbacks only fill what the API left empty.
+(at the earliest time anyone reported: a SessionTimeout callback, Plivo, the API, or the expiry
+time once passed), the last interaction only moves later (ours or Plivo's), parties learnt from
+callbacks only fill what the API left empty. Those who report (reconciliation, the API) store what
+they were told in the record's input columns and never write these outcomes themselves.
 
 A busy session is projected again every few tenths of a second while its calls go on, each time
 with a few more facts among thousands. Given its previous projection and the earliest time of any
@@ -68,6 +71,10 @@ class SessionRecord:
     last_interaction_at: datetime | None
     created_at: datetime
     plivo_created_at: datetime | None = None
+    expires_at: datetime | None = None  # when it is due to expire
+    plivo_expired_at: datetime | None = None  # Plivo said it expired, at this time
+    api_expired_at: datetime | None = None  # our API expired it on Plivo, at this time
+    plivo_last_interaction_at: datetime | None = None  # Plivo's last interaction, last read
 
 
 @dataclass
@@ -255,9 +262,21 @@ def _not_a_number_change(fact: CallbackFact) -> bool:
     return fact.kind != "number"
 
 
+def ends_reported(record: SessionRecord, facts: FactLog, now: datetime | None) -> list[datetime]:
+    """Every time anyone said the session ended: its SessionTimeout callbacks, Plivo, the API, and
+    its expiry time once `now` has passed it (none of that with `now` None)."""
+    ends = [f.at for f in facts.facts if f.kind == "timeout"]
+    ends += [t for t in (record.plivo_expired_at, record.api_expired_at) if t is not None]
+    if now is not None and record.expires_at is not None and record.expires_at < now:
+        ends.append(record.expires_at)
+    return ends
+
+
 def project(record: SessionRecord, facts: Iterable[CallbackFact] | FactLog,
-            interactions: Sequence[Mapping[str, Any]] = (), since: Since | None = None) -> Projection:
-    """The session as its record, facts and Plivo's interactions make it (see the module docstring).
+            interactions: Sequence[Mapping[str, Any]] = (), since: Since | None = None,
+            now: datetime | None = None) -> Projection:
+    """The session as its record, facts and Plivo's interactions make it at `now` (see the module
+    docstring; without `now`, the expiry time does not expire it).
 
     With `since` (and `facts` the same `FactLog` the previous projection read, with the changes
     folded in), only the legs that can have changed are derived again.
@@ -274,11 +293,12 @@ def project(record: SessionRecord, facts: Iterable[CallbackFact] | FactLog,
     activity = session_activity_of(legs, recordings)
     virtual_number, changed_at, numbers = numbers_of(record, log)
 
-    timeouts = [f.at for f in log.facts if f.kind == "timeout"]
-    expired = record.status == "expired" or bool(timeouts)
-    ended = [t for t in (record.expired_at, *timeouts) if t is not None]
+    ends = ends_reported(record, log, now)
+    expired = record.status == "expired" or bool(ends)
+    ended = [t for t in (record.expired_at, *ends) if t is not None]
     used = next((f.at for f in reversed(log.facts) if f.kind in INTERACTION_KINDS), None)  # the latest
-    last = max([t for t in (record.last_interaction_at, used) if t is not None], default=None)
+    last = max([t for t in (record.last_interaction_at, record.plivo_last_interaction_at, used) if t is not None],
+               default=None)
     session = counters(activity) | {
         "status": "expired" if expired else record.status,
         "expired_at": min(ended) if expired and ended else record.expired_at,

@@ -103,7 +103,12 @@ class MaskingSession(Base):
     session_expiry: Mapped[int | None] = mapped_column(Integer)
     plivo_created_at: Mapped[datetime | None]
     plivo_modified_at: Mapped[datetime | None]
-    expires_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]  # when the session is due to expire (Plivo's expiry_time)
+    # What others reported, as reported: the projection's inputs (only it writes the three below).
+    plivo_expired_at: Mapped[datetime | None]  # Plivo said it expired (reconciliation, an update's answer)
+    api_expired_at: Mapped[datetime | None]  # this service's API expired it on Plivo
+    plivo_last_interaction_at: Mapped[datetime | None]  # Plivo's last_interaction_time, last read
+    # Projected from those, the callbacks and the clock (`domain.projection.project`).
     expired_at: Mapped[datetime | None]
     last_interaction_at: Mapped[datetime | None]
     # When the virtual number last changed (the newest SessionVirtualNumberReplaced): projected.

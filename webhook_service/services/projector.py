@@ -112,19 +112,20 @@ class Projector:
         self._kept: OrderedDict[str, Kept] = OrderedDict()  # least recently projected first
         self._kept_facts = 0
 
-    def project(self, uuids: Iterable[str], *, wait: bool = False) -> Outcome:
-        """Project those of `uuids` that are due, in batches.
+    def project(self, uuids: Iterable[str], *, wait: bool = False, now: datetime | None = None) -> Outcome:
+        """Project those of `uuids` that are due, in batches, as at `now` (default: the time each
+        batch is projected; a session whose expiry time it has passed is expired).
 
         `wait`: wait for sessions another projector holds (on-demand reads); otherwise skip them and
         report them as `busy`.
         """
         outcome = Outcome()
-        now = time.monotonic()
+        moment = time.monotonic()
         with self._lock:
-            held_back = {u for u, until in self._failed_until.items() if until > now}
+            held_back = {u for u, until in self._failed_until.items() if until > moment}
         todo = sorted(set(uuids) - held_back) if not wait else sorted(set(uuids))
         for start in range(0, len(todo), self.batch):
-            outcome.merge(self._project_batch(todo[start:start + self.batch], wait))
+            outcome.merge(self._project_batch(todo[start:start + self.batch], wait, now))
         return outcome
 
     def project_due(self, limit: int | None = None) -> Outcome:
@@ -162,10 +163,10 @@ class Projector:
             row = pg.execute(OLDEST_AGE).fetchone()
         return max(float(row[0]), 0.0) if row else 0.0
 
-    def _project_batch(self, uuids: Sequence[str], wait: bool) -> Outcome:
+    def _project_batch(self, uuids: Sequence[str], wait: bool, now: datetime | None) -> Outcome:
         try:
             with _no_cyclic_gc():
-                return self._transaction(uuids, wait)
+                return self._transaction(uuids, wait, now or datetime.now(UTC))
         except Exception as exc:
             if is_database_unavailable(exc) or len(uuids) == 1:
                 if not is_database_unavailable(exc):
@@ -176,7 +177,7 @@ class Projector:
             log.warning("projection of a batch of %d failed; projecting its sessions one by one", len(uuids))
             outcome = Outcome()
             for uuid in uuids:
-                outcome.merge(self._project_batch([uuid], wait))
+                outcome.merge(self._project_batch([uuid], wait, now))
             return outcome
 
     def _hold_back(self, uuids: Sequence[str], exc: Exception) -> None:
@@ -187,7 +188,7 @@ class Projector:
             until = time.monotonic() + RETRY_FAILED_AFTER
             self._failed_until.update(dict.fromkeys(uuids, until))
 
-    def _transaction(self, uuids: Sequence[str], wait: bool) -> Outcome:
+    def _transaction(self, uuids: Sequence[str], wait: bool, now: datetime) -> Outcome:
         outcome = Outcome()
         with self._lock:
             warm = [uuid for uuid in uuids if uuid in self._kept]
@@ -208,12 +209,12 @@ class Projector:
                 if kept is None:
                     facts = dict(loaded.facts.get(uuid, ()))
                     log = FactLog(facts.values())
-                    projection = project(loaded.record(row), log, interactions)
+                    projection = project(loaded.record(row), log, interactions, now=now)
                     kept = Kept(version, facts, log, projection, interactions)
                 else:
                     before = kept.projection.activity
                     since = _fold(kept, loaded.facts.get(uuid, ()))
-                    projection = project(loaded.record(row), kept.log, interactions, since)
+                    projection = project(loaded.record(row), kept.log, interactions, since, now)
                     kept.version, kept.projection, kept.interactions = version, projection, interactions
                 projected[uuid] = (row, projection, kept, before)
             if not projected:

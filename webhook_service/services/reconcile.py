@@ -2,7 +2,8 @@
 
 Every run (the `worker` process runs one a minute; `flask sessions reconcile` runs one from cron):
 
-1. Sessions whose expiry time has passed are marked expired, even if SessionTimeout never came.
+1. Sessions whose expiry time has passed are projected, which expires them, even if SessionTimeout
+   never came.
 2. Creates whose outcome was unknown are resolved (`services.sessions.resolve_pending_attempts`).
 3. Sessions that are active, expired recently (until one run has read them settled), or have a
    leg without an end are fetched from Plivo (GET session), oldest reconciliation first, with
@@ -10,7 +11,8 @@ Every run (the `worker` process runs one a minute; `flask sessions reconcile` ru
    client honouring Retry-After). Network calls happen outside any transaction.
 4. Each answer is stored as facts (`apply_plivo_session`): Plivo's interactions, which give call
    UUIDs, the legs and recordings no callback reported and their billing; its totals, kept beside
-   ours so drift is visible in `reporting.session_summary`; expiry and status, forward only. Then
+   ours so drift is visible in `reporting.session_summary`; whether Plivo says it expired, and its
+   last interaction, as Plivo reported them (the projection decides what they make of it). Then
    the session is projected by the same projector as callbacks (`services.projector`), from all
    its facts together, so callbacks and reconciliation in any order give one result, with nothing
    counted twice.
@@ -87,14 +89,12 @@ class ReconcileReport:
         return dict(vars(self))
 
 
-def mark_overdue_expired(conn: Connection, now: datetime) -> int:
-    """Sessions past their expiry are expired, whether or not SessionTimeout arrived."""
-    return conn.execute(
-        sessions.update()
-        .where(sessions.c.status != "expired", sessions.c.expires_at < now)
-        .values(status="expired", expired_at=func.coalesce(sessions.c.expired_at, sessions.c.expires_at),
-                updated_at=func.now())
-    ).rowcount
+def queue_overdue(conn: Connection, now: datetime) -> list[str]:
+    """Queue for projection the sessions not yet expired whose expiry time is before `now` (the
+    projection at `now` expires them: `domain.projection.ends_reported`); returns their UUIDs."""
+    overdue = select(sessions.c.session_uuid).where(sessions.c.status != "expired", sessions.c.expires_at < now)
+    return list(conn.execute(insert(queue).from_select(["session_uuid"], overdue)
+                             .returning(queue.c.session_uuid)).scalars())
 
 
 def sessions_due(conn: Connection, now: datetime, *, recent: timedelta, limit: int) -> list[str]:
@@ -142,12 +142,12 @@ def apply_plivo_session(ctx: Context, plivo: PlivoSession, now: datetime, *, kee
     """Store Plivo's record of one session as facts, then project it. Returns (changed, drift).
 
     Plivo's interactions replace the ones read before (its latest record of a call wins); its
-    totals are kept beside ours; expiry, status and the last interaction only move forward. The
+    totals are kept beside ours; its expiry time, whether it says the session expired, and its last
+    interaction are stored as Plivo's report, for the projection to merge with the rest. The
     parties' PINs are kept where the session has none yet (generated ones the create could not
     fetch). With `keep_api_id` (a refresh someone asked for), the GET's `api_id` becomes the
     session's `plivo_api_id`, the one to quote to Plivo's support about what was read.
     """
-    expired = plivo.status == "expired" or (plivo.expiry_time is not None and plivo.expiry_time < now)
     with ctx.db.engine.begin() as conn:
         row = conn.execute(select(sessions.c.id, *(sessions.c[k] for k in WATCHED))
                            .where(sessions.c.session_uuid == plivo.session_uuid)).first()
@@ -167,18 +167,18 @@ def apply_plivo_session(ctx: Context, plivo: PlivoSession, now: datetime, *, kee
             # A session discovered by callback learns its original number and when Plivo created it.
             original_virtual_number=func.coalesce(sessions.c.original_virtual_number, plivo.virtual_number),
             plivo_created_at=func.coalesce(sessions.c.plivo_created_at, plivo.created_time),
-            last_interaction_at=func.greatest(sessions.c.last_interaction_at, plivo.last_interaction_time),
+            plivo_last_interaction_at=plivo.last_interaction_time,
             plivo_call_count=plivo.total_call_count, plivo_billed_duration=plivo.total_call_billed_duration,
             plivo_amount=plivo.total_call_amount, reconciled_at=now, updated_at=func.now(),
             subaccount=func.coalesce(sessions.c.subaccount, plivo.subaccount),
             first_party_pin=func.coalesce(sessions.c.first_party_pin, plivo.pins[0]),
             second_party_pin=func.coalesce(sessions.c.second_party_pin, plivo.pins[1]),
             **({"plivo_api_id": plivo.api_id} if keep_api_id and plivo.api_id else {}),
-            **({"status": "expired", "expired_at": func.coalesce(sessions.c.expired_at, plivo.expiry_time)}
-               if expired else {}),
+            # Plivo says it has expired: by its expiry time, or by the time we read it at the latest.
+            **({"plivo_expired_at": min(plivo.expiry_time or now, now)} if plivo.status == "expired" else {}),
         ))
         conn.execute(insert(queue).values(session_uuid=plivo.session_uuid))
-    projected = ctx.projector.project([plivo.session_uuid], wait=True).projected
+    projected = ctx.projector.project([plivo.session_uuid], wait=True, now=now).projected
     if projected:
         after = {"id": row.id} | {k: projected[0].after[k] for k in WATCHED}
     else:  # its projection failed (and stays due): what is stored
@@ -210,7 +210,9 @@ def reconcile(ctx: Context, *, now: datetime | None = None, limit: int = 3000, c
     limiter = limiter or RateLimiter()
     report = ReconcileReport()
     with ctx.db.engine.begin() as conn:
-        report.marked_expired = mark_overdue_expired(conn, now)
+        overdue = queue_overdue(conn, now)
+    report.marked_expired = sum(p.after["status"] == "expired"
+                                for p in ctx.projector.project(overdue, wait=True, now=now).projected)
     report.attempts = resolve_pending_attempts(ctx)
     with ctx.db.engine.connect() as conn:
         due = sessions_due(conn, now, recent=recent, limit=limit)

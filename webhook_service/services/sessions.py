@@ -524,22 +524,25 @@ def update_session(ctx: Context, session_uuid: str, body: Any) -> dict[str, Any]
         updated = ctx.plivo.update_session(session_uuid, params)
     except PlivoError as exc:
         raise _create_error(exc) from exc
-    values = _session_values(updated) | {"updated_at": datetime.now(UTC)}
+    now = datetime.now(UTC)
+    values = _session_values(updated) | {"updated_at": now}
     values = {k: v for k, v in values.items() if v is not None}
     values.pop("session_amount", None)
+    # The status is projected: an answer saying the session expired is Plivo's report, an input.
+    if values.pop("status", None) == "expired":
+        values["plivo_expired_at"] = min(updated.expiry_time or now, now)
     for name in ("record", "session_expiry"):
         if name in params:
             values[name] = params[name]
     with ctx.db.transaction() as s:
-        if values.get("status") != "expired":
-            values.pop("status", None)  # never move an expired session back; see _expire_values
-        row = s.execute(
+        s.execute(
             update(MaskingSession)
             .where(MaskingSession.session_uuid == session_uuid)
             .values(create_params=MaskingSession.create_params.op("||")(_jsonb(params)), **values)
-            .returning(MaskingSession)
-        ).scalar_one()
-    return serialize_session(row)
+        )
+        s.execute(insert(ProjectionQueue).values(session_uuid=session_uuid))  # parties, expiry: project again
+    ctx.projector.project([session_uuid], wait=True)
+    return serialize_session(get_session(ctx, session_uuid))
 
 
 def _jsonb(value: dict[str, Any]):
@@ -547,26 +550,26 @@ def _jsonb(value: dict[str, Any]):
 
 
 def expire_session(ctx: Context, session_uuid: str) -> dict[str, Any]:
-    """Expire on Plivo, then mark the row expired (kept, with the time). Idempotent."""
+    """Expire on Plivo, record that the API did (`api_expired_at`), and project the session, which
+    expires it (kept, with the time). Idempotent: an expired session is answered as it is."""
     row = get_session(ctx, session_uuid)
-    if row.status != "expired":
-        try:
-            ctx.plivo.expire_session(session_uuid)
-        except PlivoNotFound:
-            raise NotFound(f"Plivo has no session {session_uuid}") from None
-        except PlivoRejected as exc:
-            # "Session already expired": Plivo agrees with what we are about to record.
-            if "expired" not in exc.message.lower():
-                raise plivo_error_to_api(exc) from exc
+    if row.status == "expired":
+        return serialize_session(row)
+    try:
+        ctx.plivo.expire_session(session_uuid)
+    except PlivoNotFound:
+        raise NotFound(f"Plivo has no session {session_uuid}") from None
+    except PlivoRejected as exc:
+        # "Session already expired": Plivo agrees with what we are about to record.
+        if "expired" not in exc.message.lower():
+            raise plivo_error_to_api(exc) from exc
     now = datetime.now(UTC)
     with ctx.db.transaction() as s:
-        row = s.execute(
-            update(MaskingSession)
-            .where(MaskingSession.session_uuid == session_uuid)
-            .values(status="expired", expired_at=func.coalesce(MaskingSession.expired_at, now), updated_at=now)
-            .returning(MaskingSession)
-        ).scalar_one()
-    return serialize_session(row)
+        s.execute(update(MaskingSession).where(MaskingSession.session_uuid == session_uuid)
+                  .values(api_expired_at=now, updated_at=now))
+        s.execute(insert(ProjectionQueue).values(session_uuid=session_uuid))
+    ctx.projector.project([session_uuid], wait=True, now=now)
+    return serialize_session(get_session(ctx, session_uuid))
 
 
 
