@@ -691,15 +691,27 @@ class Step:
     result: WrkResult
     lags: list[float]
     probe_failures: int
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU per callback answered: by server, "postgres"
 
     @property
     def p99_lag(self) -> float:
         return self.lags[min(len(self.lags) - 1, int(0.99 * len(self.lags)))] if self.lags else math.inf
 
+    def failures(self, max_lag: float) -> list[str]:
+        """Why the rate was not sustained (empty: it was)."""
+        r, why = self.result, []
+        if r.failed or r.socket_errors or self.probe_failures:
+            why.append(f"{r.failed} non-2xx, {r.socket_errors} socket errors, {self.probe_failures} probes failed")
+        if r.exhausted:
+            why.append(f"the feed ran out {r.exhausted} times")
+        if r.rate < 0.95 * self.rate:
+            why.append(f"answered {r.rate:.0f} req/s, under 95% of the {self.rate:.0f} offered")
+        if self.p99_lag > max_lag:
+            why.append(f"lag p99 {self.p99_lag:.2f} s over {max_lag:g} s")
+        return why
+
     def passed(self, max_lag: float) -> bool:
-        r = self.result
-        return (r.failed == 0 and r.socket_errors == 0 and r.exhausted == 0 and self.probe_failures == 0
-                and r.rate >= 0.95 * self.rate and self.p99_lag <= max_lag)
+        return not self.failures(max_lag)
 
 
 # The benchmark -------------------------------------------------------------------------------------
@@ -970,13 +982,19 @@ class Bench:
         args = self.args
         self.drains.append(self.drain())  # each step starts with nothing due
         log(f"capacity: {rate:.0f} req/s for {args.step_duration:g} s, lag probed at {args.probe_rate:g}/s")
-        with LagProbe(target.server.url, self.db_url, rate=args.probe_rate) as probe:
-            result = self._callbacks(target, args.step_duration, rate=rate)
-        probe.settle()
+        with self.load.measure() as cpu:  # the probes' own callbacks are a few percent more
+            with LagProbe(target.server.url, self.db_url, rate=args.probe_rate) as probe:
+                result = self._callbacks(target, args.step_duration, rate=rate)
+            probe.settle()
         self.extra_ok += len(probe.acked)
-        step = Step(rate, result, probe.lags(), probe.failed)
+        cpu.pop("other")
+        answered = max(result.requests + len(probe.acked), 1)
+        step = Step(rate, result, probe.lags(), probe.failed,
+                    {name: 1000 * seconds / answered for name, seconds in cpu.items()})
+        why = step.failures(args.max_lag)
         log(f"  lag p50 {step.lags[len(step.lags) // 2] if step.lags else math.nan:.3f} s, p99 {step.p99_lag:.3f} s "
-            f"over {len(step.lags)} probes: {'sustained' if step.passed(args.max_lag) else 'NOT sustained'}")
+            f"over {len(step.lags)} probes: {'sustained' if not why else 'NOT sustained: ' + '; '.join(why)}; CPU "
+            f"ms/callback: " + ", ".join(f"{name} {ms:.2f}" for name, ms in step.cpu_ms.items() if ms))
         return step
 
     def busy_session(self) -> dict[str, object]:
@@ -1149,7 +1167,8 @@ class Bench:
         threads = os.environ.get("GUNICORN_THREADS", "4")
         met = {True: "met", False: "NOT met"}
         print(f"\nwebhook benchmark: {os.cpu_count()} cores; every target under gunicorn -c gunicorn.conf.py, "
-              f"{args.workers} workers x {threads} threads (gthread); wrk {args.threads} threads, "
+              f"{args.workers} {args.worker_class or os.environ.get('GUNICORN_WORKER_CLASS', 'gevent')} workers "
+              f"({threads} threads each under gthread); wrk {args.threads} threads, "
               f"{args.connections} connections, {args.duration:g} s after a {args.warmup:g} s warm-up, "
               f"{args.rounds} interleaved rounds: each target's median round")
         print(f"postgres: {server_facts(self.db_url)}\n")
@@ -1176,7 +1195,12 @@ class Bench:
                   f"(goal >= 2: {met[sustained >= 2 * orm_rate]}), {sustained / store_rate:.2f} x store only, "
                   f"{sustained / request:.2f} x the request path; steps (req/s offered: achieved, lag p99): "
                   + "; ".join(f"{step.rate:.0f}: {step.result.rate:.0f}, {step.p99_lag:.2f} s"
-                              + ("" if step.passed(args.max_lag) else " FAIL") for step in steps))
+                              + "".join(f" FAIL ({why})" for why in step.failures(args.max_lag)[:1])
+                              for step in steps))
+            best = max((step for step in steps if step.passed(args.max_lag)), key=lambda step: step.rate, default=None)
+            if best is not None:
+                print(f"  CPU ms per callback at {best.rate:.0f} req/s, {deployment}: " + ", ".join(
+                    f"{name} {ms:.2f}" for name, ms in best.cpu_ms.items() if ms))
         ratio = busy["busy"]["rate"] / busy["spread"]["rate"]
         latency = busy["busy"]["last_p50"] / busy["busy"]["first_p50"]
         print(f"busy session ({args.busy_calls} calls, {busy['facts']} callbacks, 8 senders): "
