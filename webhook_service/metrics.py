@@ -30,6 +30,11 @@ PROJECTION_BACKLOG_AGE = Gauge(
     "projection_oldest_due_seconds", "Age of the oldest fact not yet projected (0: nothing due)",
     multiprocess_mode="mostrecent",  # read from the database at each scrape, whichever worker answers
 )
+STORE_BATCH = Histogram(
+    "webhook_store_batch_size",
+    "Callbacks committed together in one transaction by the webhook path's group commit",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 SIGNATURE_FAILURES = Counter("plivo_signature_failures_total", "Callbacks refused for a missing or bad signature")
 PLIVO_CALLS = Counter("plivo_api_calls_total", "Calls to Plivo's API, by operation and outcome", ["op", "outcome"])
 PLIVO_LATENCY = Histogram(
