@@ -863,9 +863,11 @@ class Bench:
             "DATABASE_URL": self.db_url, "PLIVO_AUTH_ID": AUTH_ID, "PUBLIC_BASE_URL": self.urls["service"],
             "PUBLIC_BASE_URL_ALLOW_HTTP": "true",
             "API_TOKENS": API_TOKEN, "PLIVO_API_BASE_URL": self.urls["sandbox"],
-            # One Plivo slot per thread: with the default (2 per worker) the sessions run's extra
-            # connections get 503 plivo_busy by design, and a benchmark of 503s measures nothing.
-            "PLIVO_MAX_CONCURRENCY": os.environ.get("GUNICORN_THREADS", "4"), **signing}
+            # A Plivo slot for every connection of the sessions run (a gevent worker may get them all):
+            # with the default (2 per worker) the extra ones get 503 plivo_busy by design, and a
+            # benchmark of 503s measures nothing.
+            "PLIVO_MAX_CONCURRENCY": str(max(int(os.environ.get("GUNICORN_THREADS", "4")),
+                                             self.args.sessions_connections)), **signing}
         # The request path alone: the same service with no projection in its processes (the run's
         # facts are projected after it, by `drain`). Signed for the service's URL: the same feed.
         request_only = self._gunicorn("request", "webhook_service:create_app()",
@@ -949,7 +951,8 @@ class Bench:
     def capacity(self, deployment: str, request_rate: float) -> list[Step]:
         """The highest offered rate the service sustains: every callback answered 2xx and the projection
         lag (LagProbe) at most `--max-lag` at p99. Rates step up by tenths of the request path's own
-        throughput from half of it, until a step fails; then one step halfway back, for resolution.
+        throughput from half of it, until a step fails; then one step halfway back, for resolution. If
+        the first step fails, they step down by tenths until one holds.
 
         `deployment`: "web" (the web processes project, nothing else runs) or "web + worker" (and the
         Procfile's `worker` process too)."""
@@ -972,6 +975,10 @@ class Bench:
                     if len(steps) > 1:  # halfway between the last rate sustained and this one
                         steps.append(self._step(service, (steps[-2].rate + rate) / 2))
                     break
+            for fraction in (0.4, 0.3, 0.2, 0.1):
+                if any(step.passed(args.max_lag) for step in steps):
+                    break
+                steps.append(self._step(service, request_rate * fraction))
         finally:
             if worker is not None:
                 self.servers.remove(worker)

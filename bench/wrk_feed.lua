@@ -13,8 +13,9 @@
 --   WRAP     1: start the file over at its end (baselines); 0: never repeat a line; at the end of the
 --            file, count the shortfall ("exhausted") and send GET /healthz instead
 --   RATE     requests per second for this thread (0: as fast as the server answers); paced with
---            wrk's delay() hook on a fixed schedule (a server that falls behind gets no catch-up
---            burst), so the rate is exact whenever the server keeps up
+--            wrk's delay() hook on a fixed schedule: a request a slow answer held back is sent as soon
+--            as a connection is free (open-loop, as Plivo sends whatever our latency), so the rate
+--            offered is exact and one the server cannot take shows as fewer answers
 --   QUOTAS   comma-separated requests per thread (-1: unlimited); a thread that has sent its quota
 --            stops itself (the process still runs until wrk's duration ends or it gets SIGINT)
 --
@@ -92,7 +93,7 @@ function init(args)
     -- go through wrk's timer for every request.
     delay = function()
       local t = now_ms()
-      next_at = math.max(next_at or t, t - interval) + interval
+      next_at = (next_at or t) + interval
       return math.max(0, math.floor(next_at - t))
     end
   end
