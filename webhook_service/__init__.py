@@ -45,20 +45,15 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from .persistence.db import Database
     from .plivo.client import PlivoClient
     from .services.projector import BackgroundProjector, Projector
-    from .settings import Settings, SettingsError
+    from .settings import Settings
     from .web.errors import register_body_framing, register_error_handlers
 
     config = dict(test_config or {})
     # Loaded by the `flask` command (its click context is current): to run one of ours, or to list them.
     command_line = click.get_current_context(silent=True) is not None
-    try:
-        settings: Settings = config.pop("settings", None) or Settings.from_env()
-    except SettingsError as exc:
-        if not command_line:
-            raise
-        # A command (or --help) with a bad setting: the one line naming it, exit code 2, no traceback.
-        click.echo(f"Error: {exc}", err=True)
-        raise SystemExit(2) from None
+    # A command (or --help) with a bad setting: the one line naming it, exit code 2, no traceback.
+    settings: Settings = config.pop("settings", None) or (
+        Settings.for_command() if command_line else Settings.from_env())
     # A command prints its result: its logs are warnings and errors only, unless LOG_LEVEL asks for more
     # (the `worker` command, a service, logs at LOG_LEVEL).
     configure_logging(settings.log_level if settings.log_level_given or not command_line else "WARNING")

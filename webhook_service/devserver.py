@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from .logs import configure_logging
-from .settings import Settings, SettingsError
+from .settings import Settings
 
 log = logging.getLogger("webhook_service.devserver")
 
@@ -179,11 +179,7 @@ class Supervisor:
 
 
 def main() -> int:
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
+    settings = Settings.for_command()
     configure_logging(settings.log_level)
     env = dict(os.environ)
     web_host, web_port = web_address(env)

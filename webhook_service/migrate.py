@@ -73,13 +73,9 @@ def _gave_up_on_a_lock(exc: Exception) -> bool:
 def main() -> int:
     """`python -m webhook_service.migrate` (the Procfile's `release`): a bad setting is one line, exit code 2."""
     from .logs import configure_logging
-    from .settings import Settings, SettingsError
+    from .settings import Settings
 
-    try:
-        settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
+    settings = Settings.for_command()
     configure_logging(settings.log_level)  # Alembic's lines too, as JSON
     attempts_taken = release()
     log.info("release: schema at head after %d attempt(s)", attempts_taken)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -101,6 +102,16 @@ class Settings:
     @property
     def recording_callback_url(self) -> str:
         return self.public_base_url + "/webhooks/plivo/recording"
+
+    @classmethod
+    def for_command(cls) -> Settings:
+        """The environment's settings for a command (`release`, `make run`, `flask …`): a bad one is
+        the one line naming it on stderr and exit code 2, not a traceback."""
+        try:
+            return cls.from_env()
+        except SettingsError as exc:
+            print(f"Error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
