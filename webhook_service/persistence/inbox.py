@@ -1,6 +1,6 @@
 """The callback inbox's statements: store a callback with its fact, replay it, prune, count.
 
-`STORE_RECORDED` is the webhook path's one statement (one round trip, one commit): it inserts the
+`STORE_RECORDED` is the webhook path's one statement (one round trip; committed alone or in a group): it inserts the
 inbox row (a redelivery hits the unique dedupe key and stops there, returning no row), and only if
 that row is new, the callback's fact and a row of the projection queue. Nothing in it reads or
 locks the session, so concurrent callbacks of one session never wait on each other.

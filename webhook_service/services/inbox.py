@@ -1,10 +1,10 @@
 """The callback inbox: store each verified callback once with its fact; replay; prune.
 
 Receiving a callback does what Plivo waits for and nothing more: read its parameters into its fact
-(`domain.callbacks.read_callback`), then one statement (one round trip, one commit) stores the
-inbox row, the fact and a projection-queue row (`persistence.inbox.STORE_RECORDED`); the 200 goes
-after the commit. Nothing is derived in the request: the projector does that after the answer
-(`services.projector`), nudged here.
+(`domain.callbacks.read_callback`), then one statement stores the inbox row, the fact and a
+projection-queue row (`persistence.inbox.STORE_RECORDED`), committed with those of the callbacks
+arriving meanwhile (`persistence.group_commit`); the 200 goes after the commit. Nothing is derived
+in the request: the projector does that after the answer (`services.projector`), nudged here.
 
 The dedupe key is a hash of the exact string the callback's signature covers, without the nonce:
 Plivo's redelivery (a new nonce) and any reshaping of a captured callback that still verifies
