@@ -790,6 +790,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-lag", type=float, default=1.0, help="the projection lag allowed at p99, seconds")
     parser.add_argument("--busy-calls", type=int, default=1000, help="calls through the one busy session")
     parser.add_argument("--seed", type=int, default=20260101)
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="only the throughput rounds and their table (a few minutes: to compare changes)")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.rounds % 2 == 0:
         parser.error("--rounds must be odd (the table shows each target's median round)")
@@ -1063,6 +1065,10 @@ class Bench:
                 cold.append(time.perf_counter() - started)
             projector = Projector(db)
             projector.project([busy.uuid], wait=True)
+            # The new calls go to the server that only stores (same public URL, so they verify there):
+            # the service's own projector would project them first, and this one would then read the
+            # session whole, or wait for its lock.
+            store_url = self.urls["request"] + CALLBACK_PATH
             for _ in range(5):
                 events = call_events(busy, at, rng)
                 at = events[-1][0] + timedelta(seconds=60)
@@ -1070,15 +1076,15 @@ class Bench:
                     seq += 1
                     params = params | {"SequenceNumber": str(seq)}
                     nonce = "".join(rng.choices(string.digits, k=20))
-                    response = requests.post(url, data=urlencode(params), timeout=10, headers={
+                    response = requests.post(store_url, data=urlencode(params), timeout=10, headers={
                         "Content-Type": "application/x-www-form-urlencoded", NONCE_HEADER: nonce,
                         SIGNATURE_HEADER: compute_signature("POST", url, params, nonce, AUTH_TOKEN)})
                     response.raise_for_status()
+                    self.extra_ok += 1
                 started = time.perf_counter()
                 outcome = projector.project([busy.uuid], wait=True)
                 warm.append(time.perf_counter() - started)
-                # The service's own projector may have projected the new call first (then this one reads
-                # the session whole, or finds nothing due): say how many were taken from the kept copy.
+                # Say how many were taken from the kept copy (all five, unless something else projected).
                 runs.setdefault("kept", 0)
                 runs["kept"] += bool(outcome.projected and outcome.projected[0].legs_kept is not None)
         finally:
@@ -1168,34 +1174,8 @@ class Bench:
     def report(self, rounds: dict[str, list[Measured]], paced: Measured, capacity: dict[str, list[Step]],
                busy: dict[str, Any], sessions: dict[str, Measured], rss: list[RssSample], problems: list[str]) -> None:
         """The tables, then the latency, busy session, sessions API, RSS and check lines (stdout)."""
-        args = self.args
-        throughput = {key: runs[len(runs) // 2] for key, runs in rounds.items()}  # each target's median round
-        store_rate, orm_rate = throughput["store"].result.rate, throughput["orm"].result.rate
-        threads = os.environ.get("GUNICORN_THREADS", "4")
-        met = {True: "met", False: "NOT met"}
-        print(f"\nwebhook benchmark: {os.cpu_count()} cores; every target under gunicorn -c gunicorn.conf.py, "
-              f"{args.workers} {args.worker_class or os.environ.get('GUNICORN_WORKER_CLASS', 'gevent')} workers "
-              f"({threads} threads each under gthread); wrk {args.threads} threads, "
-              f"{args.connections} connections, {args.duration:g} s after a {args.warmup:g} s warm-up, "
-              f"{args.rounds} interleaved rounds: each target's median round")
-        print(f"postgres: {server_facts(self.db_url)}\n")
-        print(f"{'target':<32} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'x store only':>13} {'x naive ORM':>12}"
-              f"   {'CPU ms/req: app':>15} {'postgres':>8}")
-        for key, target in self.targets.items():
-            r, cpu = throughput[key].result, throughput[key].cpu_ms
-            print(f"{target.label:<32} {r.rate:7.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {r.rate / store_rate:13.2f} "
-                  f"{r.rate / orm_rate:12.2f}   {cpu[target.server.name]:15.2f} {cpu['postgres']:8.2f}")
-        print("rounds, req/s (slowest first): " + "; ".join(
-            f"{self.targets[key].label} {', '.join(f'{m.result.rate:.0f}' for m in runs)}"
-            for key, runs in rounds.items()))
-        drained = [(n, t) for n, t in self.drains if n >= 1000]
-        if drained:
-            print("projecting a backlog (one projector, batches of 100 sessions): " + ", ".join(
-                f"{n} facts in {t:.1f} s" for n, t in drained))
-        request = throughput["request"].result.rate
-        print(f"\ngoals, request path: >= 0.8 x store only: {request / store_rate:.2f} "
-              f"({met[request >= 0.8 * store_rate]}); >= 2.5 x naive ORM: {request / orm_rate:.2f} "
-              f"({met[request >= 2.5 * orm_rate]})")
+        args, met = self.args, {True: "met", False: "NOT met"}
+        throughput, store_rate, orm_rate, request = self.report_throughput(rounds)
         for deployment, steps in capacity.items():
             sustained = max((step.rate for step in steps if step.passed(args.max_lag)), default=0.0)
             print(f"sustained capacity, {deployment}: {sustained:.0f} req/s = {sustained / orm_rate:.2f} x naive ORM "
@@ -1248,10 +1228,46 @@ class Bench:
         for problem in problems:
             print(f"  - {problem}")
 
+    def report_throughput(self, rounds: dict[str, list[Measured]]) -> tuple[dict[str, Measured], float, float, float]:
+        """The throughput table and the request path's goals; (each target's median round, store-only,
+        naive ORM and request path req/s)."""
+        args = self.args
+        throughput = {key: runs[len(runs) // 2] for key, runs in rounds.items()}  # each target's median round
+        store_rate, orm_rate = throughput["store"].result.rate, throughput["orm"].result.rate
+        threads = os.environ.get("GUNICORN_THREADS", "4")
+        met = {True: "met", False: "NOT met"}
+        print(f"\nwebhook benchmark: {os.cpu_count()} cores; every target under gunicorn -c gunicorn.conf.py, "
+              f"{args.workers} {args.worker_class or os.environ.get('GUNICORN_WORKER_CLASS', 'gevent')} workers "
+              f"({threads} threads each under gthread); wrk {args.threads} threads, "
+              f"{args.connections} connections, {args.duration:g} s after a {args.warmup:g} s warm-up, "
+              f"{args.rounds} interleaved rounds: each target's median round")
+        print(f"postgres: {server_facts(self.db_url)}\n")
+        print(f"{'target':<32} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'x store only':>13} {'x naive ORM':>12}"
+              f"   {'CPU ms/req: app':>15} {'postgres':>8}")
+        for key, target in self.targets.items():
+            r, cpu = throughput[key].result, throughput[key].cpu_ms
+            print(f"{target.label:<32} {r.rate:7.0f} {r.p50_ms:8.2f} {r.p99_ms:8.2f} {r.rate / store_rate:13.2f} "
+                  f"{r.rate / orm_rate:12.2f}   {cpu[target.server.name]:15.2f} {cpu['postgres']:8.2f}")
+        print("rounds, req/s (slowest first): " + "; ".join(
+            f"{self.targets[key].label} {', '.join(f'{m.result.rate:.0f}' for m in runs)}"
+            for key, runs in rounds.items()))
+        drained = [(n, t) for n, t in self.drains if n >= 1000]
+        if drained:
+            print("projecting a backlog (one projector, batches of 100 sessions): " + ", ".join(
+                f"{n} facts in {t:.1f} s" for n, t in drained))
+        request = throughput["request"].result.rate
+        print(f"\ngoals, request path: >= 0.8 x store only: {request / store_rate:.2f} "
+              f"({met[request >= 0.8 * store_rate]}); >= 2.5 x naive ORM: {request / orm_rate:.2f} "
+              f"({met[request >= 2.5 * orm_rate]})")
+        return throughput, store_rate, orm_rate, request
+
     def run(self) -> int:
         self.prepare()
         rss = [self.rss_sample()]  # before any traffic
         throughput = self.throughput()
+        if self.args.throughput_only:
+            self.report_throughput(throughput)
+            return 0
         paced = self.paced()
         request_rate = throughput["request"][len(throughput["request"]) // 2].result.rate
         capacity = {deployment: self.capacity(deployment, request_rate) for deployment in ("web", "web + worker")}
