@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from .errors import ApiError
 from .persistence.db import Database
+from .persistence.group_commit import GroupCommit
 from .plivo.client import PlivoClient
 from .settings import Settings
 
@@ -27,8 +28,13 @@ class Context:
     projector: Projector
     # The web process's projector thread (None outside web processes, or with PROJECT_IN_WEB off).
     background: BackgroundProjector | None = None
+    # The webhook path's statements, committed together with those of concurrent callbacks.
+    group_commit: GroupCommit = field(init=False)
     # Bounds the API requests of this process that wait on Plivo (PLIVO_MAX_CONCURRENCY).
     plivo_slots: threading.BoundedSemaphore = field(default_factory=lambda: threading.BoundedSemaphore(2))
+
+    def __post_init__(self) -> None:
+        self.group_commit = GroupCommit(self.db)
 
     def close(self) -> None:
         """Stop the projector thread and close the database pools (tests, and process exit)."""

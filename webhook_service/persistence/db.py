@@ -12,7 +12,6 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..settings import Settings
-from .group_commit import GroupCommit
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -73,7 +72,6 @@ class Database:
         self.direct_url = direct_url  # straight to PostgreSQL, when `engine` goes through a pooler
         self.pooled = pooled  # through a transaction pooler: no session state survives a transaction
         self.sessions = sessionmaker(engine, expire_on_commit=False)
-        self.group = GroupCommit(self)  # the webhook path's statements, committed together under load
 
     @classmethod
     def connect(cls, url: str, settings: Settings) -> Database:

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import metrics
-
-if TYPE_CHECKING:
-    from .db import Database
+from .db import Database, is_database_unavailable
 
 
 @dataclass(eq=False)
@@ -72,8 +70,6 @@ class GroupCommit:
         return call.row
 
     def _run(self, batch: list[_Call]) -> None:
-        from .db import is_database_unavailable
-
         try:
             with self.db.pg() as pg:
                 if len(batch) == 1:

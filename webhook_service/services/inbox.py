@@ -93,16 +93,16 @@ def receive(ctx: Context, endpoint: str, method: str, content_type: str | None, 
     # Committed with the statements of the callbacks arriving meanwhile (persistence.group_commit).
     try:
         if reading.fact is not None:
-            stored = ctx.db.group.execute(STORE_RECORDED, row | fact_arguments(reading.fact))
+            stored = ctx.group_commit.execute(STORE_RECORDED, row | fact_arguments(reading.fact))
         else:
-            stored = ctx.db.group.execute(STORE_OTHER, row)
+            stored = ctx.group_commit.execute(STORE_OTHER, row)
     except Exception as exc:
         if is_database_unavailable(exc) or reading.fact is None:
             raise  # nothing was stored: the view answers 503 (or 500, for a bug)
         # The fact could not be stored (a value Postgres refuses): keep the callback, with why.
         log.exception("callback's fact could not be stored", extra={"endpoint": endpoint})
         reason = f"{type(exc).__name__}: {exc}"[:2000]
-        stored = ctx.db.group.execute(STORE_OTHER, row | {"status": "failed", "error": reason})
+        stored = ctx.group_commit.execute(STORE_OTHER, row | {"status": "failed", "error": reason})
         reading = Reading("failed", reason=reason)
     outcome = reading.outcome if stored else "duplicate"
     if outcome == "recorded" and ctx.background is not None:
