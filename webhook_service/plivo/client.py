@@ -110,6 +110,13 @@ class PlivoSession:
         value = self.raw.get("subaccount")
         return value[:64] if isinstance(value, str) and value else None
 
+    def expired_by(self, read_at: datetime) -> datetime | None:
+        """When the session expired, as this answer (read at `read_at`) reports it: by its expiry time,
+        or by the time it was read at the latest; None if it does not say the session expired."""
+        if self.status != "expired":
+            return None
+        return min(self.expiry_time or read_at, read_at)
+
     @property
     def pins(self) -> tuple[str | None, str | None]:
         """The parties' PINs as the session object shows them (Plivo's generated ones with generate_pin)."""

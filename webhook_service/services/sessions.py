@@ -529,8 +529,9 @@ def update_session(ctx: Context, session_uuid: str, body: Any) -> dict[str, Any]
     values = {k: v for k, v in values.items() if v is not None}
     values.pop("session_amount", None)
     # The status is projected: an answer saying the session expired is Plivo's report, an input.
-    if values.pop("status", None) == "expired":
-        values["plivo_expired_at"] = min(updated.expiry_time or now, now)
+    values.pop("status", None)
+    if updated.expired_by(now):
+        values["plivo_expired_at"] = updated.expired_by(now)
     for name in ("record", "session_expiry"):
         if name in params:
             values[name] = params[name]
