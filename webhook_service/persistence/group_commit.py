@@ -63,6 +63,12 @@ class GroupCommit:
                 metrics.STORE_BATCH.observe(len(batch))
             finally:
                 with self._turn:
+                    # Interrupted mid-batch (a worker's timeout or shutdown under gevent): whether the batch
+                    # committed is unknown, so its callers fail (a 500 Plivo retries; the dedupe key keeps a
+                    # stored copy single) rather than wait for a turn that will never be theirs.
+                    for other in batch:
+                        if not other.done:
+                            other.error, other.done = RuntimeError("the group commit was interrupted"), True
                     self._leading = False
                     self._turn.notify_all()
         if call.error is not None:
