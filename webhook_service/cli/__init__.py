@@ -20,6 +20,7 @@ from flask import Flask, current_app
 
 from ..domain.values import session_uuid_as_stored
 from ..errors import ApiError
+from ..persistence.partitions import MONTHS_AHEAD
 from .output import (
     Commands,
     FailsInOneLine,
@@ -338,7 +339,7 @@ def callbacks_prune(older_than: str, batch_size: int, fmt: str) -> None:
 
 
 @callbacks_cli.command("partitions")
-@click.option("--months-ahead", default=3, show_default=True)
+@click.option("--months-ahead", default=MONTHS_AHEAD, show_default=True)
 @format_option()
 def callbacks_partitions(months_ahead: int, fmt: str) -> None:
     """Make the inbox's monthly partitions up to N months ahead (the worker does it every hour)."""

@@ -18,6 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 LOCK_TIMEOUT = "1s"
+MONTHS_AHEAD = 3  # partitions made ahead of time by the worker (so does migration 0011)
 MONTH_PARTITION = re.compile(r"^callback_inbox_p(\d{4})_(\d{2})$")
 LEGACY_PARTITION = "callback_inbox_legacy"
 DEFAULT_PARTITION = "callback_inbox_default"
@@ -45,6 +46,11 @@ def month_of(partition: str) -> date | None:
     return date(int(match.group(1)), int(match.group(2)), 1) if match else None
 
 
+def month_name(month: date) -> str:
+    """The name of `month`'s partition (`MONTH_PARTITION` reads it back)."""
+    return f"callback_inbox_p{month:%Y_%m}"
+
+
 def add_months(day: date, months: int) -> date:
     index = day.year * 12 + day.month - 1 + months
     return date(index // 12, index % 12 + 1, 1)
@@ -55,7 +61,7 @@ def create_month(conn: Connection, month: date) -> str:
     parent only against other DDL (SHARE UPDATE EXCLUSIVE), never against callbacks. Rows of that
     month the default partition took meanwhile (a callback dated months ahead) move into it first:
     attaching checks that the default partition holds none."""
-    name = f"callback_inbox_p{month:%Y_%m}"
+    name = month_name(month)
     bounds = {"start": month, "end": add_months(month, 1)}
     conn.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
     conn.execute(text(f"CREATE TABLE {name} (LIKE callback_inbox INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"))
@@ -69,12 +75,14 @@ def create_month(conn: Connection, month: date) -> str:
 
 def drop_partition(conn: Connection, name: str) -> int:
     """Drop a partition (in the caller's transaction), keeping its failed rows for replay (they move
-    to the default partition); returns the rows dropped with it. Detaching takes the parent's
-    ACCESS EXCLUSIVE lock for an instant (the failed rows' copy): waited for LOCK_TIMEOUT at most."""
+    to the default partition); returns the rows dropped with it. The rows are counted first, before
+    the detach takes the parent's ACCESS EXCLUSIVE lock (waited for LOCK_TIMEOUT at most), which is
+    then held only for the failed rows' copy (found by their partial index) and the drop: callbacks
+    wait that long, not for a count of the month."""
+    dropped = conn.execute(text(f"SELECT count(*) FROM {name} WHERE status <> 'failed'")).scalar_one()
     conn.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
     conn.execute(text(f"ALTER TABLE callback_inbox DETACH PARTITION {name}"))
     conn.execute(text(f"INSERT INTO callback_inbox ({COLUMNS}) SELECT {COLUMNS} FROM {name} WHERE status = 'failed'"))
-    dropped = conn.execute(text(f"SELECT count(*) FROM {name} WHERE status <> 'failed'")).scalar_one()
     conn.execute(text(f"DROP TABLE {name}"))
     return dropped
 

@@ -53,7 +53,6 @@ Progress = Callable[[int, int], None]
 
 log = logging.getLogger(__name__)
 
-MONTHS_AHEAD = 3  # the inbox's partitions made ahead of time (so does migration 0011)
 
 
 def dedupe_key(signed: str) -> str:
@@ -260,7 +259,8 @@ def _prune_rows(db: Database, cutoff: datetime, batch_size: int, pause: float, p
             time.sleep(pause)
 
 
-def ensure_partitions(db: Database, *, months_ahead: int = MONTHS_AHEAD, today: date | None = None) -> list[str]:
+def ensure_partitions(db: Database, *, months_ahead: int = partitions.MONTHS_AHEAD,
+                      today: date | None = None) -> list[str]:
     """Make the inbox's partitions from this month to `months_ahead` months on, where missing (the
     worker calls this every hour); returns those made. Nothing to do on a plain inbox."""
     made = []
@@ -271,7 +271,7 @@ def ensure_partitions(db: Database, *, months_ahead: int = MONTHS_AHEAD, today: 
         existing = set(partitions.partitions(conn))
     for offset in range(months_ahead + 1):
         month = partitions.add_months(this_month, offset)
-        if f"callback_inbox_p{month:%Y_%m}" not in existing:
+        if partitions.month_name(month) not in existing:
             with db.engine.begin() as conn:
                 made.append(partitions.create_month(conn, month))
             log.info("made the inbox's partition %s", made[-1])

@@ -174,7 +174,7 @@ def apply_plivo_session(ctx: Context, plivo: PlivoSession, now: datetime, *, kee
             first_party_pin=func.coalesce(sessions.c.first_party_pin, plivo.pins[0]),
             second_party_pin=func.coalesce(sessions.c.second_party_pin, plivo.pins[1]),
             **({"plivo_api_id": plivo.api_id} if keep_api_id and plivo.api_id else {}),
-            **({"plivo_expired_at": plivo.expired_by(now)} if plivo.expired_by(now) else {}),
+            **({"plivo_expired_at": expired} if (expired := plivo.expired_by(now)) else {}),
         ))
         conn.execute(insert(queue).values(session_uuid=plivo.session_uuid))
     projected = ctx.projector.project([plivo.session_uuid], wait=True, now=now).projected

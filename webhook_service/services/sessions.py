@@ -530,8 +530,8 @@ def update_session(ctx: Context, session_uuid: str, body: Any) -> dict[str, Any]
     values.pop("session_amount", None)
     # The status is projected: an answer saying the session expired is Plivo's report, an input.
     values.pop("status", None)
-    if updated.expired_by(now):
-        values["plivo_expired_at"] = updated.expired_by(now)
+    if expired := updated.expired_by(now):
+        values["plivo_expired_at"] = expired
     for name in ("record", "session_expiry"):
         if name in params:
             values[name] = params[name]
