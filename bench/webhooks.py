@@ -1,7 +1,7 @@
 """Benchmark the real webhook path side by side with four baselines, with wrk, on this machine.
 
     .venv/bin/python bench/webhooks.py [--duration 8] [--rounds 3] [--warmup 3] [--connections 16]
-                                       [--worker-class gevent|gthread] [-h]
+                                       [--worker-class gevent|gthread] [--throughput-only] [-h]
     make bench-webhooks          # installs Debian's wrk first if it is missing
 
 Targets, all on 127.0.0.1, each under gunicorn with `-c gunicorn.conf.py` and the same overrides
@@ -16,7 +16,8 @@ from --worker-class), so they all have the same worker class, workers and thread
 * the service, `webhook_service:create_app()`, on a database of its own (`webhook_service_bench_webhooks`
   on DATABASE_URL's server, else on the embedded PostgreSQL; recreated by the migrations on every run),
   with a sandbox Plivo (`python -m plivo_sandbox`) for POST /v1/sessions. PLIVO_MAX_CONCURRENCY
-  is set to the thread count, or the sessions run would measure the 503s that setting exists to give.
+  is set to the larger of the thread count and the sessions run's connections, or that run would
+  measure the 503s the setting exists to give.
 
 Load: every request is generated beforehand and read by `bench/wrk_feed.lua`, one line per request,
 each wrk thread from its own file. Callbacks are form-encoded with Plivo's 16 session-callback fields,
@@ -1147,13 +1148,7 @@ class Bench:
         """Everything that would make the numbers meaningless (empty: all good)."""
         wait_until(lambda: scalar(self.db_url, "SELECT count(*) FROM projection_queue") == 0,
                    120, "the service to project every stored callback")
-        problems = list(self.problems)
-        for key, target in self.targets.items():
-            t = target.tally
-            if t.failed or t.socket_errors:
-                problems.append(f"{key}: {t.failed} non-2xx answers, {t.socket_errors} socket errors")
-            if t.exhausted:
-                problems.append(f"{key}: its feed ran out {t.exhausted} times (raise --callbacks or --baseline-feed)")
+        problems = list(self.problems) + self.tally_problems()
         with psycopg.connect(self.db_url, autocommit=True) as conn:
             self.inbox = dict(conn.execute("SELECT status, count(*) FROM callback_inbox GROUP BY status").fetchall())
             naive_rows = conn.execute("SELECT count(*) FROM bench_callbacks").fetchone()[0]
@@ -1171,20 +1166,31 @@ class Bench:
                                 f"(+{unanswered} unanswered)")
         return problems
 
+    def tally_problems(self) -> list[str]:
+        """What the targets' answers say is wrong with the numbers: non-2xx, socket errors, feeds run out."""
+        problems = []
+        for key, target in self.targets.items():
+            t = target.tally
+            if t.failed or t.socket_errors:
+                problems.append(f"{key}: {t.failed} non-2xx answers, {t.socket_errors} socket errors")
+            if t.exhausted:
+                problems.append(f"{key}: its feed ran out {t.exhausted} times (raise --callbacks or --baseline-feed)")
+        return problems
+
     def report(self, rounds: dict[str, list[Measured]], paced: Measured, capacity: dict[str, list[Step]],
                busy: dict[str, Any], sessions: dict[str, Measured], rss: list[RssSample], problems: list[str]) -> None:
         """The tables, then the latency, busy session, sessions API, RSS and check lines (stdout)."""
         args, met = self.args, {True: "met", False: "NOT met"}
         throughput, store_rate, orm_rate, request = self.report_throughput(rounds)
         for deployment, steps in capacity.items():
-            sustained = max((step.rate for step in steps if step.passed(args.max_lag)), default=0.0)
+            best = max((step for step in steps if step.passed(args.max_lag)), key=lambda step: step.rate, default=None)
+            sustained = best.rate if best is not None else 0.0
             print(f"sustained capacity, {deployment}: {sustained:.0f} req/s = {sustained / orm_rate:.2f} x naive ORM "
                   f"(goal >= 2: {met[sustained >= 2 * orm_rate]}), {sustained / store_rate:.2f} x store only, "
                   f"{sustained / request:.2f} x the request path; steps (req/s offered: achieved, lag p99): "
                   + "; ".join(f"{step.rate:.0f}: {step.result.rate:.0f}, {step.p99_lag:.2f} s"
                               + "".join(f" FAIL ({why})" for why in step.failures(args.max_lag)[:1])
                               for step in steps))
-            best = max((step for step in steps if step.passed(args.max_lag)), key=lambda step: step.rate, default=None)
             if best is not None:
                 print(f"  CPU ms per callback at {best.rate:.0f} req/s, {deployment}: " + ", ".join(
                     f"{name} {ms:.2f}" for name, ms in best.cpu_ms.items() if ms))
@@ -1267,7 +1273,11 @@ class Bench:
         throughput = self.throughput()
         if self.args.throughput_only:
             self.report_throughput(throughput)
-            return 0
+            problems = self.tally_problems()
+            print("checks: " + ("all good" if not problems else "PROBLEMS:"))
+            for problem in problems:
+                print(f"  - {problem}")
+            return 1 if problems else 0
         paced = self.paced()
         request_rate = throughput["request"][len(throughput["request"]) // 2].result.rate
         capacity = {deployment: self.capacity(deployment, request_rate) for deployment in ("web", "web + worker")}

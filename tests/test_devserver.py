@@ -332,8 +332,8 @@ def test_a_newcomers_first_hour_as_the_readme_tells_it(make_runs, run_database, 
     requests.delete(f"{sandbox}/sandbox/faults", timeout=5).raise_for_status()
 
     # The README's other examples, as written (its commands, with $uuid from the snippet).
-    for command in commands:
-        done = bash(on_ports(command, run), uuid=uuids[0])
+    for command in commands:  # curl fails on an error answer too (-f), as a reader would notice one
+        done = bash(on_ports(command, run).replace("curl -s ", "curl -sf "), uuid=uuids[0])
         assert done.returncode == 0, command + done.stdout + done.stderr
         assert "Traceback" not in done.stderr
     # A round trip through the CLI.

@@ -82,13 +82,18 @@ def test_one_bad_statement_in_a_batch_fails_alone(database):
         except psycopg.errors.InvalidTextRepresentation:
             return "refused"
 
+    count, callers = batches()
     with ThreadPoolExecutor(11) as pool:
         results = list(pool.map(call, [1000, *range(10)]))
+    count_after, callers_after = batches()
+    assert callers_after - callers == 11 and count_after - count < 11  # the ten went as one batch, then alone
     assert results == [(1000,), *[(k,) if k != 5 else "refused" for k in range(10)]]
     assert stored(database) == [k for k in range(10) if k != 5] + [1000]
 
 
 def test_a_caller_alone_is_not_held_back(database):
     group = GroupCommit(database)
+    count, callers = batches()
     assert [group.execute(INSERT, {"k": k}) for k in (1, 1, 2)] == [(1,), None, (2,)]
+    assert batches() == (count + 3, callers + 3)  # each its own batch of one
     assert stored(database) == [1, 2]
